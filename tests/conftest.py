@@ -1,0 +1,13 @@
+"""Test-session set-up: several simulated CPU devices, so multi-device code is exercised on CPU.
+
+XLA reads XLA_FLAGS when jax initialises its backends, so this must run before any test imports jax.
+"""
+import os
+import sys
+
+_flag = "--xla_force_host_platform_device_count=4"
+if _flag not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+sys.path.insert(0, os.path.dirname(__file__))
