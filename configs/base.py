@@ -1,0 +1,54 @@
+"""Shared defaults: the SAM-DiffSR x4 setting (official `configs/sam/sam_diffsr_df2k4x.yaml` and its bases).
+
+Not launched directly; the runnable configs import `get_config()` from here and change what differs.
+Sources: [O:key] = official hparams key, [P:sec] = paper section (arXiv 2402.17133).
+"""
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.seed = 1234                                  # [O:seed]
+
+  c.model = m = ml_collections.ConfigDict()
+  m.scale = 4                                    # [O:sr_scale]
+  m.unet_dim = 64                                # [O:hidden_size]
+  m.unet_dim_mults = (1, 2, 3, 4)                # [O:unet_dim_mults] 1|2|3|4 (the base SRDiff yaml says 1|2|2|4)
+  m.rrdb_num_feat = 64                           # [O:rrdb_num_feat]
+  m.rrdb_num_blocks = 17                         # [O:rrdb_num_block]
+  m.rrdb_growth = 32                             # [O:rrdb_num_feat // 2]
+  m.dtype = "float32"                            # compute dtype of both networks ("bfloat16" on GPU/TPU)
+
+  c.diffusion = d = ml_collections.ConfigDict()
+  d.timesteps = 100                              # [O:timesteps] [P:4.1] T = 100
+  d.beta_schedule = "cosine"                     # [O:beta_schedule]
+  d.beta_s = 0.008                               # [O:beta_s]
+  d.beta_start = 1e-4
+  d.beta_end = 0.02                              # [O:beta_end] (linear schedule only)
+  d.modulation = "reference"                     # [O:sam_config.p_losses_sam + mask_coefficient]; "paper" = eq. 9-12
+  d.loss = "l1"                                  # [O:loss_type]; the paper writes L2 (eq. 5)
+  d.res_rescale = 2.0                            # [O:res_rescale]
+  d.clip_input = True                            # [O:clip_input]
+
+  c.optim = o = ml_collections.ConfigDict()
+  o.lr = 2e-4                                    # [O:lr] [P:4.1]
+  o.schedule = "step"                            # official StepLR
+  o.decay_steps = 200_000                        # [O:decay_steps]
+  o.decay_rate = 0.5                             # StepLR gamma in the official SRDiffTrainer
+  o.min_lr_ratio = 0.0                           # cosine only
+  o.grad_clip = 10.0                             # [O:clip_grad_norm]
+  o.ema_decay = 0.0                              # 0 disables EMA (the official code keeps none)
+  o.train_rrdb = False                           # [O:fix_rrdb] true
+  o.aux_l1_weight = 1.0                          # [O:aux_l1_loss], used only when the RRDB is trained
+
+  c.data = ml_collections.ConfigDict()           # filled by the data pipeline's defaults (see configs that train)
+
+  c.train = t = ml_collections.ConfigDict()
+  t.batch_size = 64                              # [O:batch_size] global, split over processes and devices
+  t.num_steps = 400_000                          # [O:max_updates]
+  t.log_every = 100                              # [O:tb_log_interval]
+  t.eval_every = 4_000                           # [O:val_check_interval]
+  t.checkpoint_every = 4_000
+  t.keep_checkpoints = 3
+  t.rrdb_checkpoint = ""                         # [O:rrdb_ckpt] our RRDB workdir or an official .ckpt
+  return c

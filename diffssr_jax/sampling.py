@@ -1,0 +1,102 @@
+"""Reverse-process samplers: each whole sampling run is one jit-compiled function with a lax.scan over
+steps. The RRDB encoder and the U-Net's condition projection run once per image, outside the scan.
+
+  ddpm: ancestral sampling over all T steps (x0 clipped to [-1, 1], posterior variance, no noise at
+        t = 0), the official sampler.
+  ddim: a strided schedule with fewer steps (DDIM, eta configurable) using the same trained model.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffssr_jax import diffusion
+from diffssr_jax.model import SRDiffusion
+
+
+def ddpm_step(model: SRDiffusion, unet_vars, cond, x, t, z):
+  """One DDPM reverse step at integer timestep t (scalar) for a batch. Returns (x_{t-1}, x0_pred)."""
+  tb = jnp.full((x.shape[0],), t, jnp.int32)
+  eps = model.predict_noise(unet_vars, x, tb, cond)
+  return diffusion.p_sample(model.schedule, x, tb, eps, z, clip_denoised=True)
+
+
+def ddim_step(model: SRDiffusion, unet_vars, cond, x, t, t_prev, z, eta):
+  tb = jnp.full((x.shape[0],), t, jnp.int32)
+  tp = jnp.full((x.shape[0],), t_prev, jnp.int32)
+  eps = model.predict_noise(unet_vars, x, tb, cond)
+  return diffusion.ddim_step(model.schedule, x, tb, tp, eps, z, eta=eta, clip_denoised=True)
+
+
+def step_noise(key, t, shape):
+  """The noise of the step at timestep t: fold_in(key, t), so any subset of steps reproduces it."""
+  return jax.random.normal(jax.random.fold_in(key, t), shape, jnp.float32)
+
+
+def prepare(model: SRDiffusion, params, lr):
+  """RRDB image, and the U-Net condition: once per image."""
+  rrdb_out, feats = model.encode(params["rrdb"], lr, decode=True)
+  return rrdb_out, model.condition(params["unet"], feats)
+
+
+def timesteps_for(model: SRDiffusion, sampler: str, steps: int | None) -> np.ndarray:
+  T = model.num_timesteps
+  if sampler == "ddpm":
+    if steps not in (None, T):
+      raise ValueError(f"the ddpm sampler runs all {T} steps; use sampler='ddim' for {steps}")
+    return np.arange(T - 1, -1, -1, dtype=np.int32)
+  if sampler == "ddim":
+    return diffusion.strided_timesteps(T, steps or T)
+  raise ValueError(f"unknown sampler {sampler!r} (expected 'ddpm' or 'ddim')")
+
+
+def _reverse(model, unet_vars, cond, x_T, ts, sampler, eta, key=None, noises=None):
+  """lax.scan over the timesteps `ts` (descending). Noise from `noises[i]` when given, else from key."""
+  ts = jnp.asarray(ts, jnp.int32)
+  t_prev = jnp.concatenate([ts[1:], jnp.array([-1], jnp.int32)])
+
+  def body(x, inp):
+    t, tp, z = inp
+    if z is None:
+      z = step_noise(key, t, x.shape)
+    if sampler == "ddpm":
+      x, _ = ddpm_step(model, unet_vars, cond, x, t, z)
+    else:
+      x, _ = ddim_step(model, unet_vars, cond, x, t, tp, z, eta)
+    return x, None
+
+  xs = (ts, t_prev, noises)
+  x, _ = jax.lax.scan(body, x_T, xs)
+  return x
+
+
+def sample(model: SRDiffusion, params, lr, lr_up, key, *, sampler="ddpm", steps=None, eta=0.0):
+  """Super-resolves a batch: (SR image in [-1, 1] space (not clipped, as the official res2img), RRDB image).
+
+  `lr` (B, h, w, 3) and `lr_up` (B, h*s, w*s, 3) in [-1, 1]; HR sizes must be multiples of 8 (the
+  U-Net has three 2x downsamplings) -- `upscale` pads inputs for that. Not jitted: wrap with
+  `make_sampler` for one compiled function per sampling run.
+  """
+  ts = timesteps_for(model, sampler, steps)
+  rrdb_out, cond = prepare(model, params, lr)
+  k_init, k_steps = jax.random.split(key)
+  x_T = jax.random.normal(k_init, lr_up.shape, jnp.float32)
+  x = _reverse(model, params["unet"], cond, x_T, ts, sampler, eta, key=k_steps)
+  return model.res2img(x, lr_up), rrdb_out
+
+
+def sample_with_noises(model: SRDiffusion, params, lr, lr_up, noises):
+  """DDPM sampling with explicit noises: noises[0] = x_T, noises[1 + i] = the noise of the i-th step
+  (timestep T-1-i); the layout of the official reference run."""
+  ts = timesteps_for(model, "ddpm", None)
+  rrdb_out, cond = prepare(model, params, lr)
+  x = _reverse(model, params["unet"], cond, noises[0], ts, "ddpm", 0.0, noises=noises[1:])
+  return model.res2img(x, lr_up), rrdb_out
+
+
+def make_sampler(model: SRDiffusion, *, sampler="ddpm", steps=None, eta=0.0):
+  """One compiled function (params, lr, lr_up, key) -> (sr, rrdb_out) for a whole sampling run."""
+  return jax.jit(functools.partial(sample, model, sampler=sampler, steps=steps, eta=eta))

@@ -1,0 +1,177 @@
+"""Train state, optimizer and the data-parallel train step.
+
+The step is one jit-compiled function: `jax.shard_map` over a 1-D device mesh (axis "data"), with the
+batch split across devices, params replicated and gradients averaged with `pmean` (what `jax.pmap`
+lowers to in current JAX). It works unchanged across hosts when the batch is a global jax.Array.
+
+Randomness is per example: example i of the global batch at step s draws its timestep and noise from
+fold_in(fold_in(key, s), i), so results do not depend on how the batch is split over devices.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from diffssr_jax import diffusion
+from diffssr_jax.model import SRDiffusion
+
+DATA_AXIS = "data"
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any          # trainable: {"unet": vars} (+ "rrdb" when the encoder is trained)
+  frozen: Any          # {"rrdb": vars} when the encoder is frozen, else {}
+  opt_state: Any
+  ema_params: Any      # EMA of `params` (same structure) or None
+  rng: jax.Array       # raw uint32 key data (checkpointable)
+
+  def model_params(self, use_ema: bool = False) -> dict:
+    """{"unet": ..., "rrdb": ...} for sampling, optionally with the EMA weights."""
+    p = self.ema_params if (use_ema and self.ema_params is not None) else self.params
+    return {**self.frozen, **p}
+
+
+def learning_rate_schedule(optim_cfg, total_steps: int):
+  """'step': lr * 0.5 ** floor(step / decay_steps) (the official StepLR); 'cosine': cosine decay to
+  lr * min_lr_ratio over total_steps; 'constant'."""
+  kind = optim_cfg.get("schedule", "step")
+  lr = optim_cfg.lr
+  if kind == "step":
+    return optax.exponential_decay(lr, optim_cfg.decay_steps, optim_cfg.get("decay_rate", 0.5), staircase=True)
+  if kind == "cosine":
+    return optax.cosine_decay_schedule(lr, max(1, total_steps), alpha=optim_cfg.get("min_lr_ratio", 0.0))
+  if kind == "constant":
+    return optax.constant_schedule(lr)
+  raise ValueError(f"unknown optim.schedule {kind!r} (expected step, cosine or constant)")
+
+
+def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
+  """Adam (torch defaults b1 .9, b2 .999, eps 1e-8) after global-norm clipping, as the official trainer."""
+  parts = []
+  if optim_cfg.get("grad_clip", 0) > 0:
+    parts.append(optax.clip_by_global_norm(optim_cfg.grad_clip))
+  parts.append(optax.adam(learning_rate_schedule(optim_cfg, total_steps),
+                          b1=optim_cfg.get("b1", 0.9), b2=optim_cfg.get("b2", 0.999), eps=optim_cfg.get("eps", 1e-8)))
+  return optax.chain(*parts)
+
+
+def create_train_state(model: SRDiffusion, params: dict, tx: optax.GradientTransformation, *, seed: int,
+                       train_rrdb: bool = False, use_ema: bool = False) -> TrainState:
+  """Splits params into trainable and frozen parts and initialises the optimizer and EMA."""
+  if train_rrdb:
+    trainable, frozen = {"unet": params["unet"], "rrdb": params["rrdb"]}, {}
+  else:
+    trainable, frozen = {"unet": params["unet"]}, {"rrdb": params["rrdb"]}
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=trainable,
+      frozen=frozen,
+      opt_state=tx.init(trainable),
+      ema_params=jax.tree.map(jnp.copy, trainable) if use_ema else None,
+      rng=jax.random.key_data(jax.random.key(seed)),
+  )
+
+
+def per_example_noise(key, example_ids, shape, num_timesteps):
+  """(t, eps) for each example, from fold_in(key, global example index)."""
+  def one(i):
+    k_t, k_eps = jax.random.split(jax.random.fold_in(key, i))
+    return jax.random.randint(k_t, (), 0, num_timesteps), jax.random.normal(k_eps, shape, jnp.float32)
+  return jax.vmap(one)(example_ids)
+
+
+def diffusion_loss(model: SRDiffusion, params, frozen, batch, key, example_ids, *, loss_type="l1",
+                   aux_l1_weight=0.0):
+  """Noise-prediction loss for one (local) batch: L1 (official) or L2 (paper eq. 5) between the U-Net
+  output and the (modulated) target; plus an L1 loss on the RRDB image when the encoder is trained."""
+  rrdb_vars = params["rrdb"] if "rrdb" in params else frozen["rrdb"]
+  train_rrdb = "rrdb" in params
+  need_image = train_rrdb and aux_l1_weight > 0
+  rrdb_out, feats = model.encode(rrdb_vars, batch["lr"], decode=need_image)
+  if not train_rrdb:
+    feats = jax.lax.stop_gradient(feats)
+  x0 = model.img2res(batch["hr"], batch["lr_up"])
+  t, eps = per_example_noise(key, example_ids, x0.shape[1:], model.num_timesteps)
+  spe = batch.get("spe") if model.modulation != "none" else None
+  x_t, target = diffusion.forward_and_target(model.schedule, model.modulation, x0, t, eps, spe)
+  cond = model.condition(params["unet"], feats)
+  pred = model.predict_noise(params["unet"], x_t, t, cond)
+  err = pred - target
+  if loss_type == "l1":
+    loss = jnp.mean(jnp.abs(err))
+  elif loss_type == "l2":
+    loss = jnp.mean(jnp.square(err))
+  else:
+    raise ValueError(f"unknown loss {loss_type!r} (expected l1 or l2)")
+  metrics = {"loss_noise": loss}
+  if need_image:
+    aux = jnp.mean(jnp.abs(rrdb_out - batch["hr"]))
+    metrics["loss_rrdb_l1"] = aux
+    loss = loss + aux_l1_weight * aux
+  metrics["loss"] = loss
+  return loss, metrics
+
+
+def make_mesh(devices=None) -> Mesh:
+  devices = np.asarray(devices if devices is not None else jax.devices())
+  return Mesh(devices.reshape(-1), (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def make_train_step(model: SRDiffusion, tx: optax.GradientTransformation, mesh: Mesh, *, loss_type="l1",
+                    aux_l1_weight=0.0, ema_decay=0.0):
+  """Returns jit(shard_map(step)) : (state, batch) -> (state, metrics), state buffers donated.
+
+  `batch` holds global arrays (B, ...) sharded over the mesh's data axis (B divisible by its size).
+  """
+
+  def step_fn(state: TrainState, batch):
+    local_b = batch["hr"].shape[0]
+    example_ids = jax.lax.axis_index(DATA_AXIS) * local_b + jnp.arange(local_b)
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    grad_fn = jax.value_and_grad(
+        functools.partial(diffusion_loss, model, loss_type=loss_type, aux_l1_weight=aux_l1_weight), has_aux=True)
+    (_, metrics), grads = grad_fn(state.params, state.frozen, batch, key, example_ids)
+    # Equal local batches: the mean of per-device means is the global mean.
+    grads = jax.lax.pmean(grads, DATA_AXIS)
+    metrics = jax.lax.pmean(metrics, DATA_AXIS)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema_params
+    if ema is not None:
+      ema = jax.tree.map(lambda e, p: e * ema_decay + p * (1.0 - ema_decay), ema, params)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+    return new_state, metrics
+
+  sharded = jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P()))
+  return jax.jit(sharded, donate_argnums=(0,))
+
+
+def replicate(tree, mesh: Mesh):
+  """Places a pytree on every device of the mesh (replicated)."""
+  return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def shard_batch(batch: dict, mesh: Mesh) -> dict:
+  """Per-process numpy batch -> global jax arrays sharded over the data axis (multi-host safe)."""
+  sharding = batch_sharding(mesh)
+  n_local = len(mesh.local_devices)
+  out = {}
+  for k, v in batch.items():
+    if v.shape[0] % n_local:
+      raise ValueError(f"batch[{k!r}] has {v.shape[0]} examples, not divisible by {n_local} local devices")
+    out[k] = jax.make_array_from_process_local_data(sharding, np.asarray(v))
+  return out

@@ -1,0 +1,39 @@
+"""Small shared test utilities: tiny configs and the reference state dict."""
+import ml_collections
+import numpy as np
+
+from configs import base
+
+
+def tiny_config(modulation="reference", loss="l1"):
+  """A model small enough to compile and run in seconds on CPU, same structure as the paper's."""
+  c = base.get_config()
+  c.model.unet_dim = 8
+  c.model.unet_dim_mults = (1, 2)
+  c.model.rrdb_num_feat = 8
+  c.model.rrdb_num_blocks = 2
+  c.model.rrdb_growth = 4
+  c.diffusion.timesteps = 10
+  c.diffusion.modulation = modulation
+  c.diffusion.loss = loss
+  return c
+
+
+def reference_state_dict(ref) -> dict:
+  """The official state dict from the reference file: parameters rebuilt from their snapped codes."""
+  sd = {}
+  for k in ref:
+    if k.startswith("sdq/"):
+      key = k[4:]
+      sd[key] = ref[k].astype(np.float32) * np.float32(2.0) ** ref["sdexp/" + key].astype(np.float32)
+    elif k.startswith("sd/"):
+      sd[k[3:]] = ref[k]
+  return sd
+
+
+def nchw_to_nhwc(a):
+  return np.transpose(np.asarray(a), (0, 2, 3, 1))
+
+
+def nhwc_to_nchw(a):
+  return np.transpose(np.asarray(a), (0, 3, 1, 2))
