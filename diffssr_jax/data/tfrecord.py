@@ -1,0 +1,228 @@
+"""TFRecord files without TensorFlow: framing, a writer, an offset index and a random-access reader.
+
+Each record is framed as
+
+  uint64 length (little-endian) | uint32 masked_crc32c(length bytes) | data | uint32 masked_crc32c(data)
+
+(uncompressed TFRecord, the format `tf.io.TFRecordWriter` writes). Random access works from an index of
+record offsets, built by walking the length headers (checking each header's CRC and that the record
+fits in the file), so a truncated or damaged file is reported when it is opened, and every read checks
+the data CRC. Errors are `RecordError`s naming the file, the record number and its byte offset: a
+broken record is never skipped silently.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import struct
+import threading
+
+import numpy as np
+
+from diffssr_jax.data.crc32c import masked_crc32c
+
+HEADER = 12  # length (8) + length CRC (4)
+FOOTER = 4  # data CRC
+
+
+class RecordError(IOError):
+  """A TFRecord file is corrupt or truncated; the message names the file and byte offset."""
+
+
+def frame(data) -> bytes:
+  """One framed TFRecord record holding `data`."""
+  data = bytes(data)
+  length = struct.pack("<Q", len(data))
+  return (length + struct.pack("<I", masked_crc32c(length)) + data
+          + struct.pack("<I", masked_crc32c(data)))
+
+
+class TFRecordWriter:
+  """Appends framed records to a file; `write` returns the record's byte offset.
+
+  The caller decides where the file goes (the exporter writes to a temporary name and renames once the
+  shard is complete). `append=True` continues an existing file (used to resume a partial shard).
+  """
+
+  def __init__(self, path, append: bool = False):
+    self.path = str(path)
+    self._f = open(self.path, "ab" if append else "wb")
+    self._f.seek(0, os.SEEK_END)
+
+  def write(self, data) -> int:
+    off = self._f.tell()
+    self._f.write(frame(data))
+    return off
+
+  def tell(self) -> int:
+    return self._f.tell()
+
+  def flush(self, fsync: bool = False) -> None:
+    self._f.flush()
+    if fsync:
+      os.fsync(self._f.fileno())
+
+  def close(self) -> None:
+    if not self._f.closed:
+      self._f.flush()
+      self._f.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def _check_header(path, i, off, head) -> int:
+  if len(head) < HEADER:
+    raise RecordError(f"{path}: record {i} at offset {off}: truncated header ({len(head)} of {HEADER} bytes)")
+  length_bytes = head[:8]
+  (want,) = struct.unpack("<I", head[8:12])
+  if masked_crc32c(length_bytes) != want:
+    raise RecordError(f"{path}: record {i} at offset {off}: length CRC mismatch (corrupt header)")
+  return struct.unpack("<Q", length_bytes)[0]
+
+
+def build_index(path) -> tuple[np.ndarray, np.ndarray]:
+  """(offsets, lengths) int64 arrays of every record of a TFRecord file, headers verified.
+
+  Raises RecordError naming the file and offset when a header is damaged or the last record is cut off.
+  """
+  path = str(path)
+  size = os.path.getsize(path)
+  offsets, lengths = [], []
+  with open(path, "rb") as f:
+    off = 0
+    i = 0
+    while off < size:
+      f.seek(off)
+      n = _check_header(path, i, off, f.read(HEADER))
+      end = off + HEADER + n + FOOTER
+      if end > size:
+        raise RecordError(f"{path}: record {i} at offset {off}: truncated (needs {end - off} bytes, "
+                          f"file has {size - off} left)")
+      offsets.append(off)
+      lengths.append(n)
+      off = end
+      i += 1
+  return np.asarray(offsets, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
+
+
+def read_at(fd: int, path: str, index: int, offset: int, length: int, verify: bool = True) -> bytes:
+  """The data of the record at `offset` (of known `length`), read with pread and CRC-checked."""
+  buf = os.pread(fd, HEADER + length + FOOTER, offset)
+  if len(buf) < HEADER + length + FOOTER:
+    raise RecordError(f"{path}: record {index} at offset {offset}: truncated (file shrank?)")
+  if verify:
+    n = _check_header(path, index, offset, buf[:HEADER])
+    if n != length:
+      raise RecordError(f"{path}: record {index} at offset {offset}: length {n} differs from index {length}")
+  data = buf[HEADER:HEADER + length]
+  if verify:
+    (want,) = struct.unpack("<I", buf[HEADER + length:])
+    if masked_crc32c(data) != want:
+      raise RecordError(f"{path}: record {index} at offset {offset}: data CRC mismatch (corrupt record)")
+  return data
+
+
+def iter_records(path, verify: bool = True):
+  """Yields the data of every record of a file in order (sequential read, CRC-checked)."""
+  path = str(path)
+  with open(path, "rb") as f:
+    off = 0
+    i = 0
+    while True:
+      head = f.read(HEADER)
+      if not head:
+        return
+      n = _check_header(path, i, off, head) if verify else struct.unpack("<Q", head[:8])[0]
+      body = f.read(n + FOOTER)
+      if len(body) < n + FOOTER:
+        raise RecordError(f"{path}: record {i} at offset {off}: truncated")
+      data = body[:n]
+      if verify and masked_crc32c(data) != struct.unpack("<I", body[n:])[0]:
+        raise RecordError(f"{path}: record {i} at offset {off}: data CRC mismatch (corrupt record)")
+      yield data
+      off += HEADER + n + FOOTER
+      i += 1
+
+
+class RecordIndex:
+  """Global record numbering over several TFRecord files (offsets indexed once, picklable).
+
+  `locate(i)` gives (file number, record number in the file, offset, length). File descriptors are opened
+  lazily per process and thread, so the object can be sent to data-loading worker processes.
+  """
+
+  def __init__(self, paths, indexes=None):
+    self.paths = [str(p) for p in paths]
+    if not self.paths:
+      raise FileNotFoundError("no TFRecord files given")
+    idx = indexes if indexes is not None else [build_index(p) for p in self.paths]
+    self.offsets = [np.asarray(o, dtype=np.int64) for o, _ in idx]
+    self.lengths = [np.asarray(n, dtype=np.int64) for _, n in idx]
+    counts = np.array([len(o) for o in self.offsets], dtype=np.int64)
+    self.starts = np.concatenate([[0], np.cumsum(counts)])
+    self._local = threading.local()
+
+  def __len__(self) -> int:
+    return int(self.starts[-1])
+
+  def locate(self, i: int) -> tuple[int, int, int, int]:
+    n = len(self)
+    if not -n <= i < n:
+      raise IndexError(f"record {i} out of range ({n} records)")
+    i %= n
+    f = int(np.searchsorted(self.starts, i, side="right") - 1)
+    j = i - int(self.starts[f])
+    return f, j, int(self.offsets[f][j]), int(self.lengths[f][j])
+
+  def _fd(self, f: int) -> int:
+    fds = getattr(self._local, "fds", None)
+    if fds is None or getattr(self._local, "pid", None) != os.getpid():
+      fds = self._local.fds = {}
+      self._local.pid = os.getpid()
+    if f not in fds:
+      fds[f] = os.open(self.paths[f], os.O_RDONLY)
+    return fds[f]
+
+  def read(self, i: int, verify: bool = True) -> bytes:
+    f, j, off, n = self.locate(i)
+    return read_at(self._fd(f), self.paths[f], j, off, n, verify)
+
+  def where(self, i: int) -> str:
+    """'file, record j at offset o' of global record i (for error messages)."""
+    f, j, off, _ = self.locate(i)
+    return f"{self.paths[f]}: record {j} at offset {off}"
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state.pop("_local")  # descriptors and thread-locals do not cross processes
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._local = threading.local()
+
+
+def expand_files(spec) -> list[pathlib.Path]:
+  """TFRecord files named by a glob, a directory (its `*.tfrecord*` files), a file or a list, sorted."""
+  import glob as _glob
+  if isinstance(spec, (list, tuple)):
+    out = []
+    for s in spec:
+      out.extend(expand_files(s))
+    return sorted(set(out))
+  spec = str(spec)
+  p = pathlib.Path(spec)
+  if p.is_dir():
+    files = sorted(q for q in p.iterdir() if q.is_file() and ".tfrecord" in q.name
+                   and not q.name.endswith((".json", ".tmp", ".partial")) and not q.name.startswith("."))
+  elif p.is_file():
+    files = [p]
+  else:
+    files = sorted(pathlib.Path(q) for q in _glob.glob(spec))
+  if not files:
+    raise FileNotFoundError(f"no TFRecord files match {spec!r}")
+  return files
