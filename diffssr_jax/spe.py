@@ -157,6 +157,39 @@ def compute_spe(masks, kind: str = "rope", rng=None) -> np.ndarray:
   raise ValueError(f"unknown SPE kind {kind!r}; expected one of {KINDS}")
 
 
+def compute_spe_labels(labels, kind: str = "rope", rng=None) -> np.ndarray:
+  """SPE of disjoint regions given as an (H, W) label map (labels >= 0; negative = uncovered).
+
+  Equals `compute_spe` of the masks `labels == k` (disjoint, so their order does not matter), but sums
+  each region with one `bincount` instead of materialising a (K, H, W) mask stack.
+  """
+  lab = np.asarray(labels)
+  if lab.ndim != 2 or lab.size == 0:
+    raise ValueError(f"labels must be a non-empty (H, W) array, got shape {lab.shape}")
+  h, w = lab.shape
+  valid = lab >= 0
+  flat = np.where(valid, lab, 0).ravel().astype(np.int64)
+  k = int(flat.max()) + 1 if valid.any() else 0
+  counts = np.bincount(flat[valid.ravel()], minlength=k).astype(np.float64)
+  if kind == "cosine":
+    with np.errstate(invalid="ignore", divide="ignore"):
+      vals = counts / (np.sqrt(h * w) * np.sqrt(counts))
+  else:
+    if kind == "rope":
+      e = rope_ones(h, w)
+    elif kind == "sincos":
+      e = sincos_embedding(h, w)
+    elif kind == "linear":
+      e = linear_embedding(h, w, rng)
+    else:
+      raise ValueError(f"unknown SPE kind {kind!r}; expected one of {KINDS}")
+    sums = np.bincount(flat[valid.ravel()], weights=e.ravel().astype(np.float64)[valid.ravel()], minlength=k)
+    vals = sums / (h * w)
+  dtype = OFFICIAL_DTYPE[kind]
+  vals = vals.astype(dtype)
+  return np.where(valid, vals[flat.reshape(h, w)] if k else np.zeros((h, w), dtype), 0).astype(dtype)
+
+
 def is_constant(spe: np.ndarray) -> bool:
   """True when every value of the map is the same (official test: `len(np.unique(x)) == 1`)."""
   spe = np.asarray(spe)
