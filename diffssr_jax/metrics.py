@@ -47,8 +47,9 @@ def signed_to_uint8(x) -> np.ndarray:
 def rgb2y(img: np.ndarray) -> np.ndarray:
   """BT.601 luma Y in [16, 235] (float64, not rounded) of an (H, W, 3) uint8 RGB image.
 
-  The MATLAB `rgb2ycbcr` coefficients, evaluated in float64 on the 8-bit values as BasicSR's `to_y_channel`
-  does (BasicSR keeps the fractional part; MATLAB on uint8 input would round it).
+  The MATLAB `rgb2ycbcr` coefficients on the 8-bit values, keeping the fractional part as BasicSR's
+  `to_y_channel` does (MATLAB on uint8 input would round Y to an integer). BasicSR stores Y in float32; we keep
+  float64, which moves PSNR-Y by ~1e-6 dB at most.
   """
   img = np.asarray(img)
   if img.ndim != 3 or img.shape[2] != 3:
@@ -204,12 +205,13 @@ def artifact_mean(sr: np.ndarray, hr: np.ndarray, ksize: int = 7) -> float:
   return float(artifact_map(sr, hr, ksize).mean())
 
 
-def official_measure(sr, hr, lr, scale: int) -> dict[str, float]:
-  """Reproduces SAM-DiffSR's training-time `Measure.measure` (LPIPS aside): `psnr`, `ssim`, `lr_psnr`.
+def official_measure(sr, hr, lr, scale: int, lpips_fn=None) -> dict[str, float]:
+  """Reproduces SAM-DiffSR's training-time `Measure.measure`: `psnr`, `ssim`, `lr_psnr` (+ `lpips`).
 
   Inputs are (C, H, W): float tensors/arrays in [-1, 1] (mapped with `signed_to_uint8`) or uint8. Computes RGB
   PSNR (data_range 255), skimage-default SSIM over the channels, and RGB PSNR between the MATLAB-bicubic
-  1/scale down-scaled SR and the LR, all on uint8.
+  1/scale down-scaled SR and the LR, all on uint8. With `lpips_fn` (from `lpips.make_lpips_fn`, AlexNet
+  in the official code) also LPIPS of the uint8 pair mapped back to [-1, 1] by x / 127.5 - 1.
   """
   imgs = []
   for x in (sr, hr, lr):
@@ -217,17 +219,22 @@ def official_measure(sr, hr, lr, scale: int) -> dict[str, float]:
     x = x if x.dtype == np.uint8 else signed_to_uint8(x)
     imgs.append(np.ascontiguousarray(x.transpose(1, 2, 0)))
   sr8, hr8, lr8 = imgs
-  return {
+  out = {
       "psnr": psnr(sr8, hr8),
       "ssim": ssim_rgb_skimage(sr8, hr8),
       "lr_psnr": lr_psnr(sr8, lr8, scale),
   }
+  if lpips_fn is not None:
+    from diffssr_jax.lpips import lpips_images  # lazy: keeps this module free of jax
+    out["lpips"] = float(lpips_images(lpips_fn, sr8, hr8)[0])
+  return out
 
 
 def sr_metrics(sr: np.ndarray, hr: np.ndarray, lr: np.ndarray | None, scale: int,
                crop: int | None = None) -> dict[str, float]:
   """The per-image evaluation row: psnr_y, ssim_y (cropping `crop`, default `scale` pixels per side as
-  BasicSR's benchmark configs), psnr_rgb (uncropped), lr_psnr (NaN without an LR) and artifact."""
+  BasicSR's benchmark configs; pass 0 for pyiqa's default, which the official tools/caculate_iqa.py used),
+  psnr_rgb (uncropped), lr_psnr (NaN without an LR) and artifact."""
   crop = scale if crop is None else crop
   return {
       "psnr_y": psnr_y(sr, hr, crop),

@@ -220,3 +220,21 @@ def test_official_measure_reference(case):
   assert out["psnr"] == pytest.approx(float(psnr), abs=1e-9)
   assert out["lr_psnr"] == pytest.approx(float(lr_psnr), abs=1e-9)
   assert out["ssim"] == pytest.approx(float(ssim), abs=1e-9)
+
+
+def test_official_measure_passes_uint8_pair_to_lpips():
+  from diffssr_jax.imresize import imresize
+  hr = _smooth_img(32, 32)
+  sr = _noisy(hr, 5)
+  lr = imresize(hr, scale=0.25)
+  seen = []
+
+  def fake_lpips(a, b):  # records what LPIPS would get: [-1, 1] NHWC
+    seen.append((a, b))
+    return np.array([0.123])
+
+  chw = lambda x: x.transpose(2, 0, 1)
+  out = metrics.official_measure(chw(sr), chw(hr), chw(lr), 4, lpips_fn=fake_lpips)
+  assert out["lpips"] == 0.123 and out["psnr"] == metrics.psnr_rgb(sr, hr)
+  np.testing.assert_allclose(seen[0][0][0], sr / 127.5 - 1, atol=1e-6)
+  assert "lpips" not in metrics.official_measure(chw(sr), chw(hr), chw(lr), 4)
