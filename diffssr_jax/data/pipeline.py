@@ -1,0 +1,220 @@
+"""Training input pipeline (grain): tile shards -> random aligned patches -> normalised batches.
+
+Per example, as the official `Df2kDataSet_sam.__getitem__` does for SAM-DiffSR training:
+
+* random HR patch (default 160 px) whose top-left is a multiple of the scale, the LR patch at the same
+  place (/scale) and the SPE patch at the same HR place;
+* optional horizontal flip and rot90 (off by default: the official config has data_augmentation off),
+  applied identically to HR, LR and SPE;
+* "reduce" (`reduce_constant_spe`, on by default here, off in the official config): an SPE patch with one
+  single value becomes zeros (the official `all_same_mask_to_zero`);
+* `lr_up` = MATLAB-bicubic `imresize(lr_uint8 / lr_up_divisor, scale)`; the official code divides by 256
+  (not 255), kept as the default so converted official weights see their training inputs;
+* hr, lr -> `(x/255 - 0.5) / 0.5`, lr_up -> `(v - 0.5) / 0.5`; SPE values are left raw.
+
+Order and randomness: the record order is a seeded global shuffle, reshuffled each epoch, repeated
+(forever by default) and then sliced for this process (`process_index::process_count`), so processes
+read disjoint records of one global order. The patch position and flips of the element at position n of
+that stream come from a generator seeded by (seed, n), i.e. they depend only on the seed, the epoch
+and the index, never on worker timing: `get_state()`/`set_state()` on the iterator restore the exact
+batch sequence, and the output does not change with `num_workers`.
+
+Batches: dict of numpy arrays, NHWC float32: `hr` (B, P, P, 3), `lr` (B, P/s, P/s, 3), `lr_up`
+(B, P, P, 3), `spe` (B, P, P, 1); with `with_metadata`, also `record_index` (B,) int64 (global record
+number in the sorted shards) and `patch_yx` (B, 2) int32 (patch top-left in the whole HR image).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from diffssr_jax import spe as spe_lib
+from diffssr_jax.data.source import TileSource, manifest_for
+from diffssr_jax.imresize import imresize
+
+_DEFAULTS = dict(
+    train_files=None,  # glob, folder of shards, file or list of those (required)
+    scale=4,  # super-resolution factor of the export
+    patch_size=160,  # HR patch side (a multiple of scale)
+    hflip=False,  # random horizontal flip (p = 0.5)
+    rot90=False,  # random rotation by k * 90 degrees, k uniform in 0..3
+    reduce_constant_spe=True,  # constant SPE patch -> zeros
+    lr_up_divisor=256.0,  # lr_up = imresize(lr / divisor, scale); official: 256
+    shuffle=True,  # seeded global shuffle, new order each epoch
+    num_epochs=None,  # None: repeat forever
+    num_workers=4,  # grain worker processes (0: decode in the calling process)
+    prefetch_buffer=2,  # batches buffered per worker process
+    read_threads=2,  # threads per process reading/decoding elements
+    read_buffer=32,  # elements prefetched by those threads
+    verify_crc=True,  # check each record's CRC when reading it
+    with_metadata=False,  # add record_index and patch_yx to batches
+    check_manifest=True,  # compare scale with the export manifest next to the shards
+)
+
+
+def default_data_config():
+  """The data config with its defaults (an `ml_collections.ConfigDict`); set `train_files`."""
+  import ml_collections
+  return ml_collections.ConfigDict(dict(_DEFAULTS))
+
+
+def _as_dict(data_cfg) -> dict:
+  if data_cfg is None:
+    d = {}
+  elif dataclasses.is_dataclass(data_cfg):
+    d = dataclasses.asdict(data_cfg)
+  elif hasattr(data_cfg, "to_dict"):
+    d = data_cfg.to_dict()
+  else:
+    d = dict(data_cfg)
+  unknown = set(d) - set(_DEFAULTS)
+  if unknown:
+    raise ValueError(f"unknown data config fields {sorted(unknown)}; known: {sorted(_DEFAULTS)}")
+  cfg = {**_DEFAULTS, **d}
+  if not cfg["train_files"]:
+    raise ValueError("data config: train_files is required (glob, folder or list of TFRecord shards)")
+  s, p = int(cfg["scale"]), int(cfg["patch_size"])
+  if s < 1 or p <= 0 or p % s:
+    raise ValueError(f"patch_size {p} must be a positive multiple of scale {s}")
+  return cfg
+
+
+def normalize_uint8(x: np.ndarray) -> np.ndarray:
+  """uint8 image -> float32 in [-1, 1] as ToTensor + Normalize(0.5, 0.5): (x/255 - 0.5)/0.5."""
+  return ((x.astype(np.float32) / np.float32(255.0)) - np.float32(0.5)) / np.float32(0.5)
+
+
+def make_lr_up(lr: np.ndarray, scale: int, divisor: float = 256.0) -> np.ndarray:
+  """Bicubic up-scaled LR in [-1, 1]-ish: (imresize(lr / divisor, scale) - 0.5) / 0.5, float32.
+
+  Computed in float64 and cast at the end, as the official dataset does (`.float()` after Normalize).
+  """
+  up = imresize(lr.astype(np.float64) / divisor, scale)
+  return ((up - 0.5) / 0.5).astype(np.float32)
+
+
+def random_patch_origin(h: int, w: int, patch: int, scale: int, rng: np.random.Generator) -> tuple[int, int]:
+  """Top-left (y, x) of a random patch in an (h, w) tile, multiples of the scale."""
+  if h < patch or w < patch:
+    raise ValueError(f"tile of {h}x{w} is smaller than the {patch}px patch (export with min_tile >= patch)")
+  y = int(rng.integers(0, (h - patch) // scale + 1)) * scale
+  x = int(rng.integers(0, (w - patch) // scale + 1)) * scale
+  return y, x
+
+
+def crop_aligned(hr, lr, spe, y: int, x: int, patch: int, scale: int):
+  """HR and SPE patches at (y, x) and the LR patch at (y/scale, x/scale)."""
+  pl = patch // scale
+  return (hr[y:y + patch, x:x + patch], lr[y // scale:y // scale + pl, x // scale:x // scale + pl],
+          spe[y:y + patch, x:x + patch])
+
+
+def augment(arrays, hflip: bool, k_rot: int):
+  """The same horizontal flip and rotation by k_rot * 90 degrees applied to each (H, W, ...) array."""
+  out = []
+  for a in arrays:
+    if hflip:
+      a = a[:, ::-1]
+    if k_rot:
+      a = np.rot90(a, k_rot, axes=(0, 1))
+    out.append(np.ascontiguousarray(a))
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainTransform:
+  """Tile -> training example (a picklable grain random map)."""
+  patch_size: int = 160
+  scale: int = 4
+  hflip: bool = False
+  rot90: bool = False
+  reduce_constant_spe: bool = True
+  lr_up_divisor: float = 256.0
+  with_metadata: bool = False
+
+  def __call__(self, tile: dict, rng: np.random.Generator) -> dict:
+    hr, lr, spe = tile["hr"], tile["lr"], tile["spe"]
+    y, x = random_patch_origin(hr.shape[0], hr.shape[1], self.patch_size, self.scale, rng)
+    hr, lr, spe = crop_aligned(hr, lr, spe, y, x, self.patch_size, self.scale)
+    flip = bool(rng.integers(0, 2)) if self.hflip else False
+    k = int(rng.integers(0, 4)) if self.rot90 else 0
+    if flip or k:
+      hr, lr, spe = augment((hr, lr, spe), flip, k)
+    if self.reduce_constant_spe:
+      spe = spe_lib.reduce_constant(spe)
+    out = {
+        "hr": normalize_uint8(hr),
+        "lr": normalize_uint8(lr),
+        "lr_up": make_lr_up(lr, self.scale, self.lr_up_divisor),
+        "spe": np.ascontiguousarray(spe, dtype=np.float32)[:, :, None],
+    }
+    if self.with_metadata:
+      out["record_index"] = np.int64(tile["index"])
+      out["patch_yx"] = np.array([tile["y"] + y, tile["x"] + x], dtype=np.int32)
+    return out
+
+
+def make_source(cfg: dict) -> TileSource:
+  """The tile source of a (validated) config, checking the scale against the export manifest."""
+  src = TileSource(cfg["train_files"], scale=int(cfg["scale"]), verify_crc=bool(cfg["verify_crc"]))
+  if cfg["check_manifest"]:
+    man = manifest_for(cfg["train_files"])
+    if man is not None:
+      exported = man.get("config", {}).get("scale")
+      if exported is not None and int(exported) != int(cfg["scale"]):
+        raise ValueError(f"data config scale {cfg['scale']} differs from the export's scale {exported}")
+  if len(src) == 0:
+    raise ValueError(f"no records in {cfg['train_files']}")
+  return src
+
+
+def _ensure_absl_flags_parsed() -> None:
+  """grain's worker processes read absl flags; outside `absl.app.run` nobody parsed them, which makes
+  `mp_prefetch` fail (UnparsedFlagAccessError). Marking them parsed keeps every flag at its default."""
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def make_train_dataset(data_cfg, *, seed: int, batch_size: int, process_index: int = 0,
+                       process_count: int = 1):
+  """The grain IterDataset of training batches for this process (see module docstring)."""
+  import grain
+  cfg = _as_dict(data_cfg)
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  if batch_size < 1:
+    raise ValueError("batch_size must be >= 1")
+  src = make_source(cfg)
+  seed = int(seed) % 2**32
+  ds = grain.MapDataset.source(src)
+  if cfg["shuffle"]:
+    ds = ds.shuffle(seed=seed)
+  ds = ds.repeat(cfg["num_epochs"])
+  if process_count > 1:
+    ds = ds[process_index::process_count]
+  transform = TrainTransform(
+      patch_size=int(cfg["patch_size"]), scale=int(cfg["scale"]), hflip=bool(cfg["hflip"]),
+      rot90=bool(cfg["rot90"]), reduce_constant_spe=bool(cfg["reduce_constant_spe"]),
+      lr_up_divisor=float(cfg["lr_up_divisor"]), with_metadata=bool(cfg["with_metadata"]))
+  ds = ds.random_map(transform, seed=(seed + 0x5EED) % 2**32)
+  ds = ds.batch(batch_size, drop_remainder=True)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(cfg["read_threads"]),
+                                            prefetch_buffer_size=int(cfg["read_buffer"])))
+  if int(cfg["num_workers"]) > 0:
+    _ensure_absl_flags_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(cfg["num_workers"]),
+                                                     per_worker_buffer_size=int(cfg["prefetch_buffer"])))
+  return it
+
+
+def make_train_iterator(data_cfg, *, seed: int, batch_size: int, process_index: int = 0,
+                        process_count: int = 1):
+  """A checkpointable iterator (`get_state()` / `set_state()`) over this process' training batches.
+
+  `batch_size` is the per-process batch size; pass `jax.process_index()` / `jax.process_count()` on
+  multi-host runs. See the module docstring for the batch layout and `default_data_config` for fields.
+  """
+  return iter(make_train_dataset(data_cfg, seed=seed, batch_size=batch_size, process_index=process_index,
+                                 process_count=process_count))
