@@ -2,11 +2,11 @@
 
 A byte-at-a-time CRC is inherently sequential, which is slow in Python (~2 MB/s). We use its linearity
 over GF(2) instead: the data is cut into L equal lanes whose CRC registers advance together, one numpy
-step per byte column (so the Python loop runs len/L times), and the lane registers are merged pairwise
+step per 32-bit column (two 65536-entry table lookups per word; the Python loop runs len/4L times), and the lane registers are merged pairwise
 in a tree, the left one first pushed through as many zero bytes as the right lane holds (a fixed 32x32
 GF(2) matrix per tree level, applied as four 256-entry byte tables). Zeros prepended to the data leave a
 zero register unchanged, which lets the data be padded to L equal lanes; the initial register's effect
-is added separately as "push the init value through len(data) zero bytes". ~200 MB/s on one core.
+is added separately as "push the init value through len(data) zero bytes". ~400 MB/s on one core.
 
 If the `google_crc32c` or `crc32c` package happens to be installed, it is used instead.
 """
@@ -29,6 +29,23 @@ def _make_table() -> np.ndarray:
 
 TABLE = _make_table()
 _TABLE_LIST = [int(v) for v in TABLE]
+
+
+def _make_word_tables() -> tuple[np.ndarray, np.ndarray]:
+  """Tables advancing a register through 4 bytes at once, split by its low and high 16 bits.
+
+  After xoring a little-endian 32-bit data word into the register, 4 byte steps with zero data remain;
+  they are linear, so f(reg) = LO[reg & 0xFFFF] ^ HI[reg >> 16].
+  """
+  def four_steps(r):
+    for _ in range(4):
+      r = TABLE[r & 0xFF] ^ (r >> 8)
+    return r
+  v = np.arange(1 << 16, dtype=np.uint32)
+  return four_steps(v), four_steps(v << np.uint32(16))
+
+
+_LO, _HI = _make_word_tables()
 
 
 def _update_bytes(reg: int, data: bytes) -> int:
@@ -111,19 +128,33 @@ def _raw_crc_numpy(data: np.ndarray) -> int:
   """Raw register after `data` starting from register 0 (no init/final xor)."""
   n = data.size
   lanes = _lanes_for(n)
-  per = -(-n // lanes)
+  per = -(-n // (4 * lanes)) * 4  # bytes per lane, whole 32-bit words
   pad = lanes * per - n
   buf = np.zeros(lanes * per, dtype=np.uint8)
   buf[pad:] = data  # leading zeros keep a zero register at zero
-  cols = np.ascontiguousarray(buf.reshape(lanes, per).T)
+  words = np.ascontiguousarray(buf.view("<u4").reshape(lanes, per // 4).T).astype(np.uint32, copy=False)
   regs = np.zeros(lanes, dtype=np.uint32)
-  for j in range(per):
-    regs = TABLE[(regs ^ cols[j]) & 0xFF] ^ (regs >> 8)
-  mat = _zero_bytes_matrix(per)
-  while regs.size > 1:
-    regs = _apply(_byte_tables(mat), regs[0::2]) ^ regs[1::2]
-    mat = _mat_mul(mat, mat)
+  for j in range(per // 4):
+    regs ^= words[j]
+    regs = _LO[regs & 0xFFFF] ^ _HI[regs >> 16]
+  for tabs in _merge_tables(per, lanes.bit_length() - 1):
+    regs = _apply(tabs, regs[0::2]) ^ regs[1::2]
   return int(regs[0])
+
+
+@functools.lru_cache(maxsize=512)
+def _merge_tables(per: int, levels: int) -> tuple[np.ndarray, ...]:
+  """Byte tables of the tree merge: level j pushes the left register through per * 2**j zero bytes.
+
+  Cached: record sizes of one dataset fall into few (per, levels) pairs, and building the tables costs
+  about as much as the CRC of a 1 MB record itself.
+  """
+  mat = _zero_bytes_matrix(per)
+  out = []
+  for _ in range(levels):
+    out.append(_byte_tables(mat))
+    mat = _mat_mul(mat, mat)
+  return tuple(out)
 
 
 def _crc32c_python(data, value: int = 0) -> int:

@@ -1,0 +1,127 @@
+"""Throughput of the data half, printed as JSON (a measurement tool, not a test).
+
+  python -m diffssr_jax.data.benchmark pipeline [--files GLOB_OR_DIR] [--batch-size 16] [--num-workers 2]
+  python -m diffssr_jax.data.benchmark export [--images DIR] [--segmenter felzenszwalb] [--workers 0]
+
+Without --files / --images the scikit-image demo photographs are used (built into a temporary folder).
+`pipeline` reports training samples/s after a warm-up; `export` reports images/s and tiles/s of the full
+export and the time per image spent in each stage (read, segment, SPE, LR resize, tile encoding).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import tempfile
+import time
+
+import numpy as np
+
+
+def bench_pipeline(files, batch_size: int, num_workers: int, steps: int, warmup: int, patch_size: int,
+                   read_threads: int, augment: bool) -> dict:
+  from diffssr_jax.data import pipeline
+  cfg = pipeline.default_data_config()
+  cfg.train_files = files
+  cfg.num_workers = num_workers
+  cfg.patch_size = patch_size
+  cfg.read_threads = read_threads
+  cfg.hflip = cfg.rot90 = augment
+  it = pipeline.make_train_iterator(cfg, seed=0, batch_size=batch_size)
+  t_first = time.perf_counter()
+  for _ in range(warmup):
+    next(it)
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    next(it)
+  dt = time.perf_counter() - t0
+  if hasattr(it, "close"):
+    it.close()
+  return {"benchmark": "pipeline", "files": str(files), "batch_size": batch_size, "num_workers": num_workers,
+          "read_threads": read_threads, "patch_size": patch_size, "augment": augment, "steps": steps,
+          "warmup_s": round(t0 - t_first, 3), "samples_per_s": round(steps * batch_size / dt, 2),
+          "batches_per_s": round(steps / dt, 3), "cpu_count": os.cpu_count()}
+
+
+def bench_export(images_dir, segmenter_name: str, workers: int, scale: int) -> dict:
+  from diffssr_jax.data import export, hr_sources, segmenters
+  src = hr_sources.FolderSource(images_dir)
+  seg = segmenters.make_segmenter(segmenter_name)
+  cfg = export.ExportConfig(scale=scale, num_shards=max(1, min(len(src.ids), 2 * max(workers, 1))))
+  with tempfile.TemporaryDirectory() as out:
+    t0 = time.perf_counter()
+    man = export.run_export(src, out, cfg, segmenter=seg, progress=False, workers=workers)
+    total = time.perf_counter() - t0
+  s = man["splits"][cfg.split]
+  # Per-stage time, single process, same images.
+  stages = {"read": 0.0, "segment": 0.0, "spe": 0.0, "lr_resize": 0.0, "encode_tiles": 0.0}
+  from diffssr_jax.data import records
+  from diffssr_jax.imresize import imresize
+  pixels = 0
+  for image_id in src.ids:
+    t = time.perf_counter()
+    hr = export.trim_to_scale(src.load(image_id), scale)
+    stages["read"] += time.perf_counter() - t
+    pixels += hr.shape[0] * hr.shape[1]
+    t = time.perf_counter()
+    sg = seg(hr)
+    stages["segment"] += time.perf_counter() - t
+    t = time.perf_counter()
+    spe = segmenters.compute_segmentation_spe(sg, cfg.spe_kind)
+    stages["spe"] += time.perf_counter() - t
+    t = time.perf_counter()
+    lr = imresize(hr, 1 / scale)
+    stages["lr_resize"] += time.perf_counter() - t
+    t = time.perf_counter()
+    for y, x, a, b, c in export.cut_tiles(hr, lr, spe, cfg):
+      records.encode_tile(records.Tile(image_id, y, x, a, b, c, sg.count, hr.shape[:2]))
+    stages["encode_tiles"] += time.perf_counter() - t
+  n = len(src.ids)
+  return {"benchmark": "export", "images": n, "tiles": s["num_records"], "segmenter": segmenter_name,
+          "workers": workers, "seconds": round(total, 3), "images_per_s": round(n / total, 3),
+          "tiles_per_s": round(s["num_records"] / total, 2), "megapixels": round(pixels / 1e6, 3),
+          "stage_ms_per_image": {k: round(1e3 * v / n, 1) for k, v in stages.items()},
+          "cpu_count": os.cpu_count()}
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  sub = p.add_subparsers(dest="what", required=True)
+  pp = sub.add_parser("pipeline")
+  pp.add_argument("--files", default=None)
+  pp.add_argument("--batch-size", type=int, default=16)
+  pp.add_argument("--num-workers", type=int, default=2)
+  pp.add_argument("--read-threads", type=int, default=2)
+  pp.add_argument("--steps", type=int, default=30)
+  pp.add_argument("--warmup", type=int, default=3)
+  pp.add_argument("--patch-size", type=int, default=160)
+  pp.add_argument("--augment", action="store_true")
+  pe = sub.add_parser("export")
+  pe.add_argument("--images", default=None)
+  pe.add_argument("--segmenter", default="felzenszwalb", choices=["felzenszwalb", "slic"])
+  pe.add_argument("--workers", type=int, default=0)
+  pe.add_argument("--scale", type=int, default=4)
+  args = p.parse_args(argv)
+  with tempfile.TemporaryDirectory() as tmp:
+    if args.what == "pipeline":
+      files = args.files
+      if files is None:
+        from diffssr_jax.data import demo
+        files = demo.build_demo_dataset(pathlib.Path(tmp) / "demo")["train_files"]
+      res = bench_pipeline(files, args.batch_size, args.num_workers, args.steps, args.warmup, args.patch_size,
+                           args.read_threads, args.augment)
+    else:
+      images_dir = args.images
+      if images_dir is None:
+        from diffssr_jax import images
+        from diffssr_jax.data import demo
+        images_dir = pathlib.Path(tmp) / "photos"
+        for name, path in {**demo.bundled_photos(demo.TRAIN_PHOTOS), **demo.bundled_photos(demo.VAL_PHOTOS)}.items():
+          images.save_png(images_dir / f"{name}.png", images.read_rgb8(path))
+      res = bench_export(images_dir, args.segmenter, args.workers, args.scale)
+  print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+  main()
