@@ -1,0 +1,16 @@
+"""Data half of diffssr-jax: SPE export (torch/numpy only) and the grain training / evaluation inputs.
+
+Modules (import them directly; this package imports nothing, and none of them imports jax):
+
+  crc32c, tfrecord, example  TFRecord files and tf.train.Example records without TensorFlow
+  records                    the tile record schema (HR tile, LR tile, SPE tile)
+  rle                        COCO run-length encoded masks (SAM amg.py format)
+  segmenters                 Segment Anything and classical (Felzenszwalb, SLIC) segmenters
+  torchvision_fallback       the torchvision functions segment-anything needs, when torchvision is absent
+  hr_sources                 HR images from a folder or a prepared TFDS dataset
+  export                     tiling, sharded resumable export, manifest (tools/export_sam_masks.py)
+  source, pipeline           grain data source and training iterator
+  eval_sources               benchmark folders (HR only, or HR + LR)
+  demo                       demo dataset from scikit-image's bundled photographs
+  benchmark                  throughput measurements (python -m diffssr_jax.data.benchmark)
+"""
