@@ -334,6 +334,11 @@ def test_tool_runs_without_jax(tmp_path):
   r = _run_tool(["--images", "no_such_tfds_dataset", "--tfds-data-dir", str(tmp_path / "tfds"), "--out",
                  str(tmp_path / "o3"), "--segmenter", "felzenszwalb"], tmp_path)
   assert r.returncode == 2 and "not prepared" in r.stderr
+  import torch
+  torch.save(_tiny_sam(0).state_dict(), tmp_path / "tiny.pth")
+  r = _run_tool(["--images", str(d), "--out", str(tmp_path / "o4"), "--segmenter", "sam", "--model-type", "vit_b",
+                 "--checkpoint", str(tmp_path / "tiny.pth"), "--device", "cpu"], tmp_path)
+  assert r.returncode == 2 and "does not fit this SAM model" in r.stderr, r.stderr
   code = "import sys, runpy; runpy.run_path(sys.argv[1]); import jax"
   r = subprocess.run([sys.executable, "-c", code, str(ROOT / "tools" / "export_sam_masks.py")],
                      capture_output=True, text=True, timeout=120,
