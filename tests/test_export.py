@@ -344,3 +344,48 @@ def test_tool_runs_without_jax(tmp_path):
                      capture_output=True, text=True, timeout=120,
                      env=dict(os.environ, PYTHONPATH=f"{tmp_path / 'fakejax'}{os.pathsep}{ROOT}"))
   assert "jax must not be imported" in r.stderr  # the fake really blocks jax
+
+
+_SLOW_EXPORT = """
+import sys, time
+sys.path.insert(0, sys.argv[3])
+from diffssr_jax.data import export, hr_sources, segmenters
+
+class Slow:
+  def __init__(self):
+    self.inner = segmenters.FelzenszwalbSegmenter(scale=50)
+
+  def __call__(self, img):
+    time.sleep(0.4)
+    return self.inner(img)
+
+  def describe(self):
+    return self.inner.describe()
+
+cfg = export.ExportConfig(scale=4, tile_size=64, tile_step=64, min_tile=32, num_shards=1)
+export.run_export(hr_sources.FolderSource(sys.argv[1]), sys.argv[2], cfg, segmenter=Slow(), progress=False)
+"""
+
+
+def test_killed_export_process_resumes_to_identical_bytes(tmp_path):
+  import time
+  imgs = {f"im{i}": _blocks(136, 140, 10 + i) for i in range(6)}
+  d = _folder(tmp_path, imgs)
+  cfg = export.ExportConfig(**SMALL, num_shards=1)
+  seg = segmenters.FelzenszwalbSegmenter(scale=50)
+  export.run_export(hr_sources.FolderSource(d), tmp_path / "ref", cfg, segmenter=seg, progress=False)
+  out = tmp_path / "killed"
+  proc = subprocess.Popen([sys.executable, "-c", _SLOW_EXPORT, str(d), str(out), str(ROOT)])
+  journal = out / export.STATE_DIR / "train-00000-of-00001.tfrecord.journal"
+  deadline = time.time() + 120
+  try:
+    while time.time() < deadline and proc.poll() is None:
+      if journal.is_file() and journal.read_text().count("\n") >= 3:  # header + two finished images
+        break
+      time.sleep(0.05)
+  finally:
+    proc.kill()  # SIGKILL: no cleanup handlers run
+    proc.wait()
+  assert not (out / "train-00000-of-00001.tfrecord").exists(), "the process finished before it was killed"
+  export.run_export(hr_sources.FolderSource(d), out, cfg, segmenter=seg, progress=False)
+  assert _shard_bytes(out) == _shard_bytes(tmp_path / "ref")
