@@ -91,3 +91,5 @@ def test_missing_dataset_and_bad_split(tmp_path):
     hr_sources.TfdsSource("fakesr", data_dir=root, split="test")
   with pytest.raises(hr_sources.SourceError, match="not found"):
     hr_sources.TfdsSource("fakesr", data_dir=root, image_key="lr")
+  with pytest.raises(hr_sources.SourceError, match="no such image folder"):
+    hr_sources.open_source(str(tmp_path / "missing_dir"))

@@ -109,6 +109,9 @@ def main(argv=None) -> int:
                               min_tile=args.min_tile, spe_kind=args.spe, num_shards=args.num_shards,
                               split=args.split, seed=args.seed, keep_masks=args.keep_masks)
     cfg.validate()
+    if args.segmenter == "sam" and not args.from_masks and args.workers > 1:
+      raise export.ExportError("--workers > 1 would load SAM once per process; run one process per GPU "
+                               "with --shard-index instead")
     source = hr_sources.open_source(args.images, args.tfds_data_dir, args.tfds_split, args.tfds_image_key)
     segmenter = None if args.from_masks else make_segmenter(args)
     man = export.run_export(source, args.out, cfg, segmenter=segmenter, masks_dir=args.from_masks,

@@ -11,6 +11,7 @@ downloaded or prepared here.
 """
 from __future__ import annotations
 
+import os
 import pathlib
 import warnings
 
@@ -190,6 +191,9 @@ def _to_rgb8(arr: np.ndarray, where: str) -> np.ndarray:
 
 def open_source(spec: str, tfds_data_dir=None, tfds_split: str = "train", tfds_image_key=None):
   """A folder/file source when `spec` exists on disk, else a TFDS dataset name (e.g. 'div2k')."""
-  if pathlib.Path(spec).exists() and not (pathlib.Path(spec) / "dataset_info.json").is_file():
+  p = pathlib.Path(spec)
+  if p.exists() and not (p / "dataset_info.json").is_file():
     return FolderSource(spec)
+  if not p.exists() and (os.sep in spec or spec.startswith(".")):
+    raise SourceError(f"{spec}: no such image folder (nor a TFDS dataset name)")
   return TfdsSource(spec, tfds_data_dir, tfds_split, tfds_image_key)
