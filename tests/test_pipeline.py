@@ -8,6 +8,7 @@ from diffssr_jax import spe as spe_lib
 from diffssr_jax.data import export, hr_sources, pipeline, segmenters, tfrecord
 from diffssr_jax.data.source import TileSource
 from diffssr_jax.imresize import imresize
+from reference_data import reference, require
 
 P, S = 64, 4
 PHOTOS = {"astronaut": (200, 232), "coffee": (168, 260), "rocket": (180, 180)}
@@ -197,3 +198,12 @@ def test_config_validation(shards):
     pipeline.make_train_iterator(_cfg(shards, scale=2, patch_size=64), seed=0, batch_size=1)
   with pytest.raises(ValueError, match="smaller than"):
     next(pipeline.make_train_iterator(_cfg(shards, patch_size=128, check_manifest=False), seed=0, batch_size=1))
+
+
+@reference
+def test_normalisation_matches_official_dataset():
+  hr_u8, lr_u8, img_hr, img_lr, img_lr_up = require("in/hr_u8", "in/lr_u8", "in/img_hr", "in/img_lr",
+                                                    "in/img_lr_up")
+  np.testing.assert_allclose(pipeline.normalize_uint8(hr_u8), img_hr[0].transpose(1, 2, 0), atol=1e-7)
+  np.testing.assert_allclose(pipeline.normalize_uint8(lr_u8), img_lr[0].transpose(1, 2, 0), atol=1e-7)
+  np.testing.assert_allclose(pipeline.make_lr_up(lr_u8, 4), img_lr_up[0].transpose(1, 2, 0), atol=1e-6)
