@@ -89,18 +89,18 @@ def per_example_noise(key, example_ids, shape, num_timesteps):
   return jax.vmap(one)(example_ids)
 
 
-def diffusion_loss(model: SRDiffusion, params, frozen, batch, key, example_ids, *, loss_type="l1",
-                   aux_l1_weight=0.0):
-  """Noise-prediction loss for one (local) batch: L1 (official) or L2 (paper eq. 5) between the U-Net
-  output and the (modulated) target; plus an L1 loss on the RRDB image when the encoder is trained."""
+def loss_given_noise(model: SRDiffusion, params, frozen, batch, t, eps, *, loss_type="l1", aux_l1_weight=0.0):
+  """Noise-prediction loss for a batch with given timesteps and noise: L1 (official) or L2 (paper
+  eq. 5) between the U-Net output and the (modulated) target, plus an L1 loss on the RRDB image when
+  the encoder is trained. Returns (loss, metrics)."""
   rrdb_vars = params["rrdb"] if "rrdb" in params else frozen["rrdb"]
   train_rrdb = "rrdb" in params
   need_image = train_rrdb and aux_l1_weight > 0
+  # The frozen encoder's upsampling tail is skipped: the loss does not use its image.
   rrdb_out, feats = model.encode(rrdb_vars, batch["lr"], decode=need_image)
   if not train_rrdb:
     feats = jax.lax.stop_gradient(feats)
   x0 = model.img2res(batch["hr"], batch["lr_up"])
-  t, eps = per_example_noise(key, example_ids, x0.shape[1:], model.num_timesteps)
   spe = batch.get("spe") if model.modulation != "none" else None
   x_t, target = diffusion.forward_and_target(model.schedule, model.modulation, x0, t, eps, spe)
   cond = model.condition(params["unet"], feats)
@@ -119,6 +119,12 @@ def diffusion_loss(model: SRDiffusion, params, frozen, batch, key, example_ids, 
     loss = loss + aux_l1_weight * aux
   metrics["loss"] = loss
   return loss, metrics
+
+
+def diffusion_loss(model: SRDiffusion, params, frozen, batch, key, example_ids, **kw):
+  """`loss_given_noise` with t ~ U{0..T-1} and eps ~ N(0, I) drawn per example from `key`."""
+  t, eps = per_example_noise(key, example_ids, batch["hr"].shape[1:], model.num_timesteps)
+  return loss_given_noise(model, params, frozen, batch, t, eps, **kw)
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -143,8 +149,11 @@ def make_train_step(model: SRDiffusion, tx: optax.GradientTransformation, mesh: 
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     grad_fn = jax.value_and_grad(
         functools.partial(diffusion_loss, model, loss_type=loss_type, aux_l1_weight=aux_l1_weight), has_aux=True)
-    (_, metrics), grads = grad_fn(state.params, state.frozen, batch, key, example_ids)
-    # Equal local batches: the mean of per-device means is the global mean.
+    # Differentiate w.r.t. a device-varying view of the replicated params so that each device gets
+    # its local gradient (without it, shard_map's transpose would already psum them), then average:
+    # with equal local batches the mean of per-device means is the global mean.
+    local_params = jax.lax.pcast(state.params, DATA_AXIS, to="varying")
+    (_, metrics), grads = grad_fn(local_params, state.frozen, batch, key, example_ids)
     grads = jax.lax.pmean(grads, DATA_AXIS)
     metrics = jax.lax.pmean(metrics, DATA_AXIS)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -152,7 +161,7 @@ def make_train_step(model: SRDiffusion, tx: optax.GradientTransformation, mesh: 
     ema = state.ema_params
     if ema is not None:
       ema = jax.tree.map(lambda e, p: e * ema_decay + p * (1.0 - ema_decay), ema, params)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
     return new_state, metrics
 

@@ -90,8 +90,12 @@ class UNet(nn.Module):
     """RRDB features (list) -> condition map at the HR resolution, (B, H, W, dim)."""
     return self.cond_proj(jnp.concatenate(list(feats[2::3]), axis=-1))
 
+  def time_embedding(self, t):
+    """Sinusoidal embedding of t followed by the MLP (Linear, Mish, Linear)."""
+    return self.mlp_2(mish(self.mlp_0(sinusoidal_embedding(t, self.dim).astype(self.dtype))))
+
   def denoise(self, x, t, cond):
-    t_emb = self.mlp_2(mish(self.mlp_0(sinusoidal_embedding(t, self.dim).astype(self.dtype))))
+    t_emb = self.time_embedding(t)
     h = x.astype(self.dtype)
     skips = []
     for i, level in enumerate(self.downs):

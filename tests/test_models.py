@@ -1,0 +1,145 @@
+"""Networks: parameter counts, PyTorch-semantics layers, conversion and parity with the official model."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import reference_data as rd
+from diffssr_jax import convert
+from diffssr_jax.models import RRDBNet, UNet
+from diffssr_jax.models.layers import ConvTransposeTorch, ReflectConv
+from diffssr_jax.models.unet import sinusoidal_embedding
+from helpers import nchw_to_nhwc, reference_state_dict
+
+
+def _count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+@pytest.fixture(scope="module")
+def paper_params():
+  """Shapes of the paper network's params (abstract: nothing is computed)."""
+  lr = jnp.zeros((1, 8, 8, 3))
+  rrdb = jax.eval_shape(RRDBNet().init, jax.random.key(0), lr)
+  feats = [jax.ShapeDtypeStruct((1, 8, 8, 64), jnp.float32)] * 18
+  unet = jax.eval_shape(UNet().init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,), jnp.int32), feats)
+  return {"unet": unet, "rrdb": rrdb}
+
+
+def test_parameter_counts_equal_official(paper_params):
+  assert _count(paper_params["unet"]) == 12_934_915
+  assert _count(paper_params["rrdb"]) == 12_381_443
+
+
+@pytest.mark.parametrize("stride,cin,cout,size", [(2, 5, 4, 6), (4, 12, 3, 5), (8, 3, 2, 3)])
+def test_transpose_conv_matches_torch(stride, cin, cout, size):
+  rng = np.random.default_rng(stride)
+  k = 2 * stride
+  w = rng.normal(size=(cin, cout, k, k)).astype(np.float32)
+  b = rng.normal(size=(cout,)).astype(np.float32)
+  x = rng.normal(size=(2, cin, size, size + 1)).astype(np.float32)
+  ref = torch.nn.functional.conv_transpose2d(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b),
+                                             stride=stride, padding=stride // 2).numpy()
+  params = {"params": {"kernel": jnp.asarray(np.transpose(w, (2, 3, 0, 1))), "bias": jnp.asarray(b)}}
+  out = ConvTransposeTorch(cout, stride).apply(params, jnp.asarray(nchw_to_nhwc(x)))
+  assert out.shape == (2, size * stride, (size + 1) * stride, cout)
+  np.testing.assert_allclose(np.asarray(out), nchw_to_nhwc(ref), atol=1e-4, rtol=1e-5)
+
+
+def test_reflect_conv_strided_matches_torch():
+  rng = np.random.default_rng(0)
+  w = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)
+  x = rng.normal(size=(1, 3, 8, 10)).astype(np.float32)
+  xt = torch.nn.functional.pad(torch.from_numpy(x), (1, 1, 1, 1), mode="reflect")
+  ref = torch.nn.functional.conv2d(xt, torch.from_numpy(w), stride=2).numpy()
+  params = {"params": {"conv": {"kernel": jnp.asarray(np.transpose(w, (2, 3, 1, 0))), "bias": jnp.zeros(4)}}}
+  out = ReflectConv(4, strides=2).apply(params, jnp.asarray(nchw_to_nhwc(x)))
+  np.testing.assert_allclose(np.asarray(out), nchw_to_nhwc(ref), atol=1e-5)
+
+
+def test_time_embedding_layout():
+  emb = np.asarray(sinusoidal_embedding(jnp.array([0, 3]), 8))
+  np.testing.assert_allclose(emb[0], [0, 0, 0, 0, 1, 1, 1, 1])
+  w = np.exp(-np.log(1e4) * np.arange(4) / 3)
+  np.testing.assert_allclose(emb[1], np.concatenate([np.sin(3 * w), np.cos(3 * w)]), rtol=1e-6)
+
+
+def test_converter_round_trip_and_errors(tmp_path):
+  model_small = RRDBNet(num_feat=4, num_blocks=2, growth=2)
+  p = model_small.init(jax.random.key(0), jnp.zeros((1, 4, 4, 3)))
+  sd = convert.flax_to_torch({"rrdb": p})
+  assert "rrdb.RRDB_trunk.1.RDB3.conv5.weight" in sd and sd["rrdb.conv_first.weight"].shape == (4, 3, 3, 3)
+  back = convert.torch_to_flax(sd)
+  jax.tree.map(np.testing.assert_array_equal, back["rrdb"], jax.tree.map(np.asarray, p))
+  # A real checkpoint file in the official layout, read with torch only (no official code).
+  ckpt = {"state_dict": {"model": {k: torch.from_numpy(v.copy()) for k, v in sd.items()}}, "global_step": 7}
+  torch.save(ckpt, tmp_path / "model_ckpt_steps_7.ckpt")
+  loaded = convert.load_torch_checkpoint(tmp_path / "model_ckpt_steps_7.ckpt")
+  assert set(loaded) == set(sd)
+  # The official RRDB pre-training saves a bare state dict (no "rrdb." prefix).
+  bare = convert.torch_to_flax({k[len("rrdb."):]: v for k, v in sd.items()})
+  assert set(bare) == {"rrdb"}
+  with pytest.raises(convert.ConversionError, match="sam_conv"):
+    convert.torch_to_flax({**sd, "denoise_fn.sam_conv.0.weight": np.zeros((1, 1, 1, 1))})
+  with pytest.raises(convert.ConversionError, match="missing"):
+    convert.check_against(back, {"rrdb": jax.tree.map(np.asarray, RRDBNet(num_feat=4, num_blocks=3, growth=2).init(
+        jax.random.key(0), jnp.zeros((1, 4, 4, 3))))})
+  (tmp_path / "broken.ckpt").write_bytes(b"not a checkpoint")
+  with pytest.raises(convert.ConversionError, match="broken.ckpt"):
+    convert.load_torch_checkpoint(tmp_path / "broken.ckpt")
+
+
+# ----------------------------------------------------------------------------- official parity
+@pytest.fixture(scope="module")
+def official():
+  ref = rd.load()
+  if ref is None or "sdq/denoise_fn.cond_proj.weight" not in ref:
+    pytest.skip("no reference weights")
+  params = convert.torch_to_flax(reference_state_dict(ref))
+  return ref, jax.tree.map(jnp.asarray, params)
+
+
+@rd.reference
+def test_official_weights_convert_exactly(official, paper_params):
+  ref, params = official
+  convert.check_against(params, paper_params)
+  back = convert.flax_to_torch(jax.tree.map(np.asarray, params))
+  sd = reference_state_dict(ref)
+  assert set(back) == {k for k in sd if k.startswith(("denoise_fn.", "rrdb."))}
+  for k, v in back.items():
+    np.testing.assert_array_equal(v, sd[k])
+
+
+@rd.reference
+def test_rrdb_matches_official(official):
+  ref, params = official
+  out, feats = jax.jit(RRDBNet().apply)(params["rrdb"], jnp.asarray(nchw_to_nhwc(ref["in/img_lr"])))
+  np.testing.assert_allclose(np.asarray(out), nchw_to_nhwc(ref["rrdb/out"]), atol=1e-4)
+  cond_cat = np.asarray(jnp.concatenate(feats[2::3], -1))
+  np.testing.assert_allclose(cond_cat, nchw_to_nhwc(ref["rrdb/cond_cat"]), atol=1e-4)
+
+
+@rd.reference
+def test_unet_matches_official(official):
+  ref, params = official
+  unet = UNet()
+  feats_ref = nchw_to_nhwc(ref["rrdb/cond_cat"])
+  # Feed the official features (split back into the 6 maps the U-Net picks, padded into an 18-list).
+  picked = np.split(feats_ref, 6, axis=-1)
+  feats = [None] * 18
+  for i, f in zip(range(2, 18, 3), picked):
+    feats[i] = jnp.asarray(f)
+  cond = unet.apply(params["unet"], feats, method=UNet.project_cond)
+  np.testing.assert_allclose(np.asarray(cond)[..., :8], nchw_to_nhwc(ref["unet/cond_proj_c8"]), atol=1e-4)
+  t = jnp.asarray(ref["in/t"], jnp.int32)
+  temb = unet.apply(params["unet"], t, method=UNet.time_embedding)
+  np.testing.assert_allclose(np.asarray(temb), ref["unet/temb"], atol=1e-5)
+  pos = np.asarray(sinusoidal_embedding(jnp.arange(100), 64))
+  np.testing.assert_allclose(pos, ref["unet/pos_emb_t0_99"], atol=2e-5)
+  pred = jax.jit(lambda p, x, t, c: unet.apply(p, x, t, c, method=UNet.denoise))(
+      params["unet"], jnp.asarray(nchw_to_nhwc(ref["in/x_t"])), t, cond)
+  np.testing.assert_allclose(np.asarray(pred), nchw_to_nhwc(ref["unet/noise_pred"]), atol=1e-4, rtol=0)
+  # The prediction is small (std ~0.017): also require a tight relative error.
+  rel = np.abs(np.asarray(pred) - nchw_to_nhwc(ref["unet/noise_pred"])).max() / np.abs(ref["unet/noise_pred"]).max()
+  assert rel < 1e-4
