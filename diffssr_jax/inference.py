@@ -1,0 +1,292 @@
+"""Super-resolution with a trained model: the Python API behind `evaluate` and `upscale`.
+
+  up = Upscaler.load(workdir="runs/x4")                  # or checkpoint="model_ckpt_steps_400000.ckpt"
+  sr = up.upscale("photo.png", seed=0)                    # (4H, 4W, 3) uint8 (uint16 for 16-bit input)
+  sr, rrdb = up.super_resolve_batch(lr_batch)             # equal-size LR images, float in [-1, 1] space
+
+Conventions (those of the official `tasks/infer.py` and dataset code):
+  * LR network input  = (v / maxval - 0.5) / 0.5, maxval 255 (or 65535 for 16-bit images);
+  * lr_up             = (imresize(v8 / divisor, scale) - 0.5) / 0.5 with v8 the 8-bit value and divisor 256
+                        (the official quirk; `config.data.lr_up_divisor` when the config has it);
+  * output            = round((x + 1) * 127.5) clipped to [0, 255] (or the 16-bit equivalent).
+The U-Net halves the resolution len(dim_mults) - 1 times, so the HR size must be a multiple of 2 ** that:
+inputs are reflect-padded at the bottom/right to such a size and the outputs cropped back.
+
+Noise: image i of a batch gets the key fold_in(key(seed), index_i), so its result does not depend on which
+other images share its batch (the evaluation names each image's index by a hash of its name, so a resumed run
+reproduces an interrupted one). `mode="rrdb"` returns the RRDB encoder's own SR image: a deterministic
+baseline that needs no sampling.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import pathlib
+import zlib
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffssr_jax import images, sampling
+from diffssr_jax.data.pipeline import make_lr_up
+from diffssr_jax.imresize import imresize
+from diffssr_jax.metrics import signed_to_uint8
+from diffssr_jax.model import SRDiffusion
+from diffssr_jax.tiling import upscale_tiled
+
+MODES = ("diffusion", "rrdb")
+DEFAULT_DDIM_STEPS = 25
+DEFAULT_LR_UP_DIVISOR = 256.0
+# Modes that mean "no colour" in images.load_image's source_mode: such inputs are written back as greyscale.
+GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+
+
+def hr_multiple(model: SRDiffusion) -> int:
+  """The multiple the HR height and width must be: the U-Net halves the resolution once per level but the
+  last, so 2 ** (levels - 1) (8 for the paper's four levels)."""
+  return 2 ** (len(model.unet.dim_mults) - 1)
+
+
+def lr_multiple(hr_mult: int, scale: int) -> int:
+  """The smallest LR multiple m such that m * scale is a multiple of hr_mult."""
+  return hr_mult // math.gcd(hr_mult, scale)
+
+
+def pad_bottom_right(x: np.ndarray, ph: int, pw: int) -> np.ndarray:
+  """Mirror-pads the two spatial axes of a (..., H, W, C) array at the bottom and right. Reflection (edge
+  pixel not repeated) as SRDiff's convs; a 1-pixel axis has nothing to reflect, so it is repeated instead."""
+  if ph == 0 and pw == 0:
+    return x
+  mode = "reflect" if min(x.shape[-3:-1]) > 1 else "symmetric"
+  pads = [(0, 0)] * (x.ndim - 3) + [(0, ph), (0, pw), (0, 0)]
+  return np.pad(x, pads, mode=mode)
+
+
+def name_index(name: str) -> int:
+  """A stable 31-bit index for an image name (CRC-32), for per-image noise keys independent of batching."""
+  return zlib.crc32(name.encode("utf-8")) & 0x7FFFFFFF
+
+
+def image_keys(seed: int, indices: Sequence[int]) -> jax.Array:
+  """The per-image keys fold_in(key(seed), index) as one key array."""
+  base = jax.random.key(int(seed))
+  idx = jnp.asarray(np.asarray(indices, np.uint32))
+  return jax.vmap(lambda i: jax.random.fold_in(base, i))(idx)
+
+
+def signed_to_uint16(x) -> np.ndarray:
+  """[-1, 1] float -> uint16, the 16-bit analogue of the official 8-bit conversion."""
+  x = np.asarray(x, np.float64)
+  return np.round((x + 1.0) * 32767.5).clip(0, 65535).astype(np.uint16)
+
+
+def _maxval(dtype) -> float:
+  if dtype == np.uint8:
+    return 255.0
+  if dtype == np.uint16:
+    return 65535.0
+  raise TypeError(f"expected uint8 or uint16 pixels, got {dtype}")
+
+
+def _maxval_of(batch: np.ndarray) -> float:
+  """The white level of a batch: 255 for uint8 and for floats (which hold 8-bit values), 65535 for uint16."""
+  return 255.0 if batch.dtype.kind == "f" else _maxval(batch.dtype)
+
+
+def lr_signed(lr_batch: np.ndarray) -> np.ndarray:
+  """LR pixels -> the network's [-1, 1] input, in float32 arithmetic as torchvision's ToTensor + Normalize."""
+  lr_batch = np.asarray(lr_batch)
+  maxval = np.float32(_maxval_of(lr_batch))
+  return (lr_batch.astype(np.float32) / maxval - np.float32(0.5)) / np.float32(0.5)
+
+
+def _as_rgb(arr: np.ndarray) -> np.ndarray:
+  """(H, W) grey, (H, W, 3) RGB or (H, W, 4) RGBA -> (H, W, 3) (alpha dropped)."""
+  arr = np.asarray(arr)
+  if arr.ndim == 2:
+    return np.repeat(arr[:, :, None], 3, axis=2)
+  if arr.ndim == 3 and arr.shape[2] in (3, 4):
+    return arr[:, :, :3]
+  raise ValueError(f"expected an (H, W), (H, W, 3) or (H, W, 4) image, got shape {arr.shape}")
+
+
+def upscale_alpha(alpha: np.ndarray, scale: int) -> np.ndarray:
+  """An alpha channel up-scaled by MATLAB bicubic, in its own dtype (uint8 or uint16)."""
+  if alpha.dtype == np.uint8:
+    return imresize(alpha, scale)
+  return np.round(imresize(alpha.astype(np.float64), scale)).clip(0, 65535).astype(np.uint16)
+
+
+@functools.lru_cache(maxsize=32)
+def _make_batch_fn(model: SRDiffusion, mode: str, sampler: str, steps: int | None, eta: float):
+  """Jitted (params, lr, lr_up, keys) -> (sr, rrdb) over a batch; jit keeps one executable per shape. Cached
+  per model and setting, so Upscalers sharing a model (e.g. the evaluation's RRDB row) share compilations."""
+  if mode == "rrdb":
+    def rrdb_only(params, lr, lr_up, keys):
+      del lr_up, keys
+      out, _ = model.encode(params["rrdb"], lr, decode=True)
+      return out, out
+    return jax.jit(rrdb_only)
+
+  def one(params, lr, lr_up, key):
+    # A batch of one per image under vmap: every image draws its own noise from its own key.
+    sr, rrdb = sampling.sample(model, params, lr[None], lr_up[None], key, sampler=sampler, steps=steps, eta=eta)
+    return sr[0], rrdb[0]
+
+  return jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0)))
+
+
+class Upscaler:
+  """A model, its params and a sampler setting, ready to super-resolve images of any size."""
+
+  def __init__(self, model: SRDiffusion, params, *, config=None, sampler: str = "ddim", steps: int | None = None,
+               eta: float = 0.0, mode: str = "diffusion", lr_up_divisor: float | None = None,
+               multiple: int | None = None):
+    """`steps` defaults to 25 for ddim and to all T steps for ddpm. `lr_up_divisor` defaults to
+    `config.data.lr_up_divisor` when present, else 256. `multiple` (the HR size multiple) defaults to what the
+    U-Net needs; only the diffusion mode pads."""
+    if mode not in MODES:
+      raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if sampler == "ddim" and steps is None:
+      steps = min(DEFAULT_DDIM_STEPS, model.num_timesteps)
+    if sampler == "ddpm" and steps == model.num_timesteps:
+      steps = None
+    sampling.timesteps_for(model, sampler, steps)  # validates sampler and steps now, not at the first image
+    self.model, self.params, self.config = model, params, config
+    self.sampler, self.steps, self.eta, self.mode = sampler, steps, float(eta), mode
+    if lr_up_divisor is None:
+      data = config.get("data", None) if config is not None else None
+      lr_up_divisor = (data.get("lr_up_divisor", None) if data is not None else None) or DEFAULT_LR_UP_DIVISOR
+    self.lr_up_divisor = float(lr_up_divisor)
+    hr_mult = (multiple or hr_multiple(model)) if mode == "diffusion" else 1
+    self.lr_multiple = lr_multiple(hr_mult, self.scale)
+    self._fn = _make_batch_fn(model, mode, sampler, steps, self.eta)
+
+  @classmethod
+  def load(cls, workdir=None, checkpoint=None, step: int | None = None, sampler: str = "ddim",
+           steps: int | None = None, eta: float = 0.0, use_ema: bool = True, mode: str = "diffusion", config=None,
+           lr_up_divisor: float | None = None) -> "Upscaler":
+    """From a training workdir (latest or `step` checkpoint) or an official PyTorch `.ckpt`."""
+    from diffssr_jax.checkpointing import load_for_inference  # lazy: orbax is only needed for loading
+    config, model, params = load_for_inference(workdir=workdir, checkpoint=checkpoint, step=step,
+                                               use_ema=use_ema, config=config)
+    return cls(model, params, config=config, sampler=sampler, steps=steps, eta=eta, mode=mode,
+               lr_up_divisor=lr_up_divisor)
+
+  @property
+  def scale(self) -> int:
+    return self.model.scale
+
+  @property
+  def num_steps(self) -> int:
+    """How many denoising steps one image takes (0 in rrdb mode)."""
+    if self.mode == "rrdb":
+      return 0
+    return len(sampling.timesteps_for(self.model, self.sampler, self.steps))
+
+  def describe(self) -> str:
+    if self.mode == "rrdb":
+      return "RRDB encoder"
+    eta = f", eta {self.eta:g}" if self.sampler == "ddim" else ""
+    return f"{self.sampler}, {self.num_steps} steps{eta}"
+
+  # ------------------------------------------------------------------ batches
+  def lr_up_batch(self, lr_batch: np.ndarray) -> np.ndarray:
+    """The bicubic-upscaled conditions (N, h*s, w*s, 3) in [-1, 1] space of an LR batch (see `lr_signed`)."""
+    lr_batch = np.asarray(lr_batch)
+    maxval = _maxval_of(lr_batch)
+    v8 = lr_batch if maxval == 255.0 else lr_batch.astype(np.float64) * (255.0 / maxval)
+    return np.stack([make_lr_up(v, self.scale, self.lr_up_divisor) for v in v8])
+
+  def super_resolve_batch(self, lr_batch, seed: int = 0, indices: Sequence[int] | None = None,
+                          lr_up: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Super-resolves N equal-size LR images: (sr, rrdb), float32 (N, h*s, w*s, 3) in [-1, 1] space (SR is
+    not clipped, as the official sampler's output). `lr_batch` is uint8/uint16 (N, h, w, 3) (or one (h, w, 3)
+    image) or floats holding 8-bit values. Image i's noise comes from fold_in(key(seed), indices[i])
+    (default i). `lr_up` (N, h*s, w*s, 3) may be passed when already computed."""
+    lr_batch = np.asarray(lr_batch)
+    if lr_batch.ndim == 3:
+      lr_batch = lr_batch[None]
+    if lr_batch.ndim != 4 or lr_batch.shape[-1] != 3:
+      raise ValueError(f"expected an (N, h, w, 3) LR batch, got shape {lr_batch.shape}")
+    n, h, w, _ = lr_batch.shape
+    s = self.scale
+    lr = lr_signed(lr_batch)
+    if lr_up is None:
+      lr_up = self.lr_up_batch(lr_batch)
+    else:
+      lr_up = np.asarray(lr_up, np.float32)
+      lr_up = lr_up[None] if lr_up.ndim == 3 else lr_up
+    if lr_up.shape != (n, h * s, w * s, 3):
+      raise ValueError(f"lr_up has shape {lr_up.shape}, expected {(n, h * s, w * s, 3)}")
+    indices = list(range(n) if indices is None else indices)
+    if len(indices) != n:
+      raise ValueError(f"{len(indices)} indices for {n} images")
+    m = self.lr_multiple
+    ph, pw = -h % m, -w % m
+    # lr_up is computed from the unpadded LR (exactly the official values inside the image) and padded in
+    # HR space, rather than up-scaled from the padded LR.
+    lr = pad_bottom_right(lr, ph, pw)
+    lr_up = pad_bottom_right(lr_up, ph * s, pw * s)
+    sr, rrdb = self._fn(self.params, jnp.asarray(lr), jnp.asarray(lr_up), image_keys(seed, indices))
+    return np.asarray(sr)[:, :h * s, :w * s], np.asarray(rrdb)[:, :h * s, :w * s]
+
+  # ------------------------------------------------------------------ whole images
+  def upscale_signed(self, rgb: np.ndarray, seed: int = 0, tile: int = 256, overlap: int = 32, batch_size: int = 4,
+                     margin: int | None = None, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """One (H, W, 3) uint8/uint16 image -> float32 (H*s, W*s, 3) SR in [-1, 1] space. Images no larger than
+    `tile` (LR pixels) on both sides go through in one piece (key index 0); larger ones in overlapping tiles
+    blended by `tiling.upscale_tiled`, `batch_size` tiles per call, tile k (in order) with key index k + 1."""
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+      raise ValueError(f"expected an (H, W, 3) image, got shape {rgb.shape}")
+    maxval = _maxval(rgb.dtype)
+    h, w = rgb.shape[:2]
+    if h <= tile and w <= tile:
+      out = self.super_resolve_batch(rgb[None], seed=seed, indices=[0])[0][0]
+      if progress is not None:
+        progress(1, 1)
+      return out
+    counter = itertools.count(1)
+    # Tiles travel as float 8-bit values (exact for uint8; 16-bit keeps its precision as fractions).
+    v8 = rgb.astype(np.float32) if maxval == 255.0 else (rgb.astype(np.float64) * (255.0 / maxval)).astype(np.float32)
+
+    def sr_fn(batch):
+      idx = [next(counter) for _ in range(len(batch))]
+      return self.super_resolve_batch(batch, seed=seed, indices=idx)[0]
+
+    return upscale_tiled(v8, sr_fn, self.scale, tile=tile, overlap=overlap, batch_size=batch_size, margin=margin,
+                         progress=progress)
+
+  def upscale(self, image, seed: int = 0, tile: int = 256, overlap: int = 32, batch_size: int = 4,
+              margin: int | None = None, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """An image (path, `images.LoadedImage`, or (H, W[, 3|4]) uint8/uint16 array; alpha ignored) -> its
+    (H*s, W*s, 3) SR in the input's dtype, by the official rounding."""
+    if isinstance(image, (str, pathlib.Path)):
+      image = images.load_image(image)
+    rgb = image.rgb if isinstance(image, images.LoadedImage) else _as_rgb(image)
+    sr = self.upscale_signed(rgb, seed, tile, overlap, batch_size, margin, progress)
+    return signed_to_uint8(sr) if rgb.dtype == np.uint8 else signed_to_uint16(sr)
+
+  def upscale_like_input(self, image: images.LoadedImage, seed: int = 0, tile: int = 256, overlap: int = 32,
+                         batch_size: int = 4, margin: int | None = None,
+                         progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """The SR of a loaded image in the input's layout and bit depth: greyscale (mean of the SR channels,
+    since the model always makes colour), RGB, or with the alpha channel up-scaled by MATLAB bicubic."""
+    sr = self.upscale_signed(image.rgb, seed, tile, overlap, batch_size, margin, progress)
+    to_int = signed_to_uint8 if image.rgb.dtype == np.uint8 else signed_to_uint16
+    if image.alpha is not None:
+      return np.concatenate([to_int(sr), upscale_alpha(image.alpha, self.scale)[:, :, None]], axis=2)
+    if image.source_mode in GREY_MODES:
+      return to_int(sr.mean(axis=2))
+    return to_int(sr)
+
+
+def load_model(workdir=None, checkpoint=None, step: int | None = None, sampler: str = "ddim",
+               steps: int | None = None, eta: float = 0.0, use_ema: bool = True, mode: str = "diffusion") -> Upscaler:
+  """`Upscaler.load` under a function name."""
+  return Upscaler.load(workdir=workdir, checkpoint=checkpoint, step=step, sampler=sampler, steps=steps, eta=eta,
+                       use_ema=use_ema, mode=mode)

@@ -1,0 +1,184 @@
+"""The Python inference API: official input/output conventions, per-image noise, padding, tiling, loading.
+
+`tiny_model()` is shared with test_evaluate.py and test_upscale.py: one model object, so the samplers compiled
+for it (cached per model in inference.py) are reused across these modules.
+"""
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from configs import base
+from diffssr_jax import images, inference, sampling
+from diffssr_jax.data.pipeline import make_lr_up
+from diffssr_jax.inference import Upscaler
+from diffssr_jax.metrics import signed_to_uint8
+from diffssr_jax.model import build_model
+from helpers import tiny_config
+
+
+def fast_params(model, seed: int = 0) -> dict:
+  """Random params of the model's shapes without running its initialisers (which take ~20 s on CPU for
+  the tiny model, one compilation per parameter shape): kernels N(0, 1/fan_in), biases N(0, 0.01)."""
+  shapes = jax.eval_shape(lambda k: model.init(k, lr_size=4), jax.random.key(0))
+  rng = np.random.default_rng(seed)
+
+  def draw(leaf):
+    fan_in = int(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 1
+    std = 1.0 / np.sqrt(fan_in) if len(leaf.shape) > 1 else 0.01
+    return jax.numpy.asarray(rng.normal(0.0, std, leaf.shape).astype(np.float32))
+
+  return jax.tree.map(draw, shapes)
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_model():
+  """(config, model, params) of the tiny test model, one object per test session."""
+  cfg = tiny_config()
+  model = build_model(cfg)
+  return cfg, model, fast_params(model)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  cfg, model, params = tiny_model()
+  return cfg, model, params, Upscaler(model, params, config=cfg, sampler="ddim", steps=2)
+
+
+def _rand(shape, seed=0, dtype=np.uint8, high=256):
+  return np.random.default_rng(seed).integers(0, high, shape).astype(dtype)
+
+
+def test_unet_multiple_and_lr_multiple():
+  assert inference.hr_multiple(build_model(base.get_config())) == 8  # the paper's U-Net: 3 downsamplings
+  assert inference.lr_multiple(8, 4) == 2 and inference.lr_multiple(8, 2) == 4 and inference.lr_multiple(8, 8) == 1
+  assert inference.lr_multiple(8, 3) == 8
+
+
+def test_defaults_and_validation(tiny):
+  cfg, model, params, up = tiny
+  assert up.steps == 2 and up.lr_up_divisor == 256.0 and up.num_steps == 2
+  assert Upscaler(model, params, sampler="ddim").steps == min(25, model.num_timesteps)
+  cfg2 = tiny_config()
+  cfg2.data.lr_up_divisor = 255.0
+  assert Upscaler(model, params, config=cfg2, sampler="ddpm").lr_up_divisor == 255.0
+  with pytest.raises(ValueError, match="ddim"):
+    Upscaler(model, params, sampler="ddpm", steps=3)
+  with pytest.raises(ValueError, match="mode"):
+    Upscaler(model, params, mode="gan")
+
+
+def test_batch_uses_official_inputs_and_per_image_keys(tiny):
+  """Image i of a batch equals the plain sampler run on it alone with key fold_in(key(seed), i), the LR
+  normalised as (v / 255 - 0.5) / 0.5 and lr_up = (imresize(v / 256, 4) - 0.5) / 0.5; and it does not
+  depend on the other images of its batch."""
+  cfg, model, params, up = tiny
+  lr = _rand((2, 8, 8, 3))
+  sr, rrdb = up.super_resolve_batch(lr, seed=3)
+  assert sr.shape == rrdb.shape == (2, 32, 32, 3) and sr.dtype == np.float32
+  lr_s = (lr.astype(np.float32) / 255 - 0.5) / 0.5
+  lr_up = np.stack([make_lr_up(x, 4, 256.0) for x in lr])
+  fn = sampling.make_sampler(model, sampler="ddim", steps=2)
+  ref, ref_rrdb = fn(params, lr_s[1:2], lr_up[1:2], jax.random.fold_in(jax.random.key(3), 1))
+  # DDIM's first step on this 10-step schedule magnifies float32 reordering ~200x (see test_sampling).
+  np.testing.assert_allclose(sr[1], np.asarray(ref)[0], atol=1e-3)
+  np.testing.assert_allclose(rrdb[1], np.asarray(ref_rrdb)[0], atol=1e-5)
+  alone, _ = up.super_resolve_batch(lr[1:2], seed=3, indices=[1])
+  np.testing.assert_allclose(alone[0], sr[1], atol=1e-3)
+  other, _ = up.super_resolve_batch(lr[1:2], seed=4, indices=[1])
+  assert np.abs(other[0] - sr[1]).max() > 1e-2
+
+
+def test_padding_to_the_unet_multiple(tiny):
+  """An LR whose HR size is not a multiple of the U-Net's is reflect-padded (lr_up from the unpadded LR,
+  padded in HR space) and the result cropped: the same as padding by hand."""
+  cfg, model, params, _ = tiny
+  # A U-Net needing HR multiples of 16 (the paper's needs 8): LR multiples of 4, so 7x7 pads to 8x8.
+  up16 = Upscaler(model, params, config=cfg, sampler="ddim", steps=2, multiple=16)
+  assert up16.lr_multiple == 4
+  lr = _rand((1, 7, 7, 3), seed=1)
+  sr, _ = up16.super_resolve_batch(lr, seed=0)
+  assert sr.shape == (1, 28, 28, 3)
+  padded = np.pad(lr, ((0, 0), (0, 1), (0, 1), (0, 0)), mode="reflect")
+  lr_up = np.pad(make_lr_up(lr[0], 4)[None], ((0, 0), (0, 4), (0, 4), (0, 0)), mode="reflect")
+  by_hand, _ = up16.super_resolve_batch(padded, seed=0, lr_up=lr_up)
+  np.testing.assert_array_equal(sr, by_hand[:, :28, :28])
+
+
+def test_upscale_round_trips_arrays_files_and_16_bit(tiny, tmp_path):
+  cfg, model, params, up = tiny
+  img = _rand((8, 8, 3), seed=2)
+  out = up.upscale(img, seed=5)
+  sr, _ = up.super_resolve_batch(img[None], seed=5, indices=[0])
+  assert out.dtype == np.uint8 and out.shape == (32, 32, 3)
+  np.testing.assert_array_equal(out, signed_to_uint8(sr[0]))
+  np.testing.assert_array_equal(out, np.round((sr[0] + 1) * 127.5).clip(0, 255).astype(np.uint8))
+  path = tmp_path / "x.png"
+  images.save_png(path, img)
+  np.testing.assert_array_equal(up.upscale(path, seed=5), out)
+  np.testing.assert_array_equal(up.upscale(str(path), seed=5), out)
+  # The same picture at 16 bits: same network input, output quantised to 16 bits.
+  out16 = up.upscale(img.astype(np.uint16) * 257, seed=5)
+  assert out16.dtype == np.uint16
+  assert np.abs(out16.astype(np.float64) / 257 - out).max() <= 1.0
+  # Alpha and grey layouts (what the upscale CLI writes).
+  rgba = np.concatenate([img, _rand((8, 8, 1), seed=3)], axis=2)
+  loaded = images.LoadedImage(rgba[:, :, :3], rgba[:, :, 3], 8, "mem", "RGBA")
+  both = up.upscale_like_input(loaded, seed=5)
+  np.testing.assert_array_equal(both[:, :, :3], out)
+  np.testing.assert_array_equal(both[:, :, 3], inference.imresize(rgba[:, :, 3], 4))
+  grey = images.LoadedImage(np.repeat(img[:, :, :1], 3, 2), None, 8, "mem", "L")
+  assert up.upscale_like_input(grey).shape == (32, 32)
+
+
+def _rrdb_radius(cfg) -> int:
+  """LR pixels an RRDB output pixel depends on: conv_first, 3 RDBs of 5 convs per block, trunk_conv (one
+  pixel each), then the x4 tail (two upconvs at 2x/4x, HRconv and conv_last at 4x: 1.25 LR pixels)."""
+  return 1 + 15 * cfg.model.rrdb_num_blocks + 1 + 2
+
+
+def test_tiled_equals_untiled_for_a_local_network(tiny):
+  """With the deterministic RRDB output, whose pixels depend only on LR pixels within a known radius, tiles
+  whose zero-weight margin covers that radius blend to exactly the untiled image; with no margin they do not
+  (so the comparison can fail)."""
+  cfg, model, params, _ = tiny
+  up = Upscaler(model, params, config=cfg, mode="rrdb")
+  img = _rand((180, 150, 3), seed=4)
+  radius = _rrdb_radius(cfg)
+  overlap = 2 * radius + 4
+  whole = up.upscale_signed(img, tile=1000)
+  calls = []
+  tiled = up.upscale_signed(img, tile=2 * overlap, overlap=overlap, batch_size=2, margin=radius,
+                            progress=lambda k, n: calls.append((k, n)))
+  assert tiled.shape == whole.shape == (720, 600, 3)
+  assert calls[-1] == (4, 4)
+  np.testing.assert_allclose(tiled, whole, atol=2e-5)
+  seamy = up.upscale_signed(img, tile=2 * overlap, overlap=overlap, batch_size=2, margin=0)
+  assert np.abs(seamy - whole).max() > 1e-3
+
+
+def test_diffusion_tiling_and_one_piece(tiny):
+  cfg, model, params, up = tiny
+  img = _rand((12, 10, 3), seed=6)
+  tiled = up.upscale(img, seed=1, tile=8, overlap=2, batch_size=2)
+  assert tiled.shape == (48, 40, 3) and tiled.dtype == np.uint8
+  # An image no larger than a tile is one piece: the batch API's result for key index 0.
+  small = img[:8, :8]
+  np.testing.assert_array_equal(up.upscale(small, seed=1, tile=8),
+                                signed_to_uint8(up.super_resolve_batch(small[None], seed=1)[0][0]))
+
+
+def test_load_from_workdir(tiny, tmp_path):
+  checkpointing = pytest.importorskip("diffssr_jax.checkpointing")
+  cfg, model, params, _ = tiny
+  checkpointing.save_config(cfg, tmp_path)
+  ckpt = checkpointing.Checkpointer(tmp_path, use_async=False)
+  ckpt.save(3, {"params": params})
+  ckpt.wait()
+  ckpt.close()
+  img = _rand((9, 7, 3), seed=7)
+  direct = Upscaler(model, params, config=cfg, mode="rrdb").upscale(img)
+  loaded = inference.load_model(workdir=tmp_path, mode="rrdb")
+  assert loaded.scale == 4 and loaded.lr_up_divisor == 256.0
+  np.testing.assert_array_equal(loaded.upscale(img), direct)
