@@ -1,0 +1,456 @@
+r"""Benchmark evaluation: super-resolve every image of benchmark folders, write per-image metrics and a table.
+
+  python -m diffssr_jax.evaluate --workdir runs/x4 \
+      --datasets Set5=data/Set5/HR,Urban100=data/Urban100/HR --rrdb --bicubic
+
+For each dataset and method, under WORKDIR/eval/<dataset>/<tag>/ (or --output instead of WORKDIR/eval), tag
+`<step>` for the diffusion model, `<step>_rrdb` for its RRDB encoder alone and `bicubic` for MATLAB bicubic:
+  metrics.csv    one row per image: image, psnr_y, ssim_y, psnr_rgb, lr_psnr, artifact[, lpips]
+  summary.json   the means, FID when asked for, and the settings (sampler, steps, seed, crop_border, step, ...)
+  <name>.png     the SR images, named as the inputs (subfolders kept)
+  run.json       the settings the results were made with; a resumed run must use the same ones
+and WORKDIR/eval/table_<step>.md, a Markdown table over every dataset evaluated at that step with one row per
+method, laid out like the paper's Table 2.
+
+An interrupted evaluation resumes: images with a row in metrics.csv and their PNG are skipped, rows are
+appended durably one by one (results.MetricsCSV) after their PNG is written, so earlier results are never
+rewritten. Every image's noise comes from the seed and a hash of its name, so the resumed images are those
+the uninterrupted run would have produced. Images of equal size are batched together (one compiled
+sampler per size and batch). PSNR/SSIM are on the BT.601 Y channel with `--crop_border` pixels cropped per
+side (default: the scale, as BasicSR; the official evaluation used 0).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+from absl import app, flags
+from PIL import Image
+from tqdm import tqdm
+
+from diffssr_jax import images, results
+from diffssr_jax.data.eval_sources import EvalImage, EvalSourceError, PairedFolders, open_eval_source
+from diffssr_jax.imresize import imresize
+from diffssr_jax.metrics import signed_to_uint8, sr_metrics
+
+TABLE_METRICS = ("psnr_y", "ssim_y", "lpips", "fid")
+METHODS = ("bicubic", "rrdb", "diffusion")  # also the order of the table's rows
+
+
+class SettingsMismatchError(ValueError):
+  """Results already on disk were made with other settings than this run's."""
+
+
+# ---------------------------------------------------------------- command-line values
+def parse_named_paths(items: Sequence[str], flag: str = "datasets") -> dict[str, str]:
+  """`NAME=PATH` items (or a bare PATH, named after its folder, or the parent's name when the folder is
+  called HR/LR) -> {name: path}, in order."""
+  out = {}
+  for item in items:
+    item = item.strip()
+    if not item:
+      continue
+    if "=" in item:
+      name, path = (s.strip() for s in item.split("=", 1))
+    else:
+      p = pathlib.Path(item)
+      path, name = item, (p.parent.name if p.name.upper() in ("HR", "LR") else p.name)
+    if not name or not path:
+      raise ValueError(f"--{flag}: expected NAME=PATH, got {item!r}")
+    if name in out:
+      raise ValueError(f"--{flag}: dataset {name!r} given twice")
+    out[name] = path
+  return out
+
+
+# ---------------------------------------------------------------- sources
+def _header_hw(path) -> tuple[int, int]:
+  """(height, width) from an image file's header, without decoding the pixels."""
+  try:
+    with Image.open(path) as im:
+      w, h = im.size
+  except FileNotFoundError:
+    raise images.ImageReadError(f"{path}: file not found") from None
+  except Exception as e:  # PIL raises many kinds for broken files
+    raise images.ImageReadError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+  return h, w
+
+
+def lr_shapes(source) -> list[tuple[int, int]]:
+  """The LR (h, w) of every image of an eval source, read from file headers: finds unreadable files,
+  images smaller than the scale and HR/LR size mismatches before any model runs."""
+  s = source.scale
+  if isinstance(source, PairedFolders):
+    shapes = []
+    for hp, lp in source.pairs:
+      (hh, hw), (lh, lw) = _header_hw(hp), _header_hw(lp)
+      if not (lh * s <= hh < lh * s + s and lw * s <= hw < lw * s + s):
+        raise EvalSourceError(f"{hp} is {hh}x{hw} but {lp} x{s} is {lh * s}x{lw * s}")
+      shapes.append((lh, lw))
+    return shapes
+  shapes = []
+  for p in source.paths:
+    h, w = _header_hw(p)
+    if h < s or w < s:
+      raise EvalSourceError(f"{p}: {h}x{w} is smaller than the scale {s}")
+    shapes.append((h // s, w // s))
+  return shapes
+
+
+def plan_batches(shapes: Sequence[tuple[int, int]], todo: Sequence[int], batch_size: int) -> list[list[int]]:
+  """Indices of `todo` grouped by equal shape (groups in order of first appearance), split into batches of at
+  most `batch_size`."""
+  groups: dict[tuple[int, int], list[int]] = {}
+  for i in todo:
+    groups.setdefault(tuple(shapes[i]), []).append(i)
+  return [g[k:k + batch_size] for g in groups.values() for k in range(0, len(g), batch_size)]
+
+
+# ---------------------------------------------------------------- methods
+@dataclasses.dataclass
+class Method:
+  """One row of the table: how to super-resolve a batch, where its results go, what must match to resume."""
+  kind: str                                             # bicubic | rrdb | diffusion
+  tag: str                                              # the results folder name
+  label: str                                            # the table's row title
+  sr_fn: Callable[[list[EvalImage]], np.ndarray]        # equal-size items -> (N, H, W, 3) uint8
+  settings: dict
+
+
+def bicubic_sr_fn(scale: int):
+  """MATLAB-bicubic up-scaling of the uint8 LR (the paper's 'Bicubic' row)."""
+  return lambda items: np.stack([imresize(it.lr, scale) for it in items])
+
+
+def model_sr_fn(upscaler, seed: int):
+  """SR of a batch with an `inference.Upscaler` (diffusion or rrdb mode), noise keyed by image name."""
+  from diffssr_jax.inference import name_index
+
+  def fn(items):
+    lr = np.stack([it.lr for it in items])
+    lr_up = np.stack([it.lr_up for it in items])
+    sr, _ = upscaler.super_resolve_batch(lr, seed=seed, indices=[name_index(it.name) for it in items],
+                                         lr_up=lr_up)
+    return signed_to_uint8(sr)
+
+  return fn
+
+
+def model_label(upscaler) -> str:
+  """'SAM-DiffSR (ddpm, 100 steps)', 'SRDiff (...)' for an unmodulated model, or 'RRDB'."""
+  if upscaler.mode == "rrdb":
+    return "RRDB"
+  name = "SRDiff" if upscaler.model.modulation == "none" else "SAM-DiffSR"
+  return f"{name} ({upscaler.describe()})"
+
+
+def make_methods(kinds: Sequence[str], upscaler, step_tag: str | None, seed: int, common: Mapping) -> list[Method]:
+  """The requested methods in table order. `upscaler` (diffusion mode) may be None for bicubic alone."""
+  from diffssr_jax.inference import Upscaler
+  unknown = set(kinds) - set(METHODS)
+  if unknown:
+    raise ValueError(f"unknown methods {sorted(unknown)} (expected {METHODS})")
+  out = []
+  for kind in METHODS:
+    if kind not in kinds:
+      continue
+    if kind == "bicubic":
+      out.append(Method(kind, "bicubic", "Bicubic", bicubic_sr_fn(common["scale"]), {"method": kind, **common}))
+      continue
+    if upscaler is None:
+      raise ValueError(f"the {kind} method needs a checkpoint (--workdir or --checkpoint)")
+    if kind == "rrdb":
+      up = Upscaler(upscaler.model, upscaler.params, config=upscaler.config, mode="rrdb",
+                    lr_up_divisor=upscaler.lr_up_divisor)
+      settings = {"method": kind, **common, "step": step_tag}
+      out.append(Method(kind, f"{step_tag}_rrdb", model_label(up), model_sr_fn(up, seed), settings))
+    else:
+      settings = {"method": kind, **common, "step": step_tag, "sampler": upscaler.sampler,
+                  "steps": upscaler.num_steps, "eta": upscaler.eta, "seed": seed,
+                  "lr_up_divisor": upscaler.lr_up_divisor}
+      out.append(Method(kind, str(step_tag), model_label(upscaler), model_sr_fn(upscaler, seed), settings))
+  return out
+
+
+# ---------------------------------------------------------------- one dataset, one method
+def check_settings(out_dir: pathlib.Path, settings: Mapping) -> None:
+  """Records the settings in out_dir/run.json, or checks them against those of the results already there."""
+  path = out_dir / "run.json"
+  settings = json.loads(json.dumps(settings))  # the form they take on disk (tuples -> lists)
+  if path.exists():
+    before = json.loads(path.read_text(encoding="utf-8"))
+    keys = sorted(set(before) | set(settings))
+    diff = {k: (before.get(k), settings.get(k)) for k in keys if before.get(k) != settings.get(k)}
+    if diff:
+      detail = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+      raise SettingsMismatchError(f"{out_dir} holds results made with other settings ({detail}); "
+                                  f"pass another --output or delete that folder")
+    return
+  results.write_summary_json(path, settings)
+
+
+def _sr_path(out_dir: pathlib.Path, name: str) -> pathlib.Path:
+  return out_dir / f"{name}.png"
+
+
+def evaluate_dataset(source, out_dir, method: Method, *, crop_border: int | None = None, batch_size: int = 4,
+                     lpips_fn=None, fid_fn=None, extra_summary: Mapping | None = None,
+                     on_image: Callable[[str], None] | None = None, show_progress: bool = True) -> dict:
+  """Evaluates one method on one eval source (resuming what out_dir already holds); returns the summary.
+
+  `lpips_fn` (lpips.make_lpips_fn) adds an `lpips` column; `fid_fn` (fid.make_feature_fn) adds the
+  dataset's FID to the summary, computed from the SR PNGs and the HR images. `on_image(name)` is called after
+  each image's row is recorded (a hook for progress reporting and tests).
+  """
+  out_dir = pathlib.Path(out_dir)
+  scale = source.scale
+  crop = scale if crop_border is None else crop_border
+  shapes = lr_shapes(source)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  check_settings(out_dir, method.settings)
+  table = results.MetricsCSV(out_dir / "metrics.csv", extra=("lpips",) if lpips_fn is not None else ())
+  done = table.done
+  todo = [i for i, n in enumerate(source.names) if n not in done or not _sr_path(out_dir, n).exists()]
+  missing_png = [source.names[i] for i in todo if source.names[i] in done]
+  if missing_png:
+    warnings.warn(f"{out_dir}: {len(missing_png)} recorded images lost their PNG (e.g. {missing_png[0]}); "
+                  f"making them again, their rows are kept")
+  bar = tqdm(total=len(todo), desc=f"{out_dir.parent.name}/{out_dir.name}", unit="img", disable=not show_progress)
+  try:
+    for batch in plan_batches(shapes, todo, batch_size):
+      items = [source[i] for i in batch]
+      srs = method.sr_fn(items)
+      for item, sr in zip(items, srs):
+        images.save_png(_sr_path(out_dir, item.name), sr)
+        if item.name not in done:
+          row = sr_metrics(sr, item.hr, item.lr, scale, crop)
+          if lpips_fn is not None:
+            from diffssr_jax.lpips import lpips_images
+            row["lpips"] = float(lpips_images(lpips_fn, sr, item.hr)[0])
+          table.append(item.name, row)
+          if on_image is not None:
+            on_image(item.name)
+        bar.update(1)
+  finally:
+    bar.close()
+  summary = {"dataset": out_dir.parent.name, "label": method.label, **method.settings, "crop_border": crop,
+             **(extra_summary or {}), "num_images": len(table), **table.means()}
+  if fid_fn is not None:
+    summary["fid"] = dataset_fid(source, out_dir, fid_fn)
+  results.write_summary_json(out_dir / "summary.json", summary)
+  return summary
+
+
+def dataset_fid(source, out_dir: pathlib.Path, fid_fn) -> float:
+  """FID between the SR PNGs in out_dir and the HR images of the source (NaN, with a warning, below 2)."""
+  from diffssr_jax import fid
+  if len(source) < 2:
+    warnings.warn(f"{out_dir}: FID needs at least 2 images, the dataset has {len(source)}")
+    return math.nan
+  sr_feats, hr_feats = [], []
+  for i, name in enumerate(source.names):
+    sr = images.read_rgb8(_sr_path(out_dir, name), warn=False)
+    sr_feats.append(fid.image_features(fid_fn, [sr], batch_size=1))
+    hr_feats.append(fid.image_features(fid_fn, [source[i].hr], batch_size=1))
+  return fid.fid_from_features(np.concatenate(sr_feats), np.concatenate(hr_feats))
+
+
+# ---------------------------------------------------------------- the table
+def _write_text(path: pathlib.Path, text: str) -> None:
+  """Atomic text write (temporary file + rename)."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def collect_results(root, tags: Sequence[str], datasets_first: Sequence[str] = ()) -> tuple[dict, list[str]]:
+  """{label: {dataset: summary}} from root/<dataset>/<tag>/summary.json for the given tags (rows in tag
+  order), and the dataset order: `datasets_first`, then the others found, sorted."""
+  root = pathlib.Path(root)
+  found = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+  order = list(datasets_first) + [d for d in found if d not in datasets_first]
+  table: dict[str, dict] = {}
+  for tag in tags:
+    for d in order:
+      path = root / d / tag / "summary.json"
+      if path.is_file():
+        s = results.read_summary_json(path)
+        table.setdefault(s.get("label", tag), {})[d] = s
+  datasets = [d for d in order if any(d in v for v in table.values())]
+  return table, datasets
+
+
+def write_table(root, table_name: str, tags: Sequence[str], datasets_first: Sequence[str] = ()) -> pathlib.Path:
+  """Writes root/table_<table_name>.md over every dataset with results for `tags`; returns its path."""
+  table, datasets = collect_results(root, tags, datasets_first)
+  path = pathlib.Path(root) / f"table_{table_name}.md"
+  _write_text(path, results.markdown_table(table, metrics=TABLE_METRICS, datasets=datasets))
+  return path
+
+
+# ---------------------------------------------------------------- everything
+def evaluate_all(upscaler, datasets: Mapping[str, str], root, *, step_tag: str | None = None,
+                 paired_lr: Mapping[str, str] | None = None, methods: Sequence[str] = ("diffusion",),
+                 crop_border: int | None = None, batch_size: int = 4, seed: int = 0, scale: int | None = None,
+                 lpips_fn=None, lpips_net: str | None = None, fid_fn=None, extra_summary: Mapping | None = None,
+                 on_image: Callable[[str], None] | None = None, show_progress: bool = True) -> pathlib.Path:
+  """Evaluates `methods` on every dataset ({name: HR folder}, LR by MATLAB bicubic unless `paired_lr` names
+  an LR folder) into root/<dataset>/<tag>/, then writes the table; returns the table's path. All sources are
+  opened and checked (folders, headers, HR/LR sizes) before the first image is super-resolved."""
+  paired_lr = dict(paired_lr or {})
+  unknown = set(paired_lr) - set(datasets)
+  if unknown:
+    raise ValueError(f"--paired_lr names datasets not in --datasets: {sorted(unknown)}")
+  scale = upscaler.scale if upscaler is not None else (scale or 4)
+  divisor = upscaler.lr_up_divisor if upscaler is not None else 256.0
+  sources = {}
+  for name, hr_dir in datasets.items():
+    if not pathlib.Path(hr_dir).is_dir():
+      raise FileNotFoundError(f"dataset {name}: {hr_dir} is not a folder")
+    if name in paired_lr and not pathlib.Path(paired_lr[name]).is_dir():
+      raise FileNotFoundError(f"dataset {name}: LR folder {paired_lr[name]} is not a folder")
+    sources[name] = open_eval_source(hr_dir, paired_lr.get(name), scale, divisor)
+    lr_shapes(sources[name])
+  crop = scale if crop_border is None else int(crop_border)
+  tags, root = [], pathlib.Path(root)
+  for name, source in sources.items():
+    common = {"scale": scale, "crop_border": crop, "lr": "paired" if name in paired_lr else "bicubic",
+              "lpips": lpips_net if lpips_fn is not None else None}
+    for method in make_methods(methods, upscaler, step_tag, seed, common):
+      tags += [method.tag] if method.tag not in tags else []
+      evaluate_dataset(source, root / name / method.tag, method, crop_border=crop, batch_size=batch_size,
+                       lpips_fn=lpips_fn, fid_fn=fid_fn, extra_summary=extra_summary, on_image=on_image,
+                       show_progress=show_progress)
+  return write_table(root, step_tag if step_tag is not None else "bicubic", tags, list(datasets))
+
+
+def latest_step(workdir) -> int:
+  """The newest finished checkpoint step under WORKDIR/checkpoints (orbax's temporary folders are not
+  numbers, so an unfinished save is never picked)."""
+  directory = pathlib.Path(workdir) / "checkpoints"
+  steps = [int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()] if directory.is_dir() else []
+  if not steps:
+    raise FileNotFoundError(f"{directory}: no checkpoints (is {workdir} a training workdir?)")
+  return max(steps)
+
+
+# ---------------------------------------------------------------- CLI
+def define_flags(fv: flags.FlagValues) -> None:
+  """Defines the CLI's flags in `fv`: the global FLAGS when run as a script, a private FlagValues in `cli`.
+  Nothing is defined at import, so other CLIs' flags of the same names never clash in one process."""
+  d = dict(flag_values=fv)
+  flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/<step>).", **d)
+  flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).", **d)
+  flags.DEFINE_string("checkpoint", None, "An official SAM-DiffSR PyTorch .ckpt instead of a workdir.", **d)
+  flags.DEFINE_list("datasets", [], "Benchmarks as NAME=HR_FOLDER,... (LR made by MATLAB bicubic).", **d)
+  flags.DEFINE_list("paired_lr", [], "Given LR folders as NAME=LR_FOLDER,... for datasets of --datasets.", **d)
+  flags.DEFINE_enum("sampler", "ddpm", ["ddpm", "ddim"], "Reverse process (ddpm: the official, all T steps).", **d)
+  flags.DEFINE_integer("steps", None, "Denoising steps for ddim (default 25).", **d)
+  flags.DEFINE_float("eta", 0.0, "DDIM eta (0: deterministic given the initial noise).", **d)
+  flags.DEFINE_integer("crop_border", None, "Pixels cropped per side for PSNR/SSIM (default: the scale; the "
+                       "official evaluation used 0).", **d)
+  flags.DEFINE_string("output", None, "Results root (default WORKDIR/eval).", **d)
+  flags.DEFINE_integer("batch_size", 4, "Images of equal size super-resolved together.", **d)
+  flags.DEFINE_integer("seed", 0, "Noise seed (each image's noise also depends on its name).", **d)
+  flags.DEFINE_bool("diffusion", True, "Evaluate the diffusion model (--nodiffusion: baselines only).", **d)
+  flags.DEFINE_bool("rrdb", False, "Also evaluate the RRDB encoder alone (a deterministic baseline).", **d)
+  flags.DEFINE_bool("bicubic", False, "Also evaluate MATLAB bicubic up-scaling.", **d)
+  flags.DEFINE_integer("scale", 4, "Scale when only --bicubic runs (otherwise the model's).", **d)
+  flags.DEFINE_bool("use_ema", True, "Use the EMA weights when the checkpoint has them.", **d)
+  flags.DEFINE_string("lpips_backbone", None, "torchvision AlexNet/VGG16 weights (.pth) for LPIPS.", **d)
+  flags.DEFINE_string("lpips_lin", None, "LPIPS v0.1 linear-layer weights (.pth).", **d)
+  flags.DEFINE_enum("lpips_net", "alex", ["alex", "vgg"], "LPIPS backbone.", **d)
+  flags.DEFINE_string("fid_inception", None, "pytorch-fid Inception weights (pt_inception-*.pth) for FID.", **d)
+  flags.DEFINE_bool("progress", True, "Show progress bars.", **d)
+
+
+USER_ERRORS = (EvalSourceError, images.ImageReadError, FileNotFoundError, SettingsMismatchError,
+               results.CorruptResultsError)
+
+
+def _checkpoint_tag(step, checkpoint) -> str:
+  """The results folder name for a checkpoint: its step, or an official .ckpt's file stem."""
+  return str(step) if checkpoint is None else pathlib.Path(checkpoint).stem
+
+
+def run_from_flags(fv: flags.FlagValues) -> pathlib.Path:
+  """Loads what the flags ask for and runs `evaluate_all`; returns the table's path."""
+  from diffssr_jax.inference import Upscaler
+  if not fv.datasets:
+    raise app.UsageError("--datasets is required (NAME=HR_FOLDER,...)")
+  methods = [m for m in ("diffusion", "rrdb", "bicubic") if fv[m].value]
+  if not methods:
+    raise app.UsageError("nothing to evaluate: --nodiffusion without --rrdb or --bicubic")
+  needs_model = methods != ["bicubic"]
+  if needs_model and fv.workdir is None and fv.checkpoint is None:
+    raise app.UsageError("give --workdir or --checkpoint")
+  if fv.workdir is None and fv.output is None:
+    raise app.UsageError("--output is required without --workdir")
+  if bool(fv.lpips_backbone) != bool(fv.lpips_lin):
+    raise app.UsageError("LPIPS needs both --lpips_backbone and --lpips_lin")
+  datasets = parse_named_paths(fv.datasets, "datasets")
+  paired = parse_named_paths(fv.paired_lr, "paired_lr")
+  root = pathlib.Path(fv.output) if fv.output else pathlib.Path(fv.workdir) / "eval"
+  upscaler, step_tag, extra = None, None, {}
+  if needs_model:
+    step = fv.step
+    if fv.checkpoint is None and step is None:
+      step = latest_step(fv.workdir)
+    workdir = fv.workdir if fv.checkpoint is None else None
+    upscaler = Upscaler.load(workdir=workdir, checkpoint=fv.checkpoint, step=step, sampler=fv.sampler,
+                             steps=fv.steps, eta=fv.eta, use_ema=fv.use_ema)
+    step_tag = _checkpoint_tag(step, fv.checkpoint)
+    extra = {"checkpoint": str(fv.checkpoint or pathlib.Path(fv.workdir) / "checkpoints" / str(step)),
+             "use_ema": fv.use_ema}
+  lpips_fn = fid_fn = None
+  if fv.lpips_backbone:
+    from diffssr_jax import lpips
+    lpips_fn = lpips.make_lpips_fn(fv.lpips_net, lpips.load_weights(fv.lpips_net, fv.lpips_backbone, fv.lpips_lin))
+  if fv.fid_inception:
+    from diffssr_jax import fid
+    fid_fn = fid.make_feature_fn(fid.load_weights(fv.fid_inception))
+  return evaluate_all(upscaler, datasets, root, step_tag=step_tag, paired_lr=paired, methods=methods,
+                      crop_border=fv.crop_border, batch_size=fv.batch_size, seed=fv.seed, scale=fv.scale,
+                      lpips_fn=lpips_fn, lpips_net=fv.lpips_net, fid_fn=fid_fn, extra_summary=extra,
+                      show_progress=fv.progress)
+
+
+def main(argv, fv: flags.FlagValues = flags.FLAGS) -> int:
+  """Runs the evaluation; user errors (missing folders, unreadable images, ...) print one line and give 1."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    table = run_from_flags(fv)
+  except USER_ERRORS as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(table.read_text(encoding="utf-8"))
+  print(f"table written to {table}")
+  return 0
+
+
+def cli(argv: Sequence[str]) -> int:
+  """The command line in-process, with its own flag values: `cli(["evaluate", "--workdir", ...])`."""
+  fv = flags.FlagValues()
+  define_flags(fv)
+  return main(fv(list(argv)), fv)
+
+
+if __name__ == "__main__":
+  define_flags(flags.FLAGS)
+  app.run(lambda argv: sys.exit(main(argv)))
