@@ -9,6 +9,8 @@ import ml_collections
 def get_config():
   c = ml_collections.ConfigDict()
   c.seed = 1234                                  # [O:seed]
+  c.task = "diffusion"                           # "diffusion" | "rrdb" (encoder pre-training)
+  c.distributed = False                          # jax.distributed.initialize() for multi-host runs
 
   c.model = m = ml_collections.ConfigDict()
   m.scale = 4                                    # [O:sr_scale]
@@ -41,7 +43,32 @@ def get_config():
   o.train_rrdb = False                           # [O:fix_rrdb] true
   o.aux_l1_weight = 1.0                          # [O:aux_l1_loss], used only when the RRDB is trained
 
-  c.data = ml_collections.ConfigDict()           # filled by the data pipeline's defaults (see configs that train)
+  c.data = dt = ml_collections.ConfigDict()      # see diffssr_jax/data/pipeline.py for every field
+  dt.train_files = ""                            # TFRecord shards from tools/export_sam_masks.py
+  dt.demo_dir = ""                               # if set, the demo shards are built there when missing
+  dt.patch_size = 160                            # [O:patch_size]
+  dt.hflip = False                               # [O:data_augmentation] false
+  dt.rot90 = False
+  dt.reduce_constant_spe = True                  # [O:sam_data_config.all_same_mask_to_zero] is false; [P:4.3] ablation prefers reduce
+  dt.lr_up_divisor = 256.0                       # official quirk: imresize(lr / 256, 4)
+  dt.num_workers = 8                             # [O:num_workers]
+  dt.prefetch_buffer = 2
+
+  c.eval = e = ml_collections.ConfigDict()       # validation during training
+  e.hr_dir = ""                                  # folder of held-out HR images ("" = no validation)
+  e.lr_dir = ""                                  # optional paired LR folder
+  e.max_images = 8                               # [O:valid_steps] x eval_batch_size = 4 images
+  e.crop_size = 256                              # centre crop (HR px) so the sampler compiles once
+  e.batch_size = 4
+  e.sampler = "ddpm"                             # the official validation samples all T steps
+  e.steps = None
+  e.eta = 0.0
+
+  c.rrdb_pretrain = r = ml_collections.ConfigDict()  # RRDB stage run first when no rrdb_checkpoint is given
+  r.num_steps = 0
+  r.batch_size = 64
+  r.lr = 2e-4
+  r.schedule = "constant"
 
   c.train = t = ml_collections.ConfigDict()
   t.batch_size = 64                              # [O:batch_size] global, split over processes and devices

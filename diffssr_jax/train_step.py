@@ -64,13 +64,8 @@ def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
   return optax.chain(*parts)
 
 
-def create_train_state(model: SRDiffusion, params: dict, tx: optax.GradientTransformation, *, seed: int,
-                       train_rrdb: bool = False, use_ema: bool = False) -> TrainState:
-  """Splits params into trainable and frozen parts and initialises the optimizer and EMA."""
-  if train_rrdb:
-    trainable, frozen = {"unet": params["unet"], "rrdb": params["rrdb"]}, {}
-  else:
-    trainable, frozen = {"unet": params["unet"]}, {"rrdb": params["rrdb"]}
+def init_train_state(trainable: dict, frozen: dict, tx: optax.GradientTransformation, *, seed: int,
+                     use_ema: bool = False) -> TrainState:
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=trainable,
@@ -79,6 +74,16 @@ def create_train_state(model: SRDiffusion, params: dict, tx: optax.GradientTrans
       ema_params=jax.tree.map(jnp.copy, trainable) if use_ema else None,
       rng=jax.random.key_data(jax.random.key(seed)),
   )
+
+
+def create_train_state(model: SRDiffusion, params: dict, tx: optax.GradientTransformation, *, seed: int,
+                       train_rrdb: bool = False, use_ema: bool = False) -> TrainState:
+  """Diffusion training: the U-Net is trained; the RRDB encoder is frozen unless `train_rrdb`."""
+  if train_rrdb:
+    trainable, frozen = {"unet": params["unet"], "rrdb": params["rrdb"]}, {}
+  else:
+    trainable, frozen = {"unet": params["unet"]}, {"rrdb": params["rrdb"]}
+  return init_train_state(trainable, frozen, tx, seed=seed, use_ema=use_ema)
 
 
 def per_example_noise(key, example_ids, shape, num_timesteps):
@@ -136,24 +141,31 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def make_train_step(model: SRDiffusion, tx: optax.GradientTransformation, mesh: Mesh, *, loss_type="l1",
-                    aux_l1_weight=0.0, ema_decay=0.0):
-  """Returns jit(shard_map(step)) : (state, batch) -> (state, metrics), state buffers donated.
+def rrdb_l1_loss(rrdb, params, frozen, batch, key, example_ids):
+  """RRDB pre-training (the first stage of the official recipe): L1 between its output and the HR."""
+  del frozen, key, example_ids
+  out, _ = rrdb.apply(params["rrdb"], batch["lr"], decode=True)
+  loss = jnp.mean(jnp.abs(out - batch["hr"]))
+  return loss, {"loss": loss}
+
+
+def make_step(loss_fn, tx: optax.GradientTransformation, mesh: Mesh, *, ema_decay: float = 0.0):
+  """jit(shard_map(step)) : (state, batch) -> (state, metrics) for any
+  loss_fn(params, frozen, batch, key, example_ids) -> (loss, metrics); state buffers donated.
 
   `batch` holds global arrays (B, ...) sharded over the mesh's data axis (B divisible by its size).
   """
 
   def step_fn(state: TrainState, batch):
-    local_b = batch["hr"].shape[0]
+    local_b = jax.tree.leaves(batch)[0].shape[0]
     example_ids = jax.lax.axis_index(DATA_AXIS) * local_b + jnp.arange(local_b)
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    grad_fn = jax.value_and_grad(
-        functools.partial(diffusion_loss, model, loss_type=loss_type, aux_l1_weight=aux_l1_weight), has_aux=True)
     # Differentiate w.r.t. a device-varying view of the replicated params so that each device gets
     # its local gradient (without it, shard_map's transpose would already psum them), then average:
     # with equal local batches the mean of per-device means is the global mean.
     local_params = jax.lax.pcast(state.params, DATA_AXIS, to="varying")
-    (_, metrics), grads = grad_fn(local_params, state.frozen, batch, key, example_ids)
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        local_params, state.frozen, batch, key, example_ids)
     grads = jax.lax.pmean(grads, DATA_AXIS)
     metrics = jax.lax.pmean(metrics, DATA_AXIS)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -167,6 +179,17 @@ def make_train_step(model: SRDiffusion, tx: optax.GradientTransformation, mesh: 
 
   sharded = jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P()))
   return jax.jit(sharded, donate_argnums=(0,))
+
+
+def make_train_step(model: SRDiffusion, tx: optax.GradientTransformation, mesh: Mesh, *, loss_type="l1",
+                    aux_l1_weight=0.0, ema_decay=0.0):
+  """The diffusion train step (see `make_step`)."""
+  loss_fn = functools.partial(diffusion_loss, model, loss_type=loss_type, aux_l1_weight=aux_l1_weight)
+  return make_step(loss_fn, tx, mesh, ema_decay=ema_decay)
+
+
+def make_rrdb_train_step(rrdb, tx: optax.GradientTransformation, mesh: Mesh, *, ema_decay=0.0):
+  return make_step(functools.partial(rrdb_l1_loss, rrdb), tx, mesh, ema_decay=ema_decay)
 
 
 def replicate(tree, mesh: Mesh):

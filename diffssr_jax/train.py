@@ -1,0 +1,398 @@
+"""The training job: RRDB pre-training and diffusion training, checkpoints, resume, validation, logs.
+
+`train_and_evaluate(config, workdir)` is what `python -m diffssr_jax.main` runs. One compiled train
+step per run (`train_step.make_step`); the host only syncs at log / checkpoint / eval intervals.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import pathlib
+import queue
+import signal
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+from diffssr_jax import checkpointing, sampling, train_step, validate
+from diffssr_jax.data import pipeline
+from diffssr_jax.model import build_model
+from diffssr_jax.models import build_rrdb
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+# ----------------------------------------------------------------------------- input
+class Prefetcher:
+  """Reads and shards the next batches on a background thread while the device computes.
+
+  Each batch travels with the iterator state *after* it was read, so the state saved with a checkpoint
+  is exactly that of the batches consumed, not of those read ahead.
+  """
+
+  def __init__(self, iterator, mesh, size: int = 2):
+    self.iterator, self.mesh = iterator, mesh
+    self.q: queue.Queue = queue.Queue(maxsize=size)
+    self._stop = threading.Event()
+    self.thread = threading.Thread(target=self._run, daemon=True)
+    self.thread.start()
+
+  def _run(self):
+    try:
+      while not self._stop.is_set():
+        batch = next(self.iterator)
+        state = self.iterator.get_state()
+        item = (train_step.shard_batch(batch, self.mesh), state)
+        while not self._stop.is_set():
+          try:
+            self.q.put(item, timeout=0.2)
+            break
+          except queue.Full:
+            continue
+    except BaseException as e:  # surfaced to the consumer
+      self.q.put(e)
+
+  def next(self):
+    item = self.q.get()
+    if isinstance(item, BaseException):
+      raise item
+    return item
+
+  def close(self):
+    self._stop.set()
+
+
+# ----------------------------------------------------------------------------- logging
+class Logger:
+  """stdout + TensorBoard (tensorboardX) + WORKDIR/metrics.jsonl, on process 0 only."""
+
+  def __init__(self, workdir: pathlib.Path, resume_step: int):
+    self.enabled = jax.process_index() == 0
+    self.jsonl = workdir / "metrics.jsonl"
+    self.tb = None
+    if not self.enabled:
+      return
+    # Drop entries logged after the checkpoint we resume from, so the file is the run's true history.
+    if self.jsonl.exists():
+      kept = [l for l in self.jsonl.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= resume_step]
+      self.jsonl.write_text("".join(l + "\n" for l in kept))
+    from tensorboardX import SummaryWriter
+    self.tb = SummaryWriter(str(workdir / "tb"))
+
+  def scalars(self, step: int, values: dict, kind: str = "train"):
+    if not self.enabled:
+      return
+    with open(self.jsonl, "a") as f:
+      f.write(json.dumps({"step": step, "kind": kind, **{k: float(v) for k, v in values.items()}}) + "\n")
+    for k, v in values.items():
+      self.tb.add_scalar(f"{kind}/{k}", float(v), step)
+
+  def images(self, step: int, paths):
+    if not self.enabled:
+      return
+    from diffssr_jax.images import read_rgb8
+    for p in paths[:4]:
+      self.tb.add_image(f"samples/{pathlib.Path(p).stem.split('_step')[0]}", read_rgb8(p, warn=False), step,
+                        dataformats="HWC")
+
+  def close(self):
+    if self.tb is not None:
+      self.tb.close()
+
+
+@contextlib.contextmanager
+def preemption_guard():
+  """SIGTERM (preemption) sets a flag; the loop saves a checkpoint and exits cleanly."""
+  flag = threading.Event()
+  if threading.current_thread() is not threading.main_thread():
+    yield flag
+    return
+  previous = signal.getsignal(signal.SIGTERM)
+  signal.signal(signal.SIGTERM, lambda *_: flag.set())
+  try:
+    yield flag
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+# ----------------------------------------------------------------------------- the loop
+def _check_finite(history, first_step):
+  """Raises NonFiniteLossError naming the first step whose loss is NaN or infinite."""
+  losses = np.asarray(jax.device_get([m["loss"] for m in history]))
+  bad = np.nonzero(~np.isfinite(losses))[0]
+  if bad.size:
+    step = first_step + int(bad[0]) + 1
+    raise NonFiniteLossError(f"loss is {losses[bad[0]]} at step {step}: stopping; the last good checkpoint is "
+                             "kept (lower the learning rate or check the data)")
+
+
+def run_loop(*, workdir, state, step_fn, data_iter, mesh, train_cfg, num_steps, lr_schedule, evaluate_fn=None,
+             checkpointer=None, data_state_restored=None, stop_after: int | None = None, desc="train"):
+  """Trains until `num_steps` (or `stop_after` steps of this process, for tests). Returns (state, history).
+
+  history: list of (step, metrics dict) logged. evaluate_fn(state, step) -> dict of metrics with
+  "psnr_y" (used for the best checkpoint) or None.
+  """
+  workdir = pathlib.Path(workdir)
+  start = int(jax.device_get(state.step))
+  logger = Logger(workdir, start)
+  if data_state_restored:
+    data_iter.set_state(data_state_restored)
+  prefetch = Prefetcher(data_iter, mesh)
+  pending, pending_start = [], start
+  data_state = data_state_restored
+  t_last, steps_since = time.time(), 0
+  log_every = max(1, train_cfg.log_every)
+  bar = tqdm.tqdm(total=num_steps, initial=start, desc=desc, disable=jax.process_index() != 0, mininterval=2.0,
+                  dynamic_ncols=True)
+  done_here = 0
+  history = []
+
+  def flush_metrics(step):
+    nonlocal pending, pending_start, t_last, steps_since
+    if not pending:
+      return
+    _check_finite(pending, pending_start)
+    means = {k: float(np.mean(jax.device_get([m[k] for m in pending]))) for k in pending[0]}
+    dt = time.time() - t_last
+    means["steps_per_s"] = steps_since / max(dt, 1e-9)
+    means["lr"] = float(lr_schedule(step - 1))
+    eta = (num_steps - step) / max(means["steps_per_s"], 1e-9)
+    logger.scalars(step, means)
+    history.append((step, means))
+    bar.set_postfix(loss=f"{means['loss']:.4f}", eta=f"{eta / 60:.1f}min")
+    log.info("step %d loss %.5f grad_norm %.3f lr %.2e %.2f steps/s ETA %.1f min", step, means["loss"],
+             means.get("grad_norm", float("nan")), means["lr"], means["steps_per_s"], eta / 60)
+    pending, pending_start, t_last, steps_since = [], step, time.time(), 0
+
+  def save(step, eval_metrics=None):
+    if checkpointer is None:
+      return
+    checkpointer.save(step, state, data_state)
+    if eval_metrics and "psnr_y" in eval_metrics:
+      checkpointer.save_best(step, state, eval_metrics["psnr_y"], data_state)
+
+  try:
+    with preemption_guard() as preempted:
+      step = start
+      while step < num_steps:
+        batch, data_state = prefetch.next()
+        state, metrics = step_fn(state, batch)
+        step += 1
+        done_here += 1
+        steps_since += 1
+        pending.append(metrics)
+        bar.update(1)
+        last = step == num_steps or (stop_after is not None and done_here >= stop_after)
+        if step % log_every == 0 or last or preempted.is_set():
+          flush_metrics(step)
+        eval_metrics = None
+        if evaluate_fn is not None and (step % train_cfg.eval_every == 0 or step == num_steps):
+          flush_metrics(step)
+          eval_metrics = evaluate_fn(state, step)
+          if eval_metrics:
+            logger.scalars(step, eval_metrics, kind="val")
+            if eval_metrics.get("_panels"):
+              logger.images(step, eval_metrics["_panels"])
+        if step % train_cfg.checkpoint_every == 0 or last or preempted.is_set() or eval_metrics:
+          flush_metrics(step)  # never checkpoint a state whose losses were not checked
+          save(step, {k: v for k, v in (eval_metrics or {}).items() if not k.startswith("_")})
+        if preempted.is_set():
+          log.warning("SIGTERM received: saved step %d, exiting", step)
+          break
+        if stop_after is not None and done_here >= stop_after:
+          break
+  finally:
+    prefetch.close()
+    bar.close()
+    if checkpointer is not None:
+      checkpointer.wait()
+    logger.close()
+  return state, history
+
+
+# ----------------------------------------------------------------------------- tasks
+def _mesh_and_batch(config):
+  mesh = train_step.make_mesh()
+  global_batch = config.train.batch_size
+  n_dev = jax.device_count()
+  if global_batch % n_dev:
+    raise ValueError(f"train.batch_size {global_batch} is not divisible by the {n_dev} devices "
+                     f"({jax.process_count()} processes x {jax.local_device_count()} local devices)")
+  return mesh, global_batch // jax.process_count()
+
+
+def _data_iterator(config, per_process_batch):
+  data_cfg = pipeline.default_data_config()
+  data_cfg.update({k: v for k, v in config.data.items() if k in data_cfg})
+  data_cfg.scale = config.model.scale
+  return pipeline.make_train_iterator(data_cfg, seed=config.seed, batch_size=per_process_batch,
+                                      process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def _lr_up_divisor(config):
+  return float(config.data.get("lr_up_divisor", 256.0))
+
+
+def train_rrdb(config, workdir, stop_after=None):
+  """Stage 1 of the official recipe: the RRDB encoder trained alone with L1. Returns its params."""
+  workdir = pathlib.Path(workdir)
+  checkpointing.save_config(config, workdir)
+  rrdb = build_rrdb(config.model)
+  mesh, per_process = _mesh_and_batch(config)
+  params = rrdb.init(jax.random.key(config.seed), jnp.zeros((1, 8, 8, 3)))
+  total = config.train.num_steps
+  tx = train_step.make_optimizer(config.optim, total)
+  state = train_step.init_train_state({"rrdb": params}, {}, tx, seed=config.seed,
+                                      use_ema=config.optim.ema_decay > 0)
+  state = train_step.replicate(state, mesh)
+  ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  restored = ckpt.restore_latest(state)
+  data_state = None
+  if restored is not None:
+    state, data_state, meta = restored
+    state = train_step.replicate(state, mesh)
+    log.info("resuming RRDB training from step %d", int(meta["step"]))
+  step_fn = train_step.make_rrdb_train_step(rrdb, tx, mesh, ema_decay=config.optim.ema_decay)
+  val = _validation_images(config)
+  rrdb_apply = jax.jit(lambda p, lr: rrdb.apply(p, lr, decode=True)[0])
+
+  def evaluate(st, step):
+    if not val:
+      return None
+    p = st.model_params(use_ema=True)["rrdb"]
+    out = validate.run_validation(val, config.model.scale, rrdb_fn=lambda lr: rrdb_apply(p, lr),
+                                  batch_size=config.eval.batch_size, out_dir=workdir / "samples", step=step)
+    return {"psnr_y": out["rrdb"]["psnr_y"], "ssim_y": out["rrdb"]["ssim_y"],
+            "bicubic_psnr_y": out["bicubic"]["psnr_y"]}
+
+  if int(jax.device_get(state.step)) < total:
+    state, _ = run_loop(workdir=workdir, state=state, step_fn=step_fn, data_iter=_data_iterator(config, per_process),
+                        mesh=mesh, train_cfg=config.train, num_steps=total,
+                        lr_schedule=train_step.learning_rate_schedule(config.optim, total), evaluate_fn=evaluate,
+                        checkpointer=ckpt, data_state_restored=data_state, stop_after=stop_after, desc="rrdb")
+  ckpt.close()
+  return jax.device_get(state.model_params(use_ema=True)["rrdb"])
+
+
+def _validation_images(config):
+  if not config.eval.get("hr_dir"):
+    return []
+  return validate.load_validation_images(config.eval, config.model.scale, _lr_up_divisor(config))
+
+
+def _rrdb_params(config, workdir, stop_after=None):
+  """The frozen encoder: from train.rrdb_checkpoint, or pre-trained here first (rrdb_pretrain section)."""
+  if config.train.get("rrdb_checkpoint"):
+    return checkpointing.load_rrdb_params(config.train.rrdb_checkpoint)
+  pre = config.get("rrdb_pretrain")
+  if pre is not None and pre.num_steps > 0:
+    sub = ml_collections.ConfigDict(config.to_dict())
+    sub.task = "rrdb"
+    sub.train.num_steps = pre.num_steps
+    sub.train.batch_size = pre.get("batch_size", config.train.batch_size)
+    sub.optim.lr = pre.get("lr", config.optim.lr)
+    sub.optim.schedule = pre.get("schedule", "constant")
+    sub.train.eval_every = pre.get("eval_every", pre.num_steps)
+    sub.train.checkpoint_every = pre.get("checkpoint_every", pre.num_steps)
+    sub.optim.ema_decay = 0.0
+    return train_rrdb(sub, pathlib.Path(workdir) / "rrdb", stop_after=stop_after)
+  if config.optim.train_rrdb:
+    return None
+  raise ValueError("the RRDB encoder is frozen but no weights were given: set train.rrdb_checkpoint to an RRDB "
+                   "workdir or an official .ckpt, or enable rrdb_pretrain")
+
+
+def train_diffusion(config, workdir, stop_after=None):
+  """Stage 2: the diffusion U-Net on the (frozen) RRDB features. Returns (state, final eval summary)."""
+  workdir = pathlib.Path(workdir)
+  model = build_model(config)
+  mesh, per_process = _mesh_and_batch(config)
+  checkpointing.save_config(config, workdir)
+  rrdb = _rrdb_params(config, workdir, stop_after=None)
+  params = model.init(jax.random.key(config.seed))
+  if rrdb is not None:
+    params["rrdb"] = jax.tree.map(jnp.asarray, rrdb)
+  total = config.train.num_steps
+  tx = train_step.make_optimizer(config.optim, total)
+  state = train_step.create_train_state(model, params, tx, seed=config.seed, train_rrdb=config.optim.train_rrdb,
+                                        use_ema=config.optim.ema_decay > 0)
+  state = train_step.replicate(state, mesh)
+  ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  restored = ckpt.restore_latest(state)
+  data_state = None
+  if restored is not None:
+    state, data_state, meta = restored
+    state = train_step.replicate(state, mesh)
+    log.info("resuming diffusion training from step %d", int(meta["step"]))
+  step_fn = train_step.make_train_step(model, tx, mesh, loss_type=config.diffusion.loss,
+                                       aux_l1_weight=config.optim.aux_l1_weight, ema_decay=config.optim.ema_decay)
+  val = _validation_images(config)
+  sampler = sampling.make_sampler(model, sampler=config.eval.sampler, steps=config.eval.get("steps"),
+                                  eta=config.eval.get("eta", 0.0))
+  eval_key = jax.random.key(config.seed + 1)
+  last_summary = {}
+
+  def evaluate(st, step):
+    if not val:
+      return None
+    p = st.model_params(use_ema=True)
+    out = validate.run_validation(val, config.model.scale, sr_fn=lambda lr, up: sampler(p, lr, up, eval_key),
+                                  batch_size=config.eval.batch_size, out_dir=workdir / "samples", step=step)
+    last_summary.clear()
+    last_summary.update(out)
+    return {"psnr_y": out["diffusion"]["psnr_y"], "ssim_y": out["diffusion"]["ssim_y"],
+            "rrdb_psnr_y": out["rrdb"]["psnr_y"], "bicubic_psnr_y": out["bicubic"]["psnr_y"]}
+
+  if int(jax.device_get(state.step)) < total:
+    state, _ = run_loop(workdir=workdir, state=state, step_fn=step_fn, data_iter=_data_iterator(config, per_process),
+                        mesh=mesh, train_cfg=config.train, num_steps=total,
+                        lr_schedule=train_step.learning_rate_schedule(config.optim, total), evaluate_fn=evaluate,
+                        checkpointer=ckpt, data_state_restored=data_state, stop_after=stop_after, desc="diffusion")
+  ckpt.close()
+  return state, dict(last_summary)
+
+
+def write_summary(workdir, summary: dict, step: int, config) -> pathlib.Path:
+  """WORKDIR/summary.json: {"bicubic": {...}, "rrdb": {...}, "diffusion": {...}} on the held-out images."""
+  out = {k: v for k, v in summary.items()}
+  out["step"] = step
+  out["eval"] = {"sampler": config.eval.sampler, "steps": config.eval.get("steps"), "crop_size": config.eval.get("crop_size"),
+                 "images": config.eval.get("hr_dir"), "crop_border": config.model.scale}
+  path = pathlib.Path(workdir) / "summary.json"
+  tmp = path.with_suffix(".json.tmp")
+  tmp.write_text(json.dumps(out, indent=2))
+  tmp.replace(path)
+  return path
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
+  """Runs the configured task in `workdir` (resuming from its latest checkpoint)."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  if config.get("distributed", False):
+    jax.distributed.initialize()
+  if config.data.get("demo_dir"):
+    from diffssr_jax.data.demo import build_demo_dataset
+    build_demo_dataset(config.data.demo_dir, scale=config.model.scale)
+  task = config.get("task", "diffusion")
+  if task == "rrdb":
+    return train_rrdb(config, workdir)
+  if task != "diffusion":
+    raise ValueError(f"unknown task {task!r} (expected 'diffusion' or 'rrdb')")
+  state, summary = train_diffusion(config, workdir)
+  step = int(jax.device_get(state.step))
+  if summary and jax.process_index() == 0:
+    write_summary(workdir, summary, step, config)
+  return state

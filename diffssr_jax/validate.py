@@ -1,0 +1,108 @@
+"""Validation during training: bicubic, RRDB and diffusion outputs on held-out images, PSNR-Y/SSIM-Y,
+and side-by-side PNGs (LR | bicubic | SR | HR).
+
+Images are centre-cropped to `eval.crop_size` (rounded down to a multiple of 8 and of the scale, what
+the U-Net accepts) so every validation batch has one shape and the sampler compiles once per run.
+"""
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import numpy as np
+
+from diffssr_jax import images as image_io
+from diffssr_jax import metrics
+from diffssr_jax.data.eval_sources import EvalImage, open_eval_source
+from diffssr_jax.data.pipeline import make_lr_up
+from diffssr_jax.imresize import imresize
+
+UNET_MULTIPLE = 8  # three stride-2 downsamplings in the U-Net
+
+
+def to_uint8(x) -> np.ndarray:
+  """[-1, 1] float -> uint8 with the official rounding: round((x + 1) * 127.5), clipped."""
+  return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def normalise(u8) -> np.ndarray:
+  return (np.asarray(u8, np.float32) / 255.0 - 0.5) / 0.5
+
+
+def centre_crop(img: EvalImage, crop: int | None, scale: int, divisor: float) -> EvalImage:
+  """Crops HR to at most `crop` pixels per side (a multiple of 8 and of the scale), LR to match."""
+  h, w = img.hr.shape[:2]
+  unit = np.lcm(UNET_MULTIPLE, scale)
+  ch = (min(h, crop or h) // unit) * unit
+  cw = (min(w, crop or w) // unit) * unit
+  if ch == 0 or cw == 0:
+    raise ValueError(f"{img.name}: {h}x{w} is smaller than {unit} px")
+  y0 = ((h - ch) // 2) // scale * scale
+  x0 = ((w - cw) // 2) // scale * scale
+  hr = img.hr[y0:y0 + ch, x0:x0 + cw]
+  lr = img.lr[y0 // scale:(y0 + ch) // scale, x0 // scale:(x0 + cw) // scale]
+  return EvalImage(img.name, hr, lr, make_lr_up(lr, scale, divisor))
+
+
+def load_validation_images(eval_cfg, scale: int, lr_up_divisor: float = 256.0) -> list[EvalImage]:
+  src = open_eval_source(eval_cfg.hr_dir, eval_cfg.get("lr_dir") or None, scale=scale, lr_up_divisor=lr_up_divisor)
+  n = min(len(src), eval_cfg.get("max_images", len(src)) or len(src))
+  return [centre_crop(src[i], eval_cfg.get("crop_size"), scale, lr_up_divisor) for i in range(n)]
+
+
+def _batches(items, size):
+  for i in range(0, len(items), size):
+    yield items[i:i + size]
+
+
+def run_validation(val_images, scale: int, *, sr_fn=None, rrdb_fn=None, batch_size: int = 4,
+                   out_dir=None, step: int | None = None, crop_border: int | None = None) -> dict:
+  """Means of psnr_y / ssim_y (and psnr_rgb) for bicubic, rrdb (when `rrdb_fn`), diffusion (when `sr_fn`).
+
+  sr_fn(lr, lr_up) -> (sr, rrdb) and rrdb_fn(lr) -> rrdb take float batches in [-1, 1]. Batches are
+  padded to `batch_size` (repeating the last image) so each function compiles once.
+  """
+  crop = scale if crop_border is None else crop_border
+  rows = {"bicubic": [], "rrdb": [], "diffusion": []}
+  panels = []
+  for chunk in _batches(val_images, batch_size):
+    pad = batch_size - len(chunk)
+    full = chunk + [chunk[-1]] * pad
+    lr = np.stack([normalise(im.lr) for im in full])
+    lr_up = np.stack([im.lr_up for im in full])
+    sr = rr = None
+    if sr_fn is not None:
+      sr, rr = jax.device_get(sr_fn(lr, lr_up))
+    elif rrdb_fn is not None:
+      rr = jax.device_get(rrdb_fn(lr))
+    for i, im in enumerate(chunk):
+      outs = {"bicubic": imresize(im.lr, scale)}
+      if rr is not None:
+        outs["rrdb"] = to_uint8(rr[i])
+      if sr is not None:
+        outs["diffusion"] = to_uint8(sr[i])
+      for name, out in outs.items():
+        rows[name].append({"psnr_y": metrics.psnr_y(out, im.hr, crop), "ssim_y": metrics.ssim_y(out, im.hr, crop),
+                           "psnr_rgb": metrics.psnr_rgb(out, im.hr, crop)})
+      panels.append((im, outs))
+  summary = {k: {m: float(np.mean([r[m] for r in v])) for m in ("psnr_y", "ssim_y", "psnr_rgb")}
+             for k, v in rows.items() if v}
+  if out_dir is not None:
+    save_panels(panels, out_dir, step)
+  return summary
+
+
+def save_panels(panels, out_dir, step=None) -> list[pathlib.Path]:
+  """LR (nearest-upscaled) | bicubic | RRDB | SR | HR, one PNG per image."""
+  out_dir = pathlib.Path(out_dir)
+  paths = []
+  for im, outs in panels:
+    s = im.hr.shape[0] // im.lr.shape[0]
+    lr_big = np.repeat(np.repeat(im.lr, s, 0), s, 1)
+    order = [lr_big, outs["bicubic"]] + [outs[k] for k in ("rrdb", "diffusion") if k in outs] + [im.hr]
+    gap = np.full((im.hr.shape[0], 4, 3), 255, np.uint8)
+    row = np.concatenate(sum(([p, gap] for p in order[:-1]), []) + [order[-1]], axis=1)
+    name = im.name.replace("/", "_") + (f"_step{step}" if step is not None else "") + ".png"
+    image_io.save_png(out_dir / name, row)
+    paths.append(out_dir / name)
+  return paths

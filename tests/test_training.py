@@ -1,0 +1,186 @@
+"""The training job: exact resume after a kill, SIGTERM save, corrupt checkpoints, NaN stop, RRDB loading."""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffssr_jax import checkpointing, train, train_step
+from diffssr_jax.model import build_model
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+  """Two small photos exported with the classical segmenter (tiles of 64 px)."""
+  from skimage import data as skdata
+  from diffssr_jax import images
+  from diffssr_jax.data import export, hr_sources, segmenters
+  root = tmp_path_factory.mktemp("data")
+  for name in ("astronaut", "coffee"):
+    images.save_png(root / "hr" / f"{name}.png", getattr(skdata, name)()[:128, :192])
+  images.save_png(root / "val" / "rocket.png", skdata.rocket()[:64, :64])
+  cfg = export.ExportConfig(scale=4, tile_size=64, tile_step=64, min_tile=32, num_shards=2)
+  export.run_export(hr_sources.FolderSource(root / "hr"), root / "shards", cfg,
+                    segmenter=segmenters.FelzenszwalbSegmenter(), progress=False)
+  return root
+
+
+def _cmd(workdir, shards, *extra):
+  return [sys.executable, "-m", "diffssr_jax.main", "--config", str(ROOT / "tests/configs/tiny_train.py"),
+          "--workdir", str(workdir), f"--config.data.train_files={shards / 'shards'}", *extra]
+
+
+def _env():
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = ""  # one CPU device in the child: the job's own default
+  env["PYTHONPATH"] = str(ROOT)
+  return env
+
+
+def _losses(workdir):
+  rows = [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+
+
+def _final_params(workdir, step):
+  params, got = checkpointing.load_workdir_params(workdir, step=step, use_ema=False)
+  assert got == step
+  return params
+
+
+def _wait_for(path, proc, timeout=240):
+  t0 = time.time()
+  while not path.exists():
+    assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+    assert time.time() - t0 < timeout, f"{path} did not appear"
+    time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_killed_and_preempted_runs_resume_exactly(shards, tmp_path):
+  """A run SIGKILLed mid-way, restarted, SIGTERMed (preemption), restarted again, ends bit-identical to an
+  uninterrupted run, with the same loss curve."""
+  ref = tmp_path / "ref"
+  subprocess.run(_cmd(ref, shards), env=_env(), check=True, cwd=ROOT, capture_output=True)
+  assert (ref / "rrdb" / "checkpoints").is_dir(), "the RRDB stage ran first"
+
+  run = tmp_path / "run"
+  p = subprocess.Popen(_cmd(run, shards), env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  _wait_for(run / "checkpoints" / "2", p)
+  p.kill()
+  p.wait()
+  assert not (run / "checkpoints" / "8").exists()
+
+  p = subprocess.Popen(_cmd(run, shards), env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  _wait_for(run / "checkpoints" / "4", p)
+  p.send_signal(signal.SIGTERM)
+  out = p.communicate(timeout=240)[0].decode()
+  assert p.returncode == 0, out[-3000:]
+  saved = sorted(int(d.name) for d in (run / "checkpoints").iterdir() if d.name.isdigit())
+  assert saved[-1] >= 4
+
+  subprocess.run(_cmd(run, shards), env=_env(), check=True, cwd=ROOT, capture_output=True)
+  a, b = _final_params(ref, 8), _final_params(run, 8)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert _losses(ref) == _losses(run)
+  assert len(_losses(run)) == 8
+
+
+def _tiny_state(cfg):
+  model = build_model(cfg)
+  params = model.init(jax.random.key(0), lr_size=4)
+  tx = train_step.make_optimizer(cfg.optim, 10)
+  return model, tx, train_step.create_train_state(model, params, tx, seed=0)
+
+
+def test_corrupt_checkpoint_is_skipped_not_deleted(tmp_path):
+  from helpers import tiny_config
+  cfg = tiny_config()
+  _, _, state = _tiny_state(cfg)
+  ck = checkpointing.Checkpointer(tmp_path, keep=5, use_async=False)
+  ck.save(2, state, {"pos": 2})
+  ck.save(4, state.replace(step=jnp.int32(4)), {"pos": 4})
+  ck.wait()
+  ck.close()
+  # Damage step 4's array data (every file of its state item that holds more than metadata).
+  damaged = 0
+  for f in (tmp_path / "checkpoints" / "4" / "state").rglob("*"):
+    if f.is_file() and f.stat().st_size > 100:
+      f.write_bytes(b"\0garbage")
+      damaged += 1
+  assert damaged
+  ck = checkpointing.Checkpointer(tmp_path, keep=5, use_async=False)
+  with pytest.warns(UserWarning, match="could not be restored"):
+    restored, data_state, meta = ck.restore_latest(state)
+  assert meta["step"] == 2 and data_state == {"pos": 2} and int(restored.step) == 0
+  assert (tmp_path / "checkpoints" / "4").is_dir(), "the damaged checkpoint is kept for inspection"
+  ck.close()
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path, shards):
+  from helpers import tiny_config
+  cfg = tiny_config()
+  cfg.train.checkpoint_every = 2
+  cfg.train.log_every = 1
+  model, tx, state = _tiny_state(cfg)
+  mesh = train_step.make_mesh(jax.devices()[:1])
+  real = train_step.make_train_step(model, tx, mesh)
+
+  def poisoned(st, batch):
+    new, m = real(st, batch)
+    m = dict(m)
+    m["loss"] = jnp.where(new.step == 3, jnp.nan, m["loss"])
+    return new, m
+
+  data_cfg = {"train_files": str(shards / "shards"), "patch_size": 16, "num_workers": 0}
+  from diffssr_jax.data import pipeline
+  dc = pipeline.default_data_config()
+  dc.update(data_cfg)
+  it = pipeline.make_train_iterator(dc, seed=0, batch_size=2)
+  ck = checkpointing.Checkpointer(tmp_path, keep=5, use_async=False)
+  with pytest.raises(train.NonFiniteLossError, match="at step 3"):
+    train.run_loop(workdir=tmp_path, state=state, step_fn=poisoned, data_iter=it, mesh=mesh, train_cfg=cfg.train,
+                   num_steps=6, lr_schedule=train_step.learning_rate_schedule(cfg.optim, 6), checkpointer=ck)
+  ck.close()
+  assert sorted(int(d.name) for d in (tmp_path / "checkpoints").iterdir()) == [2]
+
+
+def test_rrdb_weights_load_from_workdir_and_official_checkpoint(tmp_path):
+  import torch
+  from helpers import tiny_config
+  from diffssr_jax import convert
+  cfg = tiny_config()
+  model = build_model(cfg)
+  params = jax.device_get(model.init(jax.random.key(3), lr_size=4))
+  tx = train_step.make_optimizer(cfg.optim, 10)
+  st = train_step.init_train_state({"rrdb": params["rrdb"]}, {}, tx, seed=0)
+  ck = checkpointing.Checkpointer(tmp_path / "rrdb_run", use_async=False)
+  ck.save(5, st)
+  ck.close()
+  got = checkpointing.load_rrdb_params(tmp_path / "rrdb_run")
+  jax.tree.map(np.testing.assert_array_equal, got, params["rrdb"])
+  sd = {k: torch.from_numpy(np.array(v)) for k, v in convert.flax_to_torch({"rrdb": params["rrdb"]}).items()}
+  torch.save({"state_dict": {"model": {k[len("rrdb."):]: v for k, v in sd.items()}}}, tmp_path / "rrdb.ckpt")
+  got = checkpointing.load_rrdb_params(tmp_path / "rrdb.ckpt")
+  jax.tree.map(np.testing.assert_array_equal, got, params["rrdb"])
+  with pytest.raises(checkpointing.NoCheckpointError):
+    checkpointing.load_rrdb_params(tmp_path)
+
+
+def test_indivisible_batch_is_rejected_at_start(tmp_path, shards):
+  sys.path.insert(0, str(ROOT / "tests" / "configs"))
+  import tiny_train
+  cfg = tiny_train.get_config()
+  cfg.train.batch_size = 5
+  cfg.data.train_files = str(shards / "shards")
+  with pytest.raises(ValueError, match="not divisible by the 4 devices"):
+    train.train_and_evaluate(cfg, tmp_path)
