@@ -307,11 +307,13 @@ def write_table(root, table_name: str, tags: Sequence[str], datasets_first: Sequ
 def evaluate_all(upscaler, datasets: Mapping[str, str], root, *, step_tag: str | None = None,
                  paired_lr: Mapping[str, str] | None = None, methods: Sequence[str] = ("diffusion",),
                  crop_border: int | None = None, batch_size: int = 4, seed: int = 0, scale: int | None = None,
-                 lpips_fn=None, lpips_net: str | None = None, fid_fn=None, extra_summary: Mapping | None = None,
-                 on_image: Callable[[str], None] | None = None, show_progress: bool = True) -> pathlib.Path:
+                 lpips_fn=None, lpips_net: str | None = None, fid_fn=None, run_settings: Mapping | None = None,
+                 extra_summary: Mapping | None = None, on_image: Callable[[str], None] | None = None,
+                 show_progress: bool = True) -> pathlib.Path:
   """Evaluates `methods` on every dataset ({name: HR folder}, LR by MATLAB bicubic unless `paired_lr` names
   an LR folder) into root/<dataset>/<tag>/, then writes the table; returns the table's path. All sources are
-  opened and checked (folders, headers, HR/LR sizes) before the first image is super-resolved."""
+  opened and checked (folders, headers, HR/LR sizes) before the first image is super-resolved.
+  `run_settings` join the settings a resumed run must match; `extra_summary` only goes into summary.json."""
   paired_lr = dict(paired_lr or {})
   unknown = set(paired_lr) - set(datasets)
   if unknown:
@@ -329,8 +331,9 @@ def evaluate_all(upscaler, datasets: Mapping[str, str], root, *, step_tag: str |
   crop = scale if crop_border is None else int(crop_border)
   tags, root = [], pathlib.Path(root)
   for name, source in sources.items():
-    common = {"scale": scale, "crop_border": crop, "lr": "paired" if name in paired_lr else "bicubic",
-              "lpips": lpips_net if lpips_fn is not None else None}
+    # Setting names must differ from metric names: the table reads metrics from the same summary.
+    common = {"scale": scale, "crop_border": crop, "lr_source": "paired" if name in paired_lr else "bicubic",
+              "lpips_net": lpips_net if lpips_fn is not None else None, **(run_settings or {})}
     for method in make_methods(methods, upscaler, step_tag, seed, common):
       tags += [method.tag] if method.tag not in tags else []
       evaluate_dataset(source, root / name / method.tag, method, crop_border=crop, batch_size=batch_size,
@@ -401,12 +404,14 @@ def run_from_flags(fv: flags.FlagValues) -> pathlib.Path:
     raise app.UsageError("give --workdir or --checkpoint")
   if fv.workdir is None and fv.output is None:
     raise app.UsageError("--output is required without --workdir")
+  if fv.sampler == "ddpm" and fv.steps is not None:
+    raise app.UsageError("--steps is for --sampler ddim (ddpm runs all T steps)")
   if bool(fv.lpips_backbone) != bool(fv.lpips_lin):
     raise app.UsageError("LPIPS needs both --lpips_backbone and --lpips_lin")
   datasets = parse_named_paths(fv.datasets, "datasets")
   paired = parse_named_paths(fv.paired_lr, "paired_lr")
   root = pathlib.Path(fv.output) if fv.output else pathlib.Path(fv.workdir) / "eval"
-  upscaler, step_tag, extra = None, None, {}
+  upscaler, step_tag, extra, settings = None, None, {}, {}
   if needs_model:
     step = fv.step
     if fv.checkpoint is None and step is None:
@@ -415,8 +420,8 @@ def run_from_flags(fv: flags.FlagValues) -> pathlib.Path:
     upscaler = Upscaler.load(workdir=workdir, checkpoint=fv.checkpoint, step=step, sampler=fv.sampler,
                              steps=fv.steps, eta=fv.eta, use_ema=fv.use_ema)
     step_tag = _checkpoint_tag(step, fv.checkpoint)
-    extra = {"checkpoint": str(fv.checkpoint or pathlib.Path(fv.workdir) / "checkpoints" / str(step)),
-             "use_ema": fv.use_ema}
+    extra = {"checkpoint": str(fv.checkpoint or pathlib.Path(fv.workdir) / "checkpoints" / str(step))}
+    settings = {"use_ema": fv.use_ema}
   lpips_fn = fid_fn = None
   if fv.lpips_backbone:
     from diffssr_jax import lpips
@@ -426,8 +431,8 @@ def run_from_flags(fv: flags.FlagValues) -> pathlib.Path:
     fid_fn = fid.make_feature_fn(fid.load_weights(fv.fid_inception))
   return evaluate_all(upscaler, datasets, root, step_tag=step_tag, paired_lr=paired, methods=methods,
                       crop_border=fv.crop_border, batch_size=fv.batch_size, seed=fv.seed, scale=fv.scale,
-                      lpips_fn=lpips_fn, lpips_net=fv.lpips_net, fid_fn=fid_fn, extra_summary=extra,
-                      show_progress=fv.progress)
+                      lpips_fn=lpips_fn, lpips_net=fv.lpips_net, fid_fn=fid_fn, run_settings=settings,
+                      extra_summary=extra, show_progress=fv.progress)
 
 
 def main(argv, fv: flags.FlagValues = flags.FLAGS) -> int:

@@ -7,8 +7,8 @@ A folder input is mirrored under --output (its subfolders kept), a file input go
 outputs are PNG. Images larger than --tile LR pixels on a side are super-resolved in overlapping tiles blended
 without seams (tiling.upscale_tiled), --batch_size tiles at a time, so memory is bounded by the tile size;
 smaller images go through in one piece. Inputs keep their layout and depth: 16-bit images give 16-bit PNGs
-(quantised from the float SR), an alpha channel is up-scaled by MATLAB bicubic and re-attached, greyscale
-stays greyscale. Existing outputs are skipped unless --overwrite. An unreadable file is reported by path
+(quantised from the float SR), an alpha channel is up-scaled by MATLAB bicubic and re-attached (RGBA
+output), greyscale without alpha stays greyscale. Existing outputs are skipped unless --overwrite. An unreadable file is reported by path
 and the rest are still done; the exit status is then 1 (--fail_fast stops at the first one).
 """
 from __future__ import annotations
@@ -135,6 +135,8 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS) -> int:
     raise app.UsageError("--output is required")
   if (fv.workdir is None) == (fv.checkpoint is None):
     raise app.UsageError("give exactly one of --workdir or --checkpoint")
+  if fv.sampler == "ddpm" and fv.steps is not None:
+    raise app.UsageError("--steps is for --sampler ddim (ddpm runs all T steps)")
   try:
     jobs, errors = collect_jobs(inputs, fv.output)
   except JobError as e:

@@ -191,3 +191,22 @@ def test_cli_from_a_training_workdir(folders, tmp_path, capsys):
   assert evaluate.cli(["evaluate", "--workdir", str(work), "--datasets", f"X={tmp_path / 'nope'}",
                        "--noprogress"]) == 1
   assert "nope" in capsys.readouterr().err
+
+
+def test_optional_lpips_column_and_fid(folders, tmp_path):
+  """The LPIPS and FID hooks, with stand-in networks (the real ones need user-supplied weights)."""
+  lpips_fn = lambda a, b: np.abs(np.asarray(a) - np.asarray(b)).mean(axis=(1, 2, 3))  # noqa: E731
+  fid_fn = lambda x: np.asarray(x).mean(axis=(1, 2))  # noqa: E731  (N, 3) "features" of [0, 1] images
+  table = evaluate.evaluate_all(None, {"B": folders["B"]}, tmp_path, methods=("bicubic",), lpips_fn=lpips_fn,
+                                lpips_net="alex", fid_fn=fid_fn, show_progress=False)
+  out = tmp_path / "B" / "bicubic"
+  rows = _rows(out / "metrics.csv")
+  assert list(rows[0])[-1] == "lpips"
+  for r in rows:
+    sr = images.read_rgb8(out / f"{r['image']}.png").astype(np.float64) / 127.5 - 1
+    hr = images.read_rgb8(f"{folders['B']}/{r['image']}.png").astype(np.float64) / 127.5 - 1
+    assert float(r["lpips"]) == pytest.approx(np.abs(sr - hr).mean(), rel=1e-5)
+  summary = results.read_summary_json(out / "summary.json")
+  assert summary["lpips_net"] == "alex" and np.isfinite(summary["fid"]) and summary["fid"] > 0
+  header = table.read_text().splitlines()[0]
+  assert "B LPIPS" in header and "B FID" in header
