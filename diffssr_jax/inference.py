@@ -163,7 +163,8 @@ class Upscaler:
     self.lr_up_divisor = float(lr_up_divisor)
     hr_mult = (multiple or hr_multiple(model)) if mode == "diffusion" else 1
     self.lr_multiple = lr_multiple(hr_mult, self.scale)
-    self._fn = _make_batch_fn(model, mode, sampler, steps, self.eta)
+    setting = (sampler, steps, self.eta) if mode == "diffusion" else ("", None, 0.0)  # rrdb: one per model
+    self._fn = _make_batch_fn(model, mode, *setting)
 
   @classmethod
   def load(cls, workdir=None, checkpoint=None, step: int | None = None, sampler: str = "ddim",
@@ -215,13 +216,15 @@ class Upscaler:
     n, h, w, _ = lr_batch.shape
     s = self.scale
     lr = lr_signed(lr_batch)
-    if lr_up is None:
+    if self.mode == "rrdb":
+      lr_up = np.zeros((n, h * s, w * s, 0), np.float32)  # unused by the RRDB: skip the bicubic
+    elif lr_up is None:
       lr_up = self.lr_up_batch(lr_batch)
     else:
       lr_up = np.asarray(lr_up, np.float32)
       lr_up = lr_up[None] if lr_up.ndim == 3 else lr_up
-    if lr_up.shape != (n, h * s, w * s, 3):
-      raise ValueError(f"lr_up has shape {lr_up.shape}, expected {(n, h * s, w * s, 3)}")
+      if lr_up.shape != (n, h * s, w * s, 3):
+        raise ValueError(f"lr_up has shape {lr_up.shape}, expected {(n, h * s, w * s, 3)}")
     indices = list(range(n) if indices is None else indices)
     if len(indices) != n:
       raise ValueError(f"{len(indices)} indices for {n} images")
