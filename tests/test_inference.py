@@ -182,3 +182,17 @@ def test_load_from_workdir(tiny, tmp_path):
   loaded = inference.load_model(workdir=tmp_path, mode="rrdb")
   assert loaded.scale == 4 and loaded.lr_up_divisor == 256.0
   np.testing.assert_array_equal(loaded.upscale(img), direct)
+
+
+def test_load_official_checkpoint(tiny, tmp_path):
+  """An official-layout PyTorch checkpoint (ckpt['state_dict']['model']) converts to the same model."""
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("diffssr_jax.checkpointing")
+  from diffssr_jax import convert
+  cfg, model, params, _ = tiny
+  sd = {k: torch.from_numpy(np.array(v)) for k, v in convert.flax_to_torch(params).items()}
+  path = tmp_path / "model_ckpt_steps_5.ckpt"
+  torch.save({"state_dict": {"model": sd}, "global_step": 5}, path)
+  img = _rand((9, 7, 3), seed=8)
+  loaded = Upscaler.load(checkpoint=path, config=cfg, mode="rrdb")
+  np.testing.assert_array_equal(loaded.upscale(img), Upscaler(model, params, config=cfg, mode="rrdb").upscale(img))
