@@ -61,7 +61,7 @@ def get_config():
   e.crop_size = 256                              # centre crop (HR px) so the sampler compiles once
   e.batch_size = 4
   e.sampler = "ddpm"                             # the official validation samples all T steps
-  e.steps = None
+  e.steps = 0                                    # 0: all T steps (ddpm); ddim needs a count
   e.eta = 0.0
 
   c.rrdb_pretrain = r = ml_collections.ConfigDict()  # RRDB stage run first when no rrdb_checkpoint is given

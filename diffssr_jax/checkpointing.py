@@ -16,13 +16,14 @@ import json
 import logging
 import pathlib
 import warnings
-from typing import Any
 
 import flax
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+
+from diffssr_jax import fileio
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +33,7 @@ class NoCheckpointError(FileNotFoundError):
 
 
 def save_config(config, workdir) -> None:
-  path = pathlib.Path(workdir) / "config.json"
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(".json.tmp")
-  tmp.write_text(config.to_json(indent=2))
-  tmp.replace(path)
+  fileio.atomic_write(pathlib.Path(workdir) / "config.json", config.to_json(indent=2))
 
 
 def load_config(workdir) -> ml_collections.ConfigDict:

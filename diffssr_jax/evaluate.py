@@ -24,14 +24,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import pathlib
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
+
+from diffssr_jax import fileio
 from absl import app, flags
 from PIL import Image
 from tqdm import tqdm
@@ -265,17 +265,7 @@ def dataset_fid(source, out_dir: pathlib.Path, fid_fn) -> float:
 
 # ---------------------------------------------------------------- the table
 def _write_text(path: pathlib.Path, text: str) -> None:
-  """Atomic text write (temporary file + rename)."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  fileio.atomic_write(path, text)
 
 
 def collect_results(root, tags: Sequence[str], datasets_first: Sequence[str] = ()) -> tuple[dict, list[str]]:

@@ -6,13 +6,13 @@ interrupted write never leaves a truncated PNG where a good one was expected.
 from __future__ import annotations
 
 import dataclasses
-import os
 import pathlib
-import tempfile
 import warnings
 
 import numpy as np
 from PIL import Image
+
+from diffssr_jax import fileio
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -125,19 +125,11 @@ def save_png(path, arr: np.ndarray, overwrite: bool = True) -> None:
   arr = np.asarray(arr)
   if arr.dtype not in (np.uint8, np.uint16):
     raise TypeError(f"{path}: save_png takes uint8 or uint16, got {arr.dtype}")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  os.close(fd)
-  try:
+  with fileio.atomic_path(path) as tmp:
     if arr.dtype == np.uint16:
       _save_png16(tmp, arr)
     else:
       Image.fromarray(arr).save(tmp, format="PNG")
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
 
 
 def _save_png16(tmp, arr):

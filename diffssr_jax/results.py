@@ -13,8 +13,9 @@ import json
 import math
 import os
 import pathlib
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
+
+from diffssr_jax import fileio
 
 METRIC_COLUMNS = ("image", "psnr_y", "ssim_y", "psnr_rgb", "lr_psnr", "artifact")
 
@@ -50,18 +51,7 @@ def _csv_line(fields: Sequence[str]) -> bytes:
   return buf.getvalue().encode("utf-8")
 
 
-def _fsync_dir(path: pathlib.Path) -> None:
-  """Makes a rename or file creation in `path` durable (best effort: some filesystems refuse)."""
-  try:
-    fd = os.open(path, os.O_RDONLY)
-  except OSError:
-    return
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass
-  finally:
-    os.close(fd)
+_fsync_dir = fileio.fsync_dir
 
 
 class MetricsCSV:
@@ -212,18 +202,7 @@ def write_summary_json(path, means: Mapping) -> None:
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   text = json.dumps(_json_safe(means), indent=2, sort_keys=False, allow_nan=False) + "\n"
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-  _fsync_dir(path.parent)
+  fileio.atomic_write(path, text)
 
 
 def read_summary_json(path) -> dict:

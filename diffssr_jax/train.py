@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import pathlib
 import queue
 import signal
@@ -21,9 +20,9 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from diffssr_jax import checkpointing, sampling, train_step, validate
+from diffssr_jax import checkpointing, fileio, sampling, train_step, validate
 from diffssr_jax.data import pipeline
-from diffssr_jax.model import build_model
+from diffssr_jax.model import build_model, init_key
 from diffssr_jax.models import build_rrdb
 
 log = logging.getLogger(__name__)
@@ -245,25 +244,30 @@ def _lr_up_divisor(config):
   return float(config.data.get("lr_up_divisor", 256.0))
 
 
+def _restore_or_start(state, config, workdir, mesh):
+  """(state, data iterator state, checkpointer): the newest restorable checkpoint of the workdir, or the
+  fresh `state`; replicated over the mesh either way."""
+  ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  restored = ckpt.restore_latest(state)
+  data_state = None
+  if restored is not None:
+    state, data_state, meta = restored
+    log.info("resuming %s from step %d", workdir, int(meta["step"]))
+  return train_step.replicate(state, mesh), data_state, ckpt
+
+
 def train_rrdb(config, workdir, stop_after=None):
   """Stage 1 of the official recipe: the RRDB encoder trained alone with L1. Returns its params."""
   workdir = pathlib.Path(workdir)
   checkpointing.save_config(config, workdir)
   rrdb = build_rrdb(config.model)
   mesh, per_process = _mesh_and_batch(config)
-  params = rrdb.init(jax.random.key(config.seed), jnp.zeros((1, 8, 8, 3)))
+  params = jax.jit(rrdb.init)(init_key(jax.random.key(config.seed)), jnp.zeros((1, 8, 8, 3)))
   total = config.train.num_steps
   tx = train_step.make_optimizer(config.optim, total)
   state = train_step.init_train_state({"rrdb": params}, {}, tx, seed=config.seed,
                                       use_ema=config.optim.ema_decay > 0)
-  state = train_step.replicate(state, mesh)
-  ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-  restored = ckpt.restore_latest(state)
-  data_state = None
-  if restored is not None:
-    state, data_state, meta = restored
-    state = train_step.replicate(state, mesh)
-    log.info("resuming RRDB training from step %d", int(meta["step"]))
+  state, data_state, ckpt = _restore_or_start(state, config, workdir, mesh)
   step_fn = train_step.make_rrdb_train_step(rrdb, tx, mesh, ema_decay=config.optim.ema_decay)
   val = _validation_images(config)
   rrdb_apply = jax.jit(lambda p, lr: rrdb.apply(p, lr, decode=True)[0])
@@ -328,18 +332,11 @@ def train_diffusion(config, workdir, stop_after=None):
   tx = train_step.make_optimizer(config.optim, total)
   state = train_step.create_train_state(model, params, tx, seed=config.seed, train_rrdb=config.optim.train_rrdb,
                                         use_ema=config.optim.ema_decay > 0)
-  state = train_step.replicate(state, mesh)
-  ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-  restored = ckpt.restore_latest(state)
-  data_state = None
-  if restored is not None:
-    state, data_state, meta = restored
-    state = train_step.replicate(state, mesh)
-    log.info("resuming diffusion training from step %d", int(meta["step"]))
+  state, data_state, ckpt = _restore_or_start(state, config, workdir, mesh)
   step_fn = train_step.make_train_step(model, tx, mesh, loss_type=config.diffusion.loss,
                                        aux_l1_weight=config.optim.aux_l1_weight, ema_decay=config.optim.ema_decay)
   val = _validation_images(config)
-  sampler = sampling.make_sampler(model, sampler=config.eval.sampler, steps=config.eval.get("steps"),
+  sampler = sampling.make_sampler(model, sampler=config.eval.sampler, steps=config.eval.get("steps") or None,
                                   eta=config.eval.get("eta", 0.0))
   eval_key = jax.random.key(config.seed + 1)
   last_summary = {}
@@ -364,16 +361,18 @@ def train_diffusion(config, workdir, stop_after=None):
   return state, dict(last_summary)
 
 
+def model_steps(config):
+  return config.diffusion.timesteps if config.eval.sampler == "ddpm" else None
+
+
 def write_summary(workdir, summary: dict, step: int, config) -> pathlib.Path:
   """WORKDIR/summary.json: {"bicubic": {...}, "rrdb": {...}, "diffusion": {...}} on the held-out images."""
   out = {k: v for k, v in summary.items()}
   out["step"] = step
-  out["eval"] = {"sampler": config.eval.sampler, "steps": config.eval.get("steps"), "crop_size": config.eval.get("crop_size"),
+  out["eval"] = {"sampler": config.eval.sampler, "steps": config.eval.get("steps") or model_steps(config), "crop_size": config.eval.get("crop_size"),
                  "images": config.eval.get("hr_dir"), "crop_border": config.model.scale}
   path = pathlib.Path(workdir) / "summary.json"
-  tmp = path.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(out, indent=2))
-  tmp.replace(path)
+  fileio.atomic_write_json(path, out, indent=2)
   return path
 
 

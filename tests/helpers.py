@@ -1,5 +1,4 @@
 """Small shared test utilities: tiny configs and the reference state dict."""
-import ml_collections
 import numpy as np
 
 from configs import base

@@ -4,7 +4,6 @@ import shutil
 import numpy as np
 import pytest
 
-from diffssr_jax import spe as spe_lib
 from diffssr_jax.data import export, hr_sources, pipeline, segmenters, tfrecord
 from diffssr_jax.data.source import TileSource
 from diffssr_jax.imresize import imresize

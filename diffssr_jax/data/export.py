@@ -37,12 +37,11 @@ import hashlib
 import json
 import os
 import pathlib
-import tempfile
 import time
 
 import numpy as np
 
-from diffssr_jax import images
+from diffssr_jax import fileio, images
 from diffssr_jax import spe as spe_lib
 from diffssr_jax.data import records, rle, tfrecord
 from diffssr_jax.data.segmenters import Segmentation, compute_segmentation_spe
@@ -187,19 +186,7 @@ class MaskFolderProvider:
 # --- files ---
 
 def _atomic_write_json(path: pathlib.Path, obj) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be shared
-    with os.fdopen(fd, "w") as f:
-      json.dump(obj, f, indent=1, sort_keys=True)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  fileio.atomic_write_json(path, obj, indent=1, sort_keys=True)
 
 
 def file_sha256(path, chunk: int = 1 << 22) -> str:

@@ -14,11 +14,11 @@ Mask files (`--keep-masks`): one JSON list per image, in painting order, each en
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import tempfile
 
 import numpy as np
+
+from diffssr_jax import fileio
 
 
 class RLEError(ValueError):
@@ -127,16 +127,7 @@ def write_mask_file(path, masks) -> None:
   for m in masks:
     r = encode(m)
     entries.append({"segmentation": r, "area": int(np.count_nonzero(m))})
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; mask files are meant to be shared
-    with os.fdopen(fd, "w") as f:
-      json.dump(entries, f, separators=(",", ":"))
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  fileio.atomic_write(path, json.dumps(entries, separators=(",", ":")))
 
 
 def read_mask_file(path) -> np.ndarray:

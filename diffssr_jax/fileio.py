@@ -1,0 +1,59 @@
+"""Crash-safe file writes shared by every writer of results, manifests, configs and images.
+
+A file is written to a temporary name in its own folder, flushed and fsynced, then renamed over the
+destination, so readers (and a resumed run) only ever see the old file or the complete new one.
+numpy-free and jax-free: the torch-only export tool uses it too.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import tempfile
+
+
+def fsync_dir(path) -> None:
+  """Makes a rename or file creation in folder `path` durable (best effort: some filesystems refuse)."""
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path, mode: int = 0o644):
+  """Yields a temporary path beside `path`; on normal exit it is fsynced and renamed over `path`, on an
+  exception it is removed and `path` is left untouched."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  os.close(fd)
+  try:
+    os.chmod(tmp, mode)  # mkstemp makes 0600; outputs are meant to be shared
+    yield tmp
+    with open(tmp, "rb+") as f:
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+  fsync_dir(path.parent)
+
+
+def atomic_write(path, data: bytes | str) -> None:
+  """Writes bytes or UTF-8 text to `path` atomically."""
+  with atomic_path(path) as tmp:
+    with open(tmp, "wb") as f:
+      f.write(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+def atomic_write_json(path, obj, **dump_kwargs) -> None:
+  atomic_write(path, json.dumps(obj, **dump_kwargs) + "\n")
