@@ -16,7 +16,6 @@ import pathlib
 import tempfile
 import time
 
-import numpy as np
 
 
 def bench_pipeline(files, batch_size: int, num_workers: int, steps: int, warmup: int, patch_size: int,
