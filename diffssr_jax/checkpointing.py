@@ -54,7 +54,7 @@ class Checkpointer:
   """The last `keep` checkpoints plus the best one by validation PSNR-Y, with async saving."""
 
   def __init__(self, workdir, keep: int = 3, use_async: bool = True):
-    self.workdir = pathlib.Path(workdir)
+    self.workdir = pathlib.Path(workdir).absolute()  # orbax requires absolute paths
     opts = dict(enable_async_checkpointing=use_async, create=True)
     self.last = ocp.CheckpointManager(self.workdir / "checkpoints",
                                       options=ocp.CheckpointManagerOptions(max_to_keep=keep, **opts))
@@ -127,7 +127,7 @@ def _params_from_state_tree(tree: dict, use_ema: bool) -> dict:
 
 def load_workdir_params(workdir, step: int | None = None, use_ema: bool = True, which: str = "checkpoints"):
   """Params dict ({"unet", "rrdb"} or {"rrdb"}) from a training workdir's checkpoint (latest by default)."""
-  directory = pathlib.Path(workdir) / which
+  directory = pathlib.Path(workdir).absolute() / which
   if not directory.is_dir():
     raise NoCheckpointError(f"{directory}: no checkpoints (is {workdir} a training workdir?)")
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))

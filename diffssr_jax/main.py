@@ -1,9 +1,15 @@
 """Entry point: `python -m diffssr_jax.main --config configs/X.py --workdir DIR [--config.key=value ...]`."""
-import logging
+import os
 
-from absl import app, flags
-from absl import logging as absl_logging
-from ml_collections import config_flags
+# numpy's OpenBLAS threads spin against XLA's for the same cores, slowing the input pipeline's small
+# matrix products 10-100x on a busy CPU; one BLAS thread per process is what the data path needs.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import logging  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and summary.json.")

@@ -184,3 +184,15 @@ def test_indivisible_batch_is_rejected_at_start(tmp_path, shards):
   cfg.data.train_files = str(shards / "shards")
   with pytest.raises(ValueError, match="not divisible by the 4 devices"):
     train.train_and_evaluate(cfg, tmp_path)
+
+
+def test_relative_workdir(tmp_path, monkeypatch):
+  """Workdirs given relative to the current folder (as in the README commands) save and restore."""
+  from helpers import tiny_config
+  _, _, state = _tiny_state(tiny_config())
+  monkeypatch.chdir(tmp_path)
+  ck = checkpointing.Checkpointer("runs/rel", use_async=False)
+  ck.save(3, state)
+  ck.close()
+  params, step = checkpointing.load_workdir_params("runs/rel", use_ema=False)
+  assert step == 3 and set(params) == {"unet", "rrdb"}
