@@ -12,7 +12,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from diffssr_jax.models.layers import ConvTransposeTorch, Dtype, ReflectConv, mish
+from diffssr_jax.models.layers import ConvTransposeTorch, Dtype, ReflectConv, fast_grad_conv_hook, mish
 
 
 def sinusoidal_embedding(t, dim: int):
@@ -44,7 +44,8 @@ class ResnetBlock(nn.Module):
     h = h + nn.Dense(self.features, dtype=self.dtype, name="mlp")(mish(t_emb))[:, None, None, :]
     h = Block(self.features, self.dtype, name="block2")(h)
     if x.shape[-1] != self.features:
-      x = nn.Conv(self.features, (1, 1), dtype=self.dtype, name="res_conv")(x)
+      x = nn.Conv(self.features, (1, 1), padding=((0, 0), (0, 0)), dtype=self.dtype,
+                  conv_general_dilated=fast_grad_conv_hook, name="res_conv")(x)
     return h + x
 
 
