@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from diffssr_jax import benchmark
+from diffssr_jax.models import layers
 from diffssr_jax.models.layers import conv_fast_grad, mish, reflect_pad, reflect_pad1_conv
 
 TINY_CONFIG = '''
@@ -101,17 +102,32 @@ def test_analytic_flops_match_the_paper_network():
   assert benchmark.rrdb_flops(m, 40, 40, decode=True) / 1e9 == pytest.approx(43.6, abs=0.05)
 
 
+@pytest.mark.parametrize("path", ["ring", "row_fix"])
 @pytest.mark.parametrize("shape,stride", [((2, 9, 12, 3), 1), ((2, 9, 12, 3), 2), ((1, 8, 7, 4), 2),
-                                          ((1, 2, 5, 2), 1), ((1, 3, 2, 2), 2)])
-def test_reflect_conv_rewrite_is_exact(shape, stride):
+                                          ((1, 7, 9, 3), 2), ((1, 2, 5, 2), 1), ((1, 3, 2, 2), 2)])
+def test_reflect_conv_rewrite_is_exact(shape, stride, path, monkeypatch):
+  """Both rewrites of ReflectionPad2d(1) + conv (chosen by map size) equal the padded VALID conv, values
+  and gradients, for odd and even sizes and both strides."""
+  monkeypatch.setattr(layers, "_ROW_FIX_MIN_PIXELS", 0 if path == "row_fix" else 10**9)
   rng = np.random.default_rng(sum(shape) + stride)
   x = jnp.asarray(rng.normal(size=shape), jnp.float32)
   w = jnp.asarray(rng.normal(size=(3, 3, shape[-1], 5)), jnp.float32)
-  ref = jax.lax.conv_general_dilated(reflect_pad(x, 1), w, (stride, stride), "VALID",
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  out = reflect_pad1_conv(x, w, (stride, stride), ((1, 1), (1, 1)))
+
+  def ref_fn(x, w):
+    return jax.lax.conv_general_dilated(reflect_pad(x, 1), w, (stride, stride), "VALID",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  def our_fn(x, w):
+    return reflect_pad1_conv(x, w, (stride, stride), ((1, 1), (1, 1)))
+
+  ref, out = ref_fn(x, w), our_fn(x, w)
   assert out.shape == ref.shape
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-6, atol=1e-5)
+  dy = jnp.asarray(rng.normal(size=ref.shape), jnp.float32)
+  g_ref = jax.vjp(ref_fn, x, w)[1](dy)
+  g_out = jax.vjp(our_fn, x, w)[1](dy)
+  for a, b in zip(g_out, g_ref):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)
 
 
 def test_mish_equals_textbook_form():

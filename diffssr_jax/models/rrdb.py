@@ -16,19 +16,57 @@ def lrelu(x):
   return jax.nn.leaky_relu(x, negative_slope=0.2)
 
 
+class _ConvWeights(nn.Module):
+  """The params of a 3x3 conv (`kernel` HWIO, `bias`), laid out as `nn.Conv`'s, without applying it."""
+  features: int
+
+  @nn.compact
+  def __call__(self, in_features: int):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, in_features, self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    return kernel, bias
+
+
+def _conv3x3(x, kernel):
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
 class ResidualDenseBlock(nn.Module):
-  """Five densely connected 3x3 convs (growth `gc`), LeakyReLU(0.2), residual scaled by 0.2."""
+  """Five densely connected 3x3 convs (growth `gc`), LeakyReLU(0.2), residual scaled by 0.2.
+
+  conv_i reads concat(x, x_1, .., x_{i-1}). Evaluated "push" style: as soon as a feature map exists,
+  one conv computes its contribution to every later conv (x: 64 -> 4*32 + 64 channels, x_1: 32 -> 160,
+  ...), and conv_i's output is the sum of those parts. Same products (sums in another order), but
+  five convs with wide outputs instead of narrow 32-channel ones: 1.3x faster on XLA:CPU (81 vs 107 ms
+  for three blocks at 4x40x40), and the RRDB forward is a third of a training step.
+  """
   nf: int = 64
   gc: int = 32
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    feats = [x]
-    for i in range(1, 5):
-      feats.append(lrelu(conv3x3(self.gc, f"conv{i}", self.dtype)(jnp.concatenate(feats, -1))))
-    out = conv3x3(self.nf, "conv5", self.dtype)(jnp.concatenate(feats, -1))
-    return out * 0.2 + x
+    nf, gc = self.nf, self.gc
+    outs = [gc] * 4 + [nf]
+    weights = [_ConvWeights(c, name=f"conv{i + 1}")(nf + i * gc) for i, c in enumerate(outs)]
+
+    def part(i, j):   # rows of conv_i's kernel that read input j (0: x, j >= 1: x_j)
+      lo = 0 if j == 0 else nf + (j - 1) * gc
+      return weights[i][0][:, :, lo:lo + (nf if j == 0 else gc)]
+
+    acc = [b.astype(self.dtype) for _, b in weights]
+    cur = x
+    for j in range(5):
+      kernel = jnp.concatenate([part(i, j) for i in range(j, 5)], axis=-1).astype(self.dtype)
+      pushed = _conv3x3(cur, kernel)
+      start = 0
+      for i in range(j, 5):
+        acc[i] = acc[i] + pushed[..., start:start + outs[i]]
+        start += outs[i]
+      if j < 4:
+        cur = lrelu(acc[j])
+    return acc[4] * 0.2 + x
 
 
 class RRDB(nn.Module):
