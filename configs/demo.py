@@ -32,10 +32,10 @@ def get_config():
   c.optim.ema_decay = 0.995
 
   c.train.batch_size = 16
-  c.train.num_steps = 600
+  c.train.num_steps = 540
   c.train.log_every = 50
-  c.train.eval_every = 600
-  c.train.checkpoint_every = 200
+  c.train.eval_every = 540
+  c.train.checkpoint_every = 180
   c.train.keep_checkpoints = 2
 
   c.rrdb_pretrain.num_steps = 400
@@ -47,6 +47,9 @@ def get_config():
   c.eval.max_images = 2
   c.eval.crop_size = 192
   c.eval.batch_size = 2
-  c.eval.sampler = "ddim"                        # 25 deterministic steps: faster, higher PSNR than ancestral
-  c.eval.steps = 25
+  # The official ancestral sampler, all 100 steps: on this briefly trained model it scores 28.1 dB PSNR-Y
+  # against 25.3 for deterministic DDIM at 25-100 steps (README, "Fewer sampling steps"); at 192x192 crops
+  # with this U-Net it costs seconds.
+  c.eval.sampler = "ddpm"
+  c.eval.steps = 0
   return c

@@ -140,6 +140,21 @@ def test_ddim_full_grid_eta1_matches_ddpm_variance(sched):
   assert float((out1 - out0).squeeze()) == pytest.approx(np.sqrt(sched.posterior_variance[40]), rel=1e-4)
 
 
+@pytest.mark.parametrize("t", [99, 60, 20, 1])
+def test_ddim_full_grid_eta1_mean_is_the_ddpm_posterior_mean(sched, t):
+  """With eta = 1 and t_prev = t - 1, the DDIM step without noise is the DDPM posterior mean computed
+  from the same (clipped) x0 prediction: the strided sampler on the full grid is the DDPM sampler."""
+  k1, k2 = jax.random.split(jax.random.key(t))
+  x = jax.random.normal(k1, (3, 4, 4, 3))
+  eps = 0.8 * jax.random.normal(k2, (3, 4, 4, 3))
+  tt = jnp.full((3,), t)
+  mean_ddim, _ = diffusion.ddim_step(sched, x, tt, tt - 1, eps, jnp.zeros_like(x), eta=1.0)
+  x0 = jnp.clip(diffusion.extract(sched.sqrt_recip_alphas_cumprod, tt, x) * x
+                - diffusion.extract(sched.sqrt_recipm1_alphas_cumprod, tt, x) * eps, -1.0, 1.0)
+  mean_ddpm, _, _ = diffusion.q_posterior(sched, x0, x, tt)
+  np.testing.assert_allclose(np.asarray(mean_ddim), np.asarray(mean_ddpm), atol=2e-5)
+
+
 # ----------------------------------------------------------------------------- reference parity
 @rd.reference
 @pytest.mark.parametrize("name", ["betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
