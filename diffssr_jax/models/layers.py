@@ -50,8 +50,9 @@ def conv_fast_grad(x, w, strides, padding):
     for these 2x2 windows, which XLA:CPU runs as a naive loop (37 s for the condition projection
     at batch 4 x 160 px, 100x the forward). Here it is one matmul per kernel tap,
     x_padded[shifted window]^T @ dy over all batch and spatial positions.
-  Also used for the large-map 3x3 convs (`_reflect_conv_row_fix`); on small maps XLA's own
-  rules were as fast.
+  Also used for the U-Net's 3x3 convs (both forms of `reflect_pad1_conv`): per tap, the weight
+  gradient measured 2-3x faster than XLA's rule on the 40x40 / 20x20 levels (69 vs 213 ms for
+  4x40x40x256 -> 256) and 1.1-1.5x on the larger ones; the whole U-Net backward ~10% faster.
   """
   return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC)
 
@@ -127,7 +128,7 @@ def _reflect_conv_ring(x, w, strides):
   sy, sx = strides
   pads = tuple((1, 1) if s == 1 else (0, 1) for s in (sy, sx))
   oy, ox = (1 if sy == 1 else 0), (1 if sx == 1 else 0)
-  y = _conv(reflect_pad(x, 1), w, (sy, sx), pads)
+  y = conv_fast_grad(reflect_pad(x, 1), w, (sy, sx), pads)
   return y[:, oy:oy + (h - 1) // sy + 1, ox:ox + (w_ - 1) // sx + 1]
 
 
