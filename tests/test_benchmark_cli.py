@@ -104,14 +104,16 @@ def test_analytic_flops_match_the_paper_network():
 
 @pytest.mark.parametrize("path", ["ring", "row_fix"])
 @pytest.mark.parametrize("shape,stride", [((2, 9, 12, 3), 1), ((2, 9, 12, 3), 2), ((1, 8, 7, 4), 2),
-                                          ((1, 7, 9, 3), 2), ((1, 2, 5, 2), 1), ((1, 3, 2, 2), 2)])
+                                          ((1, 7, 9, 3), 2), ((1, 2, 5, 2), 1), ((1, 3, 2, 2), 2),
+                                          ((1, 5, 6, 96), 1), ((1, 5, 7, 96), 2)])
 def test_reflect_conv_rewrite_is_exact(shape, stride, path, monkeypatch):
   """Both rewrites of ReflectionPad2d(1) + conv (chosen by map size) equal the padded VALID conv, values
-  and gradients, for odd and even sizes and both strides."""
+  and gradients, for odd and even sizes, both strides, and wide layers (per-tap weight gradients)."""
   monkeypatch.setattr(layers, "_ROW_FIX_MIN_PIXELS", 0 if path == "row_fix" else 10**9)
   rng = np.random.default_rng(sum(shape) + stride)
   x = jnp.asarray(rng.normal(size=shape), jnp.float32)
-  w = jnp.asarray(rng.normal(size=(3, 3, shape[-1], 5)), jnp.float32)
+  cout = shape[-1] if shape[-1] >= layers._TAP_GRAD_MIN_CHANNELS else 5
+  w = jnp.asarray(rng.normal(size=(3, 3, shape[-1], cout)) / np.sqrt(9 * shape[-1]), jnp.float32)
 
   def ref_fn(x, w):
     return jax.lax.conv_general_dilated(reflect_pad(x, 1), w, (stride, stride), "VALID",
