@@ -5,6 +5,7 @@ numbers. Also pins the analytic FLOP counts to the paper network's known values,
 layer rewrites done for speed compute exactly what the plain formulation does.
 """
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -17,30 +18,14 @@ from diffssr_jax import benchmark
 from diffssr_jax.models import layers
 from diffssr_jax.models.layers import conv_fast_grad, mish, reflect_pad, reflect_pad1_conv
 
-TINY_CONFIG = '''
-from configs import base
-
-
-def get_config():
-  c = base.get_config()
-  c.model.unet_dim = 8
-  c.model.unet_dim_mults = (1, 2)
-  c.model.rrdb_num_feat = 8
-  c.model.rrdb_num_blocks = 2
-  c.model.rrdb_growth = 4
-  c.diffusion.timesteps = 10
-  return c
-'''
-
 COMMON_KEYS = {"seconds_per_step", "images_per_second", "compile_seconds", "peak_memory_mb", "device",
                "gflops_per_step", "model_gflops_per_step", "achieved_gflops_per_s", "model_gflops_per_s"}
 
 
 @pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory):
-  path = tmp_path_factory.mktemp("bench") / "tiny_config.py"
-  path.write_text(TINY_CONFIG)
-  return str(path)
+def tiny_config():
+  """The training tests' tiny network (U-Net 8 (1, 2), RRDB 2 x 8, T = 10) as a config file."""
+  return str(pathlib.Path(__file__).parent / "configs" / "tiny_train.py")
 
 
 def _run(capsys, argv):

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffssr_jax.models.layers import Dtype, conv3x3
+from diffssr_jax.models.layers import Dtype, conv3x3, conv_nhwc
 
 
 def lrelu(x):
@@ -25,11 +25,6 @@ class _ConvWeights(nn.Module):
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, in_features, self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
     return kernel, bias
-
-
-def _conv3x3(x, kernel):
-  return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 class ResidualDenseBlock(nn.Module):
@@ -59,7 +54,7 @@ class ResidualDenseBlock(nn.Module):
     cur = x
     for j in range(5):
       kernel = jnp.concatenate([part(i, j) for i in range(j, 5)], axis=-1).astype(self.dtype)
-      pushed = _conv3x3(cur, kernel)
+      pushed = conv_nhwc(cur, kernel, (1, 1), ((1, 1), (1, 1)))
       start = 0
       for i in range(j, 5):
         acc[i] = acc[i] + pushed[..., start:start + outs[i]]
