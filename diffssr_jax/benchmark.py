@@ -138,7 +138,9 @@ def _compile(jitted, *args):
 
 
 def xla_flops(compiled) -> float | None:
-  """The "flops" entry of XLA's cost analysis (summed over partitions), or None when unavailable."""
+  """The "flops" entry of XLA's cost analysis (summed over partitions), plus the native CPU convs'
+  FLOPs (custom calls, which the cost analysis counts as zero), or None when unavailable."""
+  from diffssr_jax import native
   try:
     cost = compiled.cost_analysis()
   except Exception:  # not every backend implements it
@@ -147,10 +149,16 @@ def xla_flops(compiled) -> float | None:
     cost = [c for c in cost if c]
     if not cost:
       return None
-    return float(sum(c.get("flops", 0.0) for c in cost))
-  if not cost or "flops" not in cost:
+    flops = float(sum(c.get("flops", 0.0) for c in cost))
+  elif not cost or "flops" not in cost:
     return None
-  return float(cost["flops"])
+  else:
+    flops = float(cost["flops"])
+  try:
+    text = compiled.as_text()
+  except Exception:  # noqa: BLE001 - no HLO text: XLA's count alone
+    return flops
+  return flops + native.hlo_flops(text)
 
 
 def peak_memory():

@@ -135,6 +135,7 @@ def test_conv_fast_grad_matches_xla_gradients(kernel, stride, padding):
                                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
   fast = lambda x, w: conv_fast_grad(x, w, (stride, stride), padding)
   loss = lambda conv: (lambda x, w: jnp.sum(jnp.sin(conv(x, w))))
-  np.testing.assert_array_equal(np.asarray(fast(x, w)), np.asarray(plain(x, w)))
+  # On CPU the forward is the native conv (sums in another order): equal to float32 rounding.
+  np.testing.assert_allclose(np.asarray(fast(x, w)), np.asarray(plain(x, w)), rtol=1e-5, atol=1e-5)
   for got, want in zip(jax.grad(loss(fast), (0, 1))(x, w), jax.grad(loss(plain), (0, 1))(x, w)):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffssr_jax import native
+
 Dtype = Any
 
 
@@ -41,11 +43,30 @@ def conv_nhwc(x, w, strides, padding):
   return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC)
 
 
+def _native_ok(*arrays) -> bool:
+  """Whether the native CPU convolutions (`diffssr_jax.native`) can serve these operands: float32 and the
+  handlers built. They are then chosen per platform (`lax.platform_dependent`): CPU only."""
+  # Only when CPU is the default backend: a GPU/TPU process does not build a CPU library it won't use.
+  return (all(a.dtype == jnp.float32 for a in arrays) and jax.default_backend() == "cpu"
+          and native.available())
+
+
+def conv_forward(x, w, strides, padding):
+  """`conv_nhwc` with explicit padding; on CPU the native blocked-SGEMM conv (1.3-1.6x XLA's on the
+  RRDB's 40x40 maps and the U-Net's 80x80 / 40x40 levels, see `diffssr_jax/native`)."""
+  if not _native_ok(x, w):
+    return conv_nhwc(x, w, strides, padding)
+
+  def fast(x, w):
+    xp = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
+    return native.conv_forward(xp, w, strides)
+  return jax.lax.platform_dependent(x, w, cpu=fast, default=lambda x, w: conv_nhwc(x, w, strides, padding))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv_fast_grad(x, w, strides, padding):
   """`lax.conv_general_dilated` (NHWC / HWIO, explicit padding, no dilation) with a backward pass
-  that stays on XLA:CPU's fast paths; used for the 2x2 phase convs of `ConvTransposeTorch` and the
-  U-Net's 1x1 shortcut convs.
+  that stays on fast paths; used for every conv of the U-Net and the RRDB.
 
   With XLA's own rules (measured on XLA:CPU / YNNPACK, 2 threads):
   * the input gradient is a conv with zero padding (VALID), which YNNPACK runs 2-3x slower than
@@ -54,12 +75,11 @@ def conv_fast_grad(x, w, strides, padding):
   * the weight gradient is a convolution whose window is the whole image, with a reversed kernel
     for these 2x2 windows, which XLA:CPU runs as a naive loop (37 s for the condition projection
     at batch 4 x 160 px, 100x the forward). Here it is one matmul per kernel tap,
-    x_padded[shifted window]^T @ dy over all batch and spatial positions.
-  Also used for the U-Net's large-map and wide 3x3 convs (`reflect_pad1_conv`): per tap, the weight
-  gradient measured 2-3x faster than XLA's rule on the 40x40 / 20x20 levels (69 vs 213 ms for
-  4x40x40x256 -> 256) and 1.1-1.5x on the larger ones; the whole U-Net backward ~10% faster.
+    x_padded[shifted window]^T @ dy over all batch and spatial positions: on CPU the native blocked
+    SGEMM (7x XLA's matmuls for 4x160x160x64 -> 64: 32 vs 240 ms), elsewhere `jnp.dot` per tap.
+  On CPU the forward and the stride-1 input gradient are the native conv (`conv_forward`).
   """
-  return conv_nhwc(x, w, strides, padding)
+  return conv_forward(x, w, strides, padding)
 
 
 def _conv_fast_grad_fwd(x, w, strides, padding):
@@ -72,8 +92,18 @@ def _conv_input_grad(x, w, strides, padding, dy):
     return vjp(dy)[0]
   kh, kw = w.shape[:2]
   w_t = jnp.swapaxes(w[::-1, ::-1], 2, 3)   # correlation with the flipped kernel, in <-> out
+  if _native_ok(dy, w_t):
+    full = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip((kh, kw), padding))
+    xla = functools.partial(_conv_input_grad_xla, shape=x.shape, padding=padding)
+    return jax.lax.platform_dependent(dy, w_t, cpu=lambda dy, w_t: conv_forward(dy, w_t, (1, 1), full),
+                                      default=xla)
+  return _conv_input_grad_xla(dy, w_t, shape=x.shape, padding=padding)
+
+
+def _conv_input_grad_xla(dy, w_t, *, shape, padding):
+  kh, kw = w_t.shape[:2]
   pads, crop = [], []
-  for k, (lo, hi), n in zip((kh, kw), padding, x.shape[1:3]):
+  for k, (lo, hi), n in zip((kh, kw), padding, shape[1:3]):
     lo_t, hi_t = k - 1 - lo, k - 1 - hi
     extra = 1 if k > 1 and lo_t <= 0 and hi_t <= 0 else 0   # avoid the slow unpadded form
     pads.append((lo_t, hi_t + extra))
@@ -82,14 +112,12 @@ def _conv_input_grad(x, w, strides, padding, dy):
   return dx[:, :crop[0], :crop[1]]
 
 
-def _conv_fast_grad_bwd(strides, padding, res, dy):
-  x, w = res
-  dx = _conv_input_grad(x, w, strides, padding, dy).astype(x.dtype)
-  kh, kw, cin, cout = w.shape
+def _weight_grad_taps(xp, dy, kernel_hw, strides):
+  """Conv weight gradient as one matmul per kernel tap, x_padded[shifted window]^T @ dy (portable)."""
+  kh, kw = kernel_hw
   sy, sx = strides
+  cin, cout = xp.shape[-1], dy.shape[-1]
   ho, wo = dy.shape[1], dy.shape[2]
-  (pt, pb), (pl, pr) = padding
-  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
   dyf = dy.reshape(-1, cout)
   taps = []
   for ky in range(kh):
@@ -97,7 +125,28 @@ def _conv_fast_grad_bwd(strides, padding, res, dy):
       win = jax.lax.slice(xp, (0, ky, kx, 0), (xp.shape[0], ky + sy * (ho - 1) + 1, kx + sx * (wo - 1) + 1, cin),
                           (1, sy, sx, 1))
       taps.append(jnp.dot(win.reshape(-1, cin).T, dyf, preferred_element_type=jnp.float32))
-  dw = jnp.stack(taps).reshape(kh, kw, cin, cout).astype(w.dtype)
+  return jnp.stack(taps).reshape(kh, kw, cin, cout)
+
+
+def conv_weight_grad(xp, dy, kernel_hw, strides):
+  """Weight gradient of a VALID conv of the padded input `xp` given the output gradient `dy` (float32).
+
+  On CPU, with float32 and the native handler built (`diffssr_jax.native`: blocked MKL SGEMMs per tap,
+  7x XLA:CPU's matmuls for this shape), that handler; elsewhere (GPU/TPU, bfloat16, no compiler or
+  torch, DIFFSSR_NATIVE=0) `_weight_grad_taps`."""
+  portable = functools.partial(_weight_grad_taps, kernel_hw=kernel_hw, strides=strides)
+  if not _native_ok(xp, dy):
+    return portable(xp, dy)
+  fast = functools.partial(native.conv_weight_grad, kernel_hw=kernel_hw, strides=strides)
+  return jax.lax.platform_dependent(xp, dy, cpu=fast, default=portable)
+
+
+def _conv_fast_grad_bwd(strides, padding, res, dy):
+  x, w = res
+  dx = _conv_input_grad(x, w, strides, padding, dy).astype(x.dtype)
+  (pt, pb), (pl, pr) = padding
+  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  dw = conv_weight_grad(xp, dy, w.shape[:2], strides).astype(w.dtype)
   return dx, dw
 
 
@@ -177,6 +226,8 @@ def reflect_pad1_conv(lhs, rhs, window_strides, padding, *, lhs_dilation=None, r
     add the reflected rows' taps to the two border rows (42 -> 30 ms for 256x256x64 -> 64 with bias
     and Mish; 22 -> 10 ms for the stride-2 downsampling there);
   * small maps (`_reflect_conv_ring`): one more ring of zero padding, outer ring of outputs dropped.
+  On CPU with the native convs (`diffssr_jax/native`), which have no slow VALID form, it is simply the
+  reflect pad followed by `conv_fast_grad`.
   """
   del kwargs, dimension_numbers, precision
   simple = (lhs.ndim == 4 and rhs.shape[:2] == (3, 3) and tuple(map(tuple, padding)) == ((1, 1), (1, 1))
@@ -186,10 +237,18 @@ def reflect_pad1_conv(lhs, rhs, window_strides, padding, *, lhs_dilation=None, r
     raise ValueError("reflect_pad1_conv supports 3x3 NHWC convs with padding 1, no dilation and maps of at "
                      "least 2x2")
   strides = tuple(window_strides)
-  out_pixels = lhs.shape[0] * -(-lhs.shape[1] // strides[0]) * -(-lhs.shape[2] // strides[1])
+  if _native_ok(lhs, rhs):   # the native conv has no slow VALID form: pad, then conv
+    native_conv = lambda x, w: conv_fast_grad(reflect_pad(x, 1), w, strides, ((0, 0), (0, 0)))
+    return jax.lax.platform_dependent(lhs, rhs, cpu=native_conv,
+                                      default=lambda x, w: _reflect_conv_xla(x, w, strides))
+  return _reflect_conv_xla(lhs, rhs, strides)
+
+
+def _reflect_conv_xla(x, w, strides):
+  out_pixels = x.shape[0] * -(-x.shape[1] // strides[0]) * -(-x.shape[2] // strides[1])
   if out_pixels >= _ROW_FIX_MIN_PIXELS:
-    return _reflect_conv_row_fix(lhs, rhs, strides)
-  return _reflect_conv_ring(lhs, rhs, strides)
+    return _reflect_conv_row_fix(x, w, strides)
+  return _reflect_conv_ring(x, w, strides)
 
 
 class ReflectConv(nn.Module):
@@ -210,8 +269,9 @@ class ReflectConv(nn.Module):
 
 
 def conv3x3(features, name=None, dtype=jnp.float32):
-  """3x3 conv with zero padding 1 (PyTorch Conv2d(k=3, s=1, p=1))."""
-  return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype, name=name)
+  """3x3 conv with zero padding 1 (PyTorch Conv2d(k=3, s=1, p=1)), through `conv_fast_grad`."""
+  return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype, name=name,
+                 conv_general_dilated=fast_grad_conv_hook)
 
 
 def phase_transpose_kernel(kernel: jax.Array, stride: int, padding: int) -> jax.Array:

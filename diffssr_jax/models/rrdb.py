@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffssr_jax.models.layers import Dtype, conv3x3, conv_nhwc
+from diffssr_jax.models.layers import Dtype, conv3x3, conv_fast_grad
 
 
 def lrelu(x):
@@ -54,7 +54,7 @@ class ResidualDenseBlock(nn.Module):
     cur = x
     for j in range(5):
       kernel = jnp.concatenate([part(i, j) for i in range(j, 5)], axis=-1).astype(self.dtype)
-      pushed = conv_nhwc(cur, kernel, (1, 1), ((1, 1), (1, 1)))
+      pushed = conv_fast_grad(cur, kernel, (1, 1), ((1, 1), (1, 1)))
       start = 0
       for i in range(j, 5):
         acc[i] = acc[i] + pushed[..., start:start + outs[i]]

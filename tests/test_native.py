@@ -1,0 +1,122 @@
+"""The native CPU convolutions (`diffssr_jax.native`): build, fallback, and equality with XLA's convs.
+
+The models use them through `layers.conv_fast_grad` / `reflect_pad1_conv` on CPU, so every model and
+training test also runs on them; these tests pin the kernels themselves, including the block / thread
+split of large problems and strided (phase-split) inputs.
+"""
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffssr_jax import native
+from diffssr_jax.models import layers
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _prerequisites() -> bool:
+  return (native.blas_library() is not None and native._compiler() is not None
+          and os.environ.get("DIFFSSR_NATIVE", "1") != "0")
+
+
+needs_native = pytest.mark.skipif(not (_prerequisites() and native.available()),
+                                  reason=f"native convs unavailable: {native.unavailable_reason()}")
+
+
+def test_native_builds_where_it_can():
+  """With a C++ compiler and torch installed (as on CI), the handlers must build and load: a silent
+  fallback would leave training on CPU 1.5-2x slower."""
+  if not _prerequisites():
+    pytest.skip("no compiler or torch here")
+  assert native.available(), native.unavailable_reason()
+
+
+# (batch, height, width, in channels, out channels, kernel, stride); the last two span several blocks
+# of rows (the block / helper-thread split and the per-thread accumulators).
+CASES = [(2, 9, 7, 5, 6, 3, 1), (2, 10, 9, 5, 6, 3, 2), (1, 9, 8, 3, 5, 3, 2), (1, 8, 8, 4, 3, 2, 1),
+         (3, 7, 8, 4, 3, 1, 1), (2, 11, 11, 3, 4, 3, 2), (1, 6, 9, 2, 3, 2, 2),
+         (3, 50, 46, 64, 64, 3, 1), (2, 61, 47, 32, 96, 3, 2)]
+
+
+@needs_native
+@pytest.mark.parametrize("case", CASES)
+def test_forward_and_weight_gradient_equal_xla(case):
+  b, h, w, cin, cout, k, s = case
+  rng = np.random.default_rng(sum(case))
+  xp = jnp.asarray(rng.normal(size=(b, h, w, cin)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(k, k, cin, cout)) / np.sqrt(k * k * cin), jnp.float32)
+  plain = lambda x, wt: jax.lax.conv_general_dilated(x, wt, (s, s), "VALID", dimension_numbers=_NHWC)
+  ref, vjp = jax.vjp(plain, xp, kernel)
+  dy = jnp.asarray(rng.normal(size=ref.shape), jnp.float32)
+  ref_dw = vjp(dy)[1]
+
+  out = jax.jit(lambda x, wt: native.conv_forward(x, wt, (s, s)))(xp, kernel)
+  dw = jax.jit(lambda x, g: native.conv_weight_grad(x, g, (k, k), (s, s)))(xp, dy)
+  assert out.shape == ref.shape and dw.shape == kernel.shape
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+  scale = float(jnp.abs(ref_dw).max())
+  np.testing.assert_allclose(np.asarray(dw), np.asarray(ref_dw), rtol=1e-5, atol=1e-5 * scale)
+
+
+@needs_native
+def test_models_use_the_native_kernels_on_cpu():
+  """The gradient of a reflect conv lowers to the native forward and weight-gradient calls on CPU."""
+  x = jnp.ones((1, 6, 6, 4), jnp.float32)
+  w = jnp.ones((3, 3, 4, 4), jnp.float32)
+  loss = lambda x, w: jnp.sum(layers.reflect_pad1_conv(x, w, (1, 1), ((1, 1), (1, 1))) ** 2)
+  hlo = jax.jit(jax.grad(loss, (0, 1))).lower(x, w).as_text()
+  assert native.FORWARD_TARGET in hlo and native.WEIGHT_GRAD_TARGET in hlo
+
+
+@needs_native
+def test_inconsistent_shapes_are_a_clear_error():
+  xs = jnp.zeros((1, 1, 6, 6, 3), jnp.float32)   # phase-split input for stride 1
+  grid = jax.ShapeDtypeStruct((1, 6, 6, 4), jnp.float32)
+  call = jax.ffi.ffi_call(native.FORWARD_TARGET, grid)
+  with pytest.raises(Exception, match="inconsistent shapes"):
+    jax.block_until_ready(call(xs, jnp.zeros((3, 3, 3, 4), jnp.float32), sy=1, sx=1, ho=6, wo=6))  # ho too big
+
+
+def test_disabled_by_environment():
+  code = "from diffssr_jax import native; print(native.available(), '|', native.unavailable_reason())"
+  env = {**os.environ, "DIFFSSR_NATIVE": "0"}
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  available, reason = out.stdout.strip().split("|")
+  assert available.strip() == "False" and "DIFFSSR_NATIVE" in reason
+
+
+def test_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
+  """A compiler error is reported with the source file, and no partial library is left in the cache."""
+  if shutil.which("false") is None:
+    pytest.skip("no `false` command")
+  monkeypatch.setenv("CXX", shutil.which("false"))
+  with pytest.raises(RuntimeError, match="conv_sgemm.cc"):
+    native.build(str(tmp_path))
+  assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not _prerequisites(), reason="no compiler or torch here")
+def test_build_is_cached(tmp_path):
+  first = native.build(str(tmp_path))
+  mtime = os.path.getmtime(first)
+  assert native.build(str(tmp_path)) == first and os.path.getmtime(first) == mtime
+  assert [p.name for p in tmp_path.iterdir()] == [os.path.basename(first)]
+
+
+
+@needs_native
+def test_vmapped_forward_equals_batched():
+  """Inference vmaps the model over images; the FFI call then runs per mapped element."""
+  rng = np.random.default_rng(3)
+  xp = jnp.asarray(rng.normal(size=(3, 2, 8, 9, 4)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 4, 5)), jnp.float32)
+  mapped = jax.jit(jax.vmap(lambda x: native.conv_forward(x, w, (1, 1))))(xp)
+  whole = native.conv_forward(xp.reshape(6, 8, 9, 4), w, (1, 1)).reshape(mapped.shape)
+  np.testing.assert_allclose(np.asarray(mapped), np.asarray(whole), rtol=1e-6, atol=1e-6)
