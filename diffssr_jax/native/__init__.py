@@ -9,7 +9,7 @@ path (torch itself is not imported) and registers the handlers for the CPU platf
 
 Everything is optional: without a compiler, without torch, or with `DIFFSSR_NATIVE=0`, `available()`
 is False and the models keep XLA's own formulation (same values to float32 rounding). On GPU/TPU the
-handler is never used (`layers.conv_fast_grad` picks it per platform).
+handlers are never used (`layers` picks them per platform).
 """
 from __future__ import annotations
 
@@ -17,14 +17,15 @@ import ctypes
 import hashlib
 import importlib.util
 import logging
-import re
 import os
+import re
 import shutil
 import subprocess
 import tempfile
 import threading
 
 import jax
+import jax.numpy as jnp
 
 WEIGHT_GRAD_TARGET = "diffssr_conv_weight_grad"
 FORWARD_TARGET = "diffssr_conv_forward"
@@ -130,7 +131,6 @@ def unavailable_reason() -> str | None:
 def _phase_split(xp, strides):
   """[B, Hp, Wp, Cin] -> [sy, B, Hs, sx * Wq, Cin] (zero-extended to multiples of the strides), the
   layout `conv_sgemm.cc` reads; a free reshape for stride 1 when nothing needs extending."""
-  import jax.numpy as jnp
   sy, sx = strides
   b, hp, wp, cin = xp.shape
   hs, wq = -(-hp // sy), -(-wp // sx)
@@ -148,7 +148,6 @@ def _as_varying_like(out, *inputs):
 def conv_forward(xp, w, strides):
   """VALID NHWC/HWIO conv of the already padded input `xp` ([B, Hp, Wp, Cin]) with `w` ([kh, kw, Cin,
   Cout]), float32. Emits the FFI call: only for CPU lowering with `available()` True."""
-  import jax.numpy as jnp
   kh, kw, _, cout = w.shape
   sy, sx = strides
   b, hp, wp, _ = xp.shape
@@ -157,8 +156,8 @@ def conv_forward(xp, w, strides):
   grid = jax.ShapeDtypeStruct((b, hs, wq, cout), jnp.float32)
   # Under vmap (inference vmaps over images) the calls run one per mapped element: each is a whole
   # batched conv already, large enough to keep both threads busy.
-  y = jax.ffi.ffi_call(FORWARD_TARGET, grid, vmap_method="sequential")(xs, w.astype(jnp.float32), sy=int(sy), sx=int(sx), ho=int(ho),
-                                             wo=int(wo))
+  call = jax.ffi.ffi_call(FORWARD_TARGET, grid, vmap_method="sequential")
+  y = call(xs, w.astype(jnp.float32), sy=int(sy), sx=int(sx), ho=int(ho), wo=int(wo))
   return _as_varying_like(y, xs, w)[:, :ho, :wo]
 
 
@@ -166,7 +165,6 @@ def conv_weight_grad(xp, dy, kernel_hw, strides):
   """Weight gradient of a VALID NHWC/HWIO conv of the already padded input `xp` ([B, Hp, Wp, Cin],
   float32) with output gradient `dy` ([B, Ho, Wo, Cout]): [kh, kw, Cin, Cout]. Emits the FFI call, so
   only for CPU lowering with `available()` True."""
-  import jax.numpy as jnp
   kh, kw = kernel_hw
   sy, sx = strides
   _, ho, wo, cout = dy.shape
@@ -174,7 +172,8 @@ def conv_weight_grad(xp, dy, kernel_hw, strides):
   cin = xs.shape[-1]
   dyp = jnp.pad(dy, ((0, 0), (0, hs - ho), (0, wq - wo), (0, 0))).astype(jnp.float32)
   out = jax.ShapeDtypeStruct((kh, kw, cin, cout), jnp.float32)
-  dw = jax.ffi.ffi_call(WEIGHT_GRAD_TARGET, out, vmap_method="sequential")(xs, dyp, sy=int(sy), sx=int(sx), ho=int(ho), wo=int(wo))
+  call = jax.ffi.ffi_call(WEIGHT_GRAD_TARGET, out, vmap_method="sequential")
+  dw = call(xs, dyp, sy=int(sy), sx=int(sx), ho=int(ho), wo=int(wo))
   return _as_varying_like(dw, xs, dyp)
 
 
