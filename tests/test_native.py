@@ -44,6 +44,22 @@ CASES = [(2, 9, 7, 5, 6, 3, 1), (2, 10, 9, 5, 6, 3, 2), (1, 9, 8, 3, 5, 3, 2), (
          (3, 50, 46, 64, 64, 3, 1), (2, 61, 47, 32, 96, 3, 2)]
 
 
+def _xla_reference(xp, kernel, stride, rng):
+  """XLA's VALID conv of the padded input, a random output gradient and XLA's weight gradient for it."""
+  plain = lambda x, wt: jax.lax.conv_general_dilated(x, wt, (stride, stride), "VALID", dimension_numbers=_NHWC,
+                                                     precision="highest")
+  ref, vjp = jax.vjp(plain, xp, kernel)
+  dy = jnp.asarray(rng.normal(size=ref.shape), jnp.float32)
+  return ref, dy, vjp(dy)[1]
+
+
+def _assert_conv_close(out, ref, dw, ref_dw):
+  assert out.shape == ref.shape and dw.shape == ref_dw.shape
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+  scale = float(jnp.abs(ref_dw).max())
+  np.testing.assert_allclose(np.asarray(dw), np.asarray(ref_dw), rtol=1e-5, atol=1e-5 * scale)
+
+
 @needs_native
 @pytest.mark.parametrize("case", CASES)
 def test_forward_and_weight_gradient_equal_xla(case):
@@ -51,17 +67,10 @@ def test_forward_and_weight_gradient_equal_xla(case):
   rng = np.random.default_rng(sum(case))
   xp = jnp.asarray(rng.normal(size=(b, h, w, cin)), jnp.float32)
   kernel = jnp.asarray(rng.normal(size=(k, k, cin, cout)) / np.sqrt(k * k * cin), jnp.float32)
-  plain = lambda x, wt: jax.lax.conv_general_dilated(x, wt, (s, s), "VALID", dimension_numbers=_NHWC)
-  ref, vjp = jax.vjp(plain, xp, kernel)
-  dy = jnp.asarray(rng.normal(size=ref.shape), jnp.float32)
-  ref_dw = vjp(dy)[1]
-
+  ref, dy, ref_dw = _xla_reference(xp, kernel, s, rng)
   out = jax.jit(lambda x, wt: native.conv_forward(x, wt, (s, s)))(xp, kernel)
   dw = jax.jit(lambda x, g: native.conv_weight_grad(x, g, (k, k), (s, s)))(xp, dy)
-  assert out.shape == ref.shape and dw.shape == kernel.shape
-  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
-  scale = float(jnp.abs(ref_dw).max())
-  np.testing.assert_allclose(np.asarray(dw), np.asarray(ref_dw), rtol=1e-5, atol=1e-5 * scale)
+  _assert_conv_close(out, ref, dw, ref_dw)
 
 
 @needs_native
@@ -120,3 +129,95 @@ def test_vmapped_forward_equals_batched():
   mapped = jax.jit(jax.vmap(lambda x: native.conv_forward(x, w, (1, 1))))(xp)
   whole = native.conv_forward(xp.reshape(6, 8, 9, 4), w, (1, 1)).reshape(mapped.shape)
   np.testing.assert_allclose(np.asarray(mapped), np.asarray(whole), rtol=1e-6, atol=1e-6)
+
+
+# Winograd F(2x2, 3x3) handlers: (batch, height, width, in, out, padding, reflect). The padding is read in
+# place (zeros, or the reflection for padding 1); the larger cases span several blocks of tiles with a
+# partial last block and the helper thread's own weight-gradient accumulator.
+WINO_CASES = [(1, 4, 4, 8, 3, 0, False), (2, 8, 10, 8, 5, 1, False), (2, 6, 8, 16, 4, 2, False),
+              (2, 8, 10, 8, 5, 1, True), (1, 2, 4, 8, 8, 1, True), (3, 20, 16, 64, 192, 1, False),
+              (4, 40, 40, 64, 64, 1, True), (2, 80, 80, 32, 160, 1, False)]
+
+
+def _padded(x, pad, reflect):
+  return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect" if reflect else "constant")
+
+
+@needs_native
+@pytest.mark.parametrize("case", WINO_CASES)
+def test_winograd_forward_and_weight_gradient_equal_xla(case):
+  b, h, w, cin, cout, pad, reflect = case
+  rng = np.random.default_rng(sum(map(int, case)))
+  x = jnp.asarray(rng.normal(size=(b, h, w, cin)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, cin, cout)) / np.sqrt(9 * cin), jnp.float32)
+  ref, dy, ref_dw = _xla_reference(_padded(x, pad, reflect), kernel, 1, rng)
+  assert native.wino_ok(x, (3, 3), (1, 1), pad)
+  out = jax.jit(lambda x, k: native.wino_forward(x, k, pad=pad, reflect=reflect))(x, kernel)
+  dw = jax.jit(lambda x, g: native.wino_weight_grad(x, g, pad=pad, reflect=reflect))(x, dy)
+  _assert_conv_close(out, ref, dw, ref_dw)
+
+
+@needs_native
+def test_winograd_flip_is_the_input_gradient_kernel():
+  """flip=True reads a [3, 3, Cout, Cin] kernel flipped and transposed: the conv of the input gradient."""
+  rng = np.random.default_rng(5)
+  dy = jnp.asarray(rng.normal(size=(2, 6, 8, 12)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 7, 12)), jnp.float32)
+  ref = jax.lax.conv_general_dilated(_padded(dy, 2, False), jnp.swapaxes(w[::-1, ::-1], 2, 3), (1, 1), "VALID",
+                                     dimension_numbers=_NHWC, precision="highest")
+  out = jax.jit(lambda a, b: native.wino_forward(a, b, pad=2, flip=True))(dy, w)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("pad,reflect", [(1, False), (0, False), (2, False), (1, True)])
+def test_convs_on_the_winograd_path_have_xla_gradients(pad, reflect):
+  """conv_fast_grad (zero padding) and reflect_pad1_conv with even outputs, forward and both gradients:
+  on CPU with the handlers built these are the Winograd calls (input gradient: flip), else XLA's."""
+  padding = ((pad, pad), (pad, pad))
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.normal(size=(2, 8, 10, 16)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 16, 12)) / 12.0, jnp.float32)
+  if reflect:
+    ours = lambda x, w: layers.reflect_pad1_conv(x, w, (1, 1), padding)
+  else:
+    ours = lambda x, w: layers.conv_fast_grad(x, w, (1, 1), padding)
+  plain = lambda x, w: jax.lax.conv_general_dilated(_padded(x, pad, reflect), w, (1, 1), "VALID",
+                                                    dimension_numbers=_NHWC, precision="highest")
+  loss = lambda f: (lambda x, w: jnp.sum(jnp.sin(f(x, w))))
+  np.testing.assert_allclose(np.asarray(jax.jit(ours)(x, w)), np.asarray(plain(x, w)), rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.jit(jax.grad(loss(ours), (0, 1)))(x, w), jax.grad(loss(plain), (0, 1))(x, w)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
+  if native.available():
+    hlo = jax.jit(jax.grad(loss(ours), (0, 1))).lower(x, w).as_text()
+    assert native.WINO_FORWARD_TARGET in hlo and native.WINO_WEIGHT_GRAD_TARGET in hlo
+    assert "flip = 1" in hlo
+
+
+def test_winograd_only_where_it_applies():
+  x = jnp.zeros((1, 10, 10, 16), jnp.float32)
+  assert native.wino_ok(x, (3, 3), (1, 1)) and native.wino_ok(x, (3, 3), (1, 1), pad=1)
+  assert not native.wino_ok(x, (3, 3), (2, 2))                              # strided
+  assert not native.wino_ok(x, (2, 2), (1, 1))                              # not 3x3
+  assert not native.wino_ok(jnp.zeros((1, 9, 10, 16)), (3, 3), (1, 1), 1)  # odd output height
+  assert not native.wino_ok(jnp.zeros((1, 10, 10, 4)), (3, 3), (1, 1))     # too few input channels
+  assert not native.wino_ok(x, (3, 3), (1, 1), pad=3)                       # padding beyond 2
+
+
+@needs_native
+def test_winograd_rejects_inconsistent_shapes_clearly():
+  out = jax.ShapeDtypeStruct((1, 7, 8, 4), jnp.float32)   # odd output height
+  call = jax.ffi.ffi_call(native.WINO_FORWARD_TARGET, out)
+  with pytest.raises(Exception, match="even output height and width"):
+    jax.block_until_ready(call(jnp.zeros((1, 7, 8, 8), jnp.float32), jnp.zeros((3, 3, 8, 4), jnp.float32),
+                               pad=1, reflect=0, flip=0))
+  with pytest.raises(Exception, match=r"\[3, 3, Cin, Cout\]"):
+    jax.block_until_ready(call(jnp.zeros((1, 7, 8, 8), jnp.float32), jnp.zeros((16, 8, 4), jnp.float32),
+                               pad=1, reflect=0, flip=0))
+
+
+@needs_native
+def test_hlo_flops_counts_winograd_calls():
+  x = jnp.ones((2, 8, 10, 16), jnp.float32)
+  w = jnp.ones((3, 3, 16, 8), jnp.float32)
+  text = jax.jit(lambda a, b: native.wino_forward(a, b, pad=1)).lower(x, w).compile().as_text()
+  assert native.hlo_flops(text) == 2.0 * 4 * 2 * 8 * 10 * 16 * 8   # 16 products per 2x2 tile

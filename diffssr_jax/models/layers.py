@@ -17,6 +17,7 @@ from diffssr_jax import native
 Dtype = Any
 
 
+@jax.custom_vjp
 def mish(x):
   """Mish (Misra 2019): x * tanh(softplus(x)), evaluated as x * n / (n + 2) with n = e^x (e^x + 2).
 
@@ -24,10 +25,30 @@ def mish(x):
   of exp + log1p + tanh: 4-5x faster on XLA:CPU, where Mish was ~20% of a U-Net evaluation.
   Relative error vs. the textbook form < 1e-6. The exp argument is capped at 20, beyond which
   n / (n + 2) is 1 in float32, so large inputs cannot overflow to inf / inf.
+
+  Its gradient is written out (`_mish_bwd`): only x is kept for the backward pass, which recomputes
+  e^x in the same loop, instead of autodiff's several saved intermediates and passes over them.
   """
   e = jnp.exp(jnp.minimum(x, 20.0))
   n = e * (e + 2.0)
   return x * (n / (n + 2.0))
+
+
+def _mish_fwd(x):
+  return mish(x), x
+
+
+def _mish_bwd(x, g):
+  # d/dx [x n / (n + 2)] = n / (n + 2) + x * 2 n' / (n + 2)^2 with n' = 2 e (e + 1); past the cap
+  # (x > 20) n / (n + 2) is 1 and its derivative 0 in float32, as with the capped exp.
+  e = jnp.exp(jnp.minimum(x, 20.0))
+  n = e * (e + 2.0)
+  d = n + 2.0
+  slope = jnp.where(x > 20.0, 0.0, 4.0 * e * (e + 1.0) / (d * d))
+  return (g * (n / d + x * slope),)
+
+
+mish.defvjp(_mish_fwd, _mish_bwd)
 
 
 def reflect_pad(x, pad: int = 1):
@@ -51,13 +72,23 @@ def _native_ok(*arrays) -> bool:
           and native.available())
 
 
+def _symmetric_pad(padding) -> int | None:
+  """p when `padding` is ((p, p), (p, p)), else None."""
+  (t, b), (l, r) = padding
+  return t if t == b == l == r else None
+
+
 def conv_forward(x, w, strides, padding):
-  """`conv_nhwc` with explicit padding; on CPU the native blocked-SGEMM conv (1.3-1.6x XLA's on the
-  RRDB's 40x40 maps and the U-Net's 80x80 / 40x40 levels, see `diffssr_jax/native`)."""
+  """`conv_nhwc` with explicit padding; on CPU the native convs (see `diffssr_jax/native`): Winograd
+  F(2x2, 3x3) for 3x3 stride-1 convs with even outputs (padding read in place), else the blocked-SGEMM
+  direct conv (1.3-1.6x XLA's on the RRDB's and the U-Net's middle levels)."""
   if not _native_ok(x, w):
     return conv_nhwc(x, w, strides, padding)
 
   def fast(x, w):
+    pad = _symmetric_pad(padding)
+    if pad is not None and native.wino_ok(x, w.shape[:2], strides, pad):
+      return native.wino_forward(x, w, pad=pad)
     xp = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
     return native.conv_forward(xp, w, strides)
   return jax.lax.platform_dependent(x, w, cpu=fast, default=lambda x, w: conv_nhwc(x, w, strides, padding))
@@ -91,13 +122,18 @@ def _conv_input_grad(x, w, strides, padding, dy):
     _, vjp = jax.vjp(lambda x_: conv_nhwc(x_, w, strides, padding), x)
     return vjp(dy)[0]
   kh, kw = w.shape[:2]
-  w_t = jnp.swapaxes(w[::-1, ::-1], 2, 3)   # correlation with the flipped kernel, in <-> out
-  if _native_ok(dy, w_t):
+  flipped = lambda w: jnp.swapaxes(w[::-1, ::-1], 2, 3)   # correlation with the flipped kernel, in <-> out
+  if _native_ok(dy, w):
     full = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip((kh, kw), padding))
-    xla = functools.partial(_conv_input_grad_xla, shape=x.shape, padding=padding)
-    return jax.lax.platform_dependent(dy, w_t, cpu=lambda dy, w_t: conv_forward(dy, w_t, (1, 1), full),
-                                      default=xla)
-  return _conv_input_grad_xla(dy, w_t, shape=x.shape, padding=padding)
+
+    def fast(dy, w):
+      pad = _symmetric_pad(full)
+      if pad is not None and native.wino_ok(dy, (kh, kw), (1, 1), pad):   # reads w flipped: no copy
+        return native.wino_forward(dy, w, pad=pad, flip=True)
+      return native.conv_forward(jnp.pad(dy, ((0, 0), *full, (0, 0))), flipped(w), (1, 1))
+    xla = lambda dy, w: _conv_input_grad_xla(dy, flipped(w), shape=x.shape, padding=padding)
+    return jax.lax.platform_dependent(dy, w, cpu=fast, default=xla)
+  return _conv_input_grad_xla(dy, flipped(w), shape=x.shape, padding=padding)
 
 
 def _conv_input_grad_xla(dy, w_t, *, shape, padding):
@@ -128,25 +164,29 @@ def _weight_grad_taps(xp, dy, kernel_hw, strides):
   return jnp.stack(taps).reshape(kh, kw, cin, cout)
 
 
-def conv_weight_grad(xp, dy, kernel_hw, strides):
-  """Weight gradient of a VALID conv of the padded input `xp` given the output gradient `dy` (float32).
+def conv_weight_grad(x, dy, kernel_hw, strides, padding):
+  """Weight gradient of the conv of `x` (explicit zero `padding`) given the output gradient `dy` (float32).
 
-  On CPU, with float32 and the native handler built (`diffssr_jax.native`: blocked MKL SGEMMs per tap,
-  7x XLA:CPU's matmuls for this shape), that handler; elsewhere (GPU/TPU, bfloat16, no compiler or
-  torch, DIFFSSR_NATIVE=0) `_weight_grad_taps`."""
-  portable = functools.partial(_weight_grad_taps, kernel_hw=kernel_hw, strides=strides)
-  if not _native_ok(xp, dy):
-    return portable(xp, dy)
-  fast = functools.partial(native.conv_weight_grad, kernel_hw=kernel_hw, strides=strides)
-  return jax.lax.platform_dependent(xp, dy, cpu=fast, default=portable)
+  On CPU, with float32 and the native handlers built (`diffssr_jax.native`): Winograd for 3x3 stride-1
+  convs with even outputs (padding read in place), else blocked MKL SGEMMs per tap (7x XLA:CPU's
+  matmuls for 4x160x160x64 -> 64); elsewhere (GPU/TPU, bfloat16, no compiler or torch,
+  DIFFSSR_NATIVE=0) `_weight_grad_taps`."""
+  pads = ((0, 0), *map(tuple, padding), (0, 0))
+  portable = lambda x, dy: _weight_grad_taps(jnp.pad(x, pads), dy, kernel_hw=kernel_hw, strides=strides)
+  if not _native_ok(x, dy):
+    return portable(x, dy)
+  pad = _symmetric_pad(padding)
+  if pad is not None and native.wino_ok(x, kernel_hw, strides, pad):
+    fast = functools.partial(native.wino_weight_grad, pad=pad)
+  else:
+    fast = lambda x, dy: native.conv_weight_grad(jnp.pad(x, pads), dy, kernel_hw=kernel_hw, strides=strides)
+  return jax.lax.platform_dependent(x, dy, cpu=fast, default=portable)
 
 
 def _conv_fast_grad_bwd(strides, padding, res, dy):
   x, w = res
   dx = _conv_input_grad(x, w, strides, padding, dy).astype(x.dtype)
-  (pt, pb), (pl, pr) = padding
-  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-  dw = conv_weight_grad(xp, dy, w.shape[:2], strides).astype(w.dtype)
+  dw = conv_weight_grad(x, dy, w.shape[:2], strides, padding).astype(w.dtype)
   return dx, dw
 
 
@@ -237,11 +277,38 @@ def reflect_pad1_conv(lhs, rhs, window_strides, padding, *, lhs_dilation=None, r
     raise ValueError("reflect_pad1_conv supports 3x3 NHWC convs with padding 1, no dilation and maps of at "
                      "least 2x2")
   strides = tuple(window_strides)
-  if _native_ok(lhs, rhs):   # the native conv has no slow VALID form: pad, then conv
-    native_conv = lambda x, w: conv_fast_grad(reflect_pad(x, 1), w, strides, ((0, 0), (0, 0)))
+  if _native_ok(lhs, rhs):
+    if native.wino_ok(lhs, (3, 3), strides, 1):   # Winograd reads the reflection in place
+      native_conv = _reflect_conv_wino
+    else:   # the native direct conv has no slow VALID form: pad, then conv
+      native_conv = lambda x, w: conv_fast_grad(reflect_pad(x, 1), w, strides, ((0, 0), (0, 0)))
     return jax.lax.platform_dependent(lhs, rhs, cpu=native_conv,
                                       default=lambda x, w: _reflect_conv_xla(x, w, strides))
   return _reflect_conv_xla(lhs, rhs, strides)
+
+
+@jax.custom_vjp
+def _reflect_conv_wino(x, w):
+  """ReflectionPad2d(1) + 3x3 stride-1 conv as one native Winograd call that reads the reflected border
+  in place (CPU only; no padded copy of the input in the forward or kept for the backward)."""
+  return native.wino_forward(x, w, pad=1, reflect=True).astype(x.dtype)
+
+
+def _reflect_conv_wino_fwd(x, w):
+  return _reflect_conv_wino(x, w), (x, w)
+
+
+def _reflect_conv_wino_bwd(res, dy):
+  x, w = res
+  # Gradient w.r.t. the padded input (a "full" conv with the flipped kernel), folded back through the
+  # reflection by the pad's own transpose.
+  dxp = native.wino_forward(dy, w, pad=2, flip=True)
+  _, unpad = jax.vjp(lambda v: reflect_pad(v, 1), x)
+  dw = native.wino_weight_grad(x, dy, pad=1, reflect=True)
+  return unpad(dxp.astype(x.dtype))[0], dw.astype(w.dtype)
+
+
+_reflect_conv_wino.defvjp(_reflect_conv_wino_fwd, _reflect_conv_wino_bwd)
 
 
 def _reflect_conv_xla(x, w, strides):
