@@ -131,12 +131,15 @@ def test_vmapped_forward_equals_batched():
   np.testing.assert_allclose(np.asarray(mapped), np.asarray(whole), rtol=1e-6, atol=1e-6)
 
 
-# Winograd F(2x2, 3x3) handlers: (batch, height, width, in, out, padding, reflect). The padding is read in
-# place (zeros, or the reflection for padding 1); the larger cases span several blocks of tiles with a
-# partial last block and the helper thread's own weight-gradient accumulator.
-WINO_CASES = [(1, 4, 4, 8, 3, 0, False), (2, 8, 10, 8, 5, 1, False), (2, 6, 8, 16, 4, 2, False),
-              (2, 8, 10, 8, 5, 1, True), (1, 2, 4, 8, 8, 1, True), (3, 20, 16, 64, 192, 1, False),
-              (4, 40, 40, 64, 64, 1, True), (2, 80, 80, 32, 160, 1, False)]
+# Winograd handlers: (batch, height, width, in, out, kernel, padding, reflect). The padding is read in
+# place (zeros, or the reflection for padding 1); odd output sizes give ragged edge tiles; the larger
+# cases span several blocks of tiles with a partial last block and the helper thread's own accumulator.
+WINO_CASES = [(1, 4, 4, 8, 3, 3, 0, False), (2, 8, 10, 8, 5, 3, 1, False), (2, 6, 8, 16, 4, 3, 2, False),
+              (2, 8, 10, 8, 5, 3, 1, True), (1, 2, 4, 8, 8, 3, 1, True), (2, 7, 9, 8, 6, 3, 1, True),
+              (1, 5, 6, 8, 3, 3, 0, False), (2, 9, 7, 12, 5, 3, 2, False), (3, 20, 16, 64, 192, 3, 1, False),
+              (4, 40, 40, 64, 64, 3, 1, True), (2, 80, 80, 32, 160, 3, 1, False),
+              (2, 6, 8, 8, 12, 2, 1, False), (2, 7, 5, 8, 12, 2, 0, False), (1, 1, 1, 8, 4, 2, 1, False),
+              (2, 20, 20, 96, 256, 2, 1, False)]
 
 
 def _padded(x, pad, reflect):
@@ -146,14 +149,14 @@ def _padded(x, pad, reflect):
 @needs_native
 @pytest.mark.parametrize("case", WINO_CASES)
 def test_winograd_forward_and_weight_gradient_equal_xla(case):
-  b, h, w, cin, cout, pad, reflect = case
+  b, h, w, cin, cout, k, pad, reflect = case
   rng = np.random.default_rng(sum(map(int, case)))
   x = jnp.asarray(rng.normal(size=(b, h, w, cin)), jnp.float32)
-  kernel = jnp.asarray(rng.normal(size=(3, 3, cin, cout)) / np.sqrt(9 * cin), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(k, k, cin, cout)) / np.sqrt(k * k * cin), jnp.float32)
   ref, dy, ref_dw = _xla_reference(_padded(x, pad, reflect), kernel, 1, rng)
-  assert native.wino_ok(x, (3, 3), (1, 1), pad)
-  out = jax.jit(lambda x, k: native.wino_forward(x, k, pad=pad, reflect=reflect))(x, kernel)
-  dw = jax.jit(lambda x, g: native.wino_weight_grad(x, g, pad=pad, reflect=reflect))(x, dy)
+  assert native.wino_ok(x, (k, k), (1, 1), pad)
+  out = jax.jit(lambda x, g: native.wino_forward(x, g, pad=pad, reflect=reflect))(x, kernel)
+  dw = jax.jit(lambda x, g: native.wino_weight_grad(x, g, pad=pad, reflect=reflect, kernel_size=k))(x, dy)
   _assert_conv_close(out, ref, dw, ref_dw)
 
 
@@ -169,14 +172,16 @@ def test_winograd_flip_is_the_input_gradient_kernel():
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("pad,reflect", [(1, False), (0, False), (2, False), (1, True)])
-def test_convs_on_the_winograd_path_have_xla_gradients(pad, reflect):
-  """conv_fast_grad (zero padding) and reflect_pad1_conv with even outputs, forward and both gradients:
+@pytest.mark.parametrize("k,pad,reflect", [(3, 1, False), (3, 0, False), (3, 2, False), (3, 1, True), (2, 1, False),
+                                           (2, 0, False)])
+@pytest.mark.parametrize("height", [8, 9])
+def test_convs_on_the_winograd_path_have_xla_gradients(k, pad, reflect, height):
+  """conv_fast_grad (zero padding) and reflect_pad1_conv, even and odd sizes, forward and both gradients:
   on CPU with the handlers built these are the Winograd calls (input gradient: flip), else XLA's."""
   padding = ((pad, pad), (pad, pad))
   rng = np.random.default_rng(7)
-  x = jnp.asarray(rng.normal(size=(2, 8, 10, 16)), jnp.float32)
-  w = jnp.asarray(rng.normal(size=(3, 3, 16, 12)) / 12.0, jnp.float32)
+  x = jnp.asarray(rng.normal(size=(2, height, 10, 16)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(k, k, 16, 12)) / 12.0, jnp.float32)
   if reflect:
     ours = lambda x, w: layers.reflect_pad1_conv(x, w, (1, 1), padding)
   else:
@@ -196,21 +201,21 @@ def test_convs_on_the_winograd_path_have_xla_gradients(pad, reflect):
 def test_winograd_only_where_it_applies():
   x = jnp.zeros((1, 10, 10, 16), jnp.float32)
   assert native.wino_ok(x, (3, 3), (1, 1)) and native.wino_ok(x, (3, 3), (1, 1), pad=1)
+  assert native.wino_ok(x, (2, 2), (1, 1), pad=1) and native.wino_ok(jnp.zeros((1, 9, 7, 16)), (3, 3), (1, 1), 1)
   assert not native.wino_ok(x, (3, 3), (2, 2))                              # strided
-  assert not native.wino_ok(x, (2, 2), (1, 1))                              # not 3x3
-  assert not native.wino_ok(jnp.zeros((1, 9, 10, 16)), (3, 3), (1, 1), 1)  # odd output height
+  assert not native.wino_ok(x, (1, 1), (1, 1))                              # 1x1: a plain matmul
   assert not native.wino_ok(jnp.zeros((1, 10, 10, 4)), (3, 3), (1, 1))     # too few input channels
-  assert not native.wino_ok(x, (3, 3), (1, 1), pad=3)                       # padding beyond 2
+  assert not native.wino_ok(x, (3, 3), (1, 1), pad=3)                       # padding beyond kernel - 1
+  assert not native.wino_ok(x, (2, 2), (1, 1), pad=2)
 
 
 @needs_native
 def test_winograd_rejects_inconsistent_shapes_clearly():
-  out = jax.ShapeDtypeStruct((1, 7, 8, 4), jnp.float32)   # odd output height
-  call = jax.ffi.ffi_call(native.WINO_FORWARD_TARGET, out)
-  with pytest.raises(Exception, match="even output height and width"):
+  call = jax.ffi.ffi_call(native.WINO_FORWARD_TARGET, jax.ShapeDtypeStruct((1, 6, 8, 4), jnp.float32))
+  with pytest.raises(Exception, match="inconsistent shapes"):   # 7 x 8 input, padding 1 -> 7 x 8, not 6 x 8
     jax.block_until_ready(call(jnp.zeros((1, 7, 8, 8), jnp.float32), jnp.zeros((3, 3, 8, 4), jnp.float32),
                                pad=1, reflect=0, flip=0))
-  with pytest.raises(Exception, match=r"\[3, 3, Cin, Cout\]"):
+  with pytest.raises(Exception, match="r = 2 or 3"):
     jax.block_until_ready(call(jnp.zeros((1, 7, 8, 8), jnp.float32), jnp.zeros((16, 8, 4), jnp.float32),
                                pad=1, reflect=0, flip=0))
 
@@ -218,6 +223,7 @@ def test_winograd_rejects_inconsistent_shapes_clearly():
 @needs_native
 def test_hlo_flops_counts_winograd_calls():
   x = jnp.ones((2, 8, 10, 16), jnp.float32)
-  w = jnp.ones((3, 3, 16, 8), jnp.float32)
-  text = jax.jit(lambda a, b: native.wino_forward(a, b, pad=1)).lower(x, w).compile().as_text()
-  assert native.hlo_flops(text) == 2.0 * 4 * 2 * 8 * 10 * 16 * 8   # 16 products per 2x2 tile
+  text = jax.jit(lambda a, b: native.wino_forward(a, b, pad=1)).lower(x, jnp.ones((3, 3, 16, 8))).compile().as_text()
+  assert native.hlo_flops(text) == 2.0 * 16 * (2 * 4 * 5) * 16 * 8   # 16 products per 2x2 tile
+  text = jax.jit(lambda a, b: native.wino_forward(a, b, pad=1)).lower(x, jnp.ones((2, 2, 16, 8))).compile().as_text()
+  assert native.hlo_flops(text) == 2.0 * 9 * (2 * 5 * 6) * 16 * 8    # 9 per tile, 9 x 11 outputs

@@ -80,8 +80,8 @@ def _symmetric_pad(padding) -> int | None:
 
 def conv_forward(x, w, strides, padding):
   """`conv_nhwc` with explicit padding; on CPU the native convs (see `diffssr_jax/native`): Winograd
-  F(2x2, 3x3) for 3x3 stride-1 convs with even outputs (padding read in place), else the blocked-SGEMM
-  direct conv (1.3-1.6x XLA's on the RRDB's and the U-Net's middle levels)."""
+  F(2x2, 3x3) / F(2x2, 2x2) for 3x3 / 2x2 stride-1 convs (padding read in place), else the
+  blocked-SGEMM direct conv (1.3-1.6x XLA's on the RRDB's and the U-Net's middle levels)."""
   if not _native_ok(x, w):
     return conv_nhwc(x, w, strides, padding)
 
@@ -167,8 +167,8 @@ def _weight_grad_taps(xp, dy, kernel_hw, strides):
 def conv_weight_grad(x, dy, kernel_hw, strides, padding):
   """Weight gradient of the conv of `x` (explicit zero `padding`) given the output gradient `dy` (float32).
 
-  On CPU, with float32 and the native handlers built (`diffssr_jax.native`): Winograd for 3x3 stride-1
-  convs with even outputs (padding read in place), else blocked MKL SGEMMs per tap (7x XLA:CPU's
+  On CPU, with float32 and the native handlers built (`diffssr_jax.native`): Winograd for 3x3 and 2x2
+  stride-1 convs (padding read in place), else blocked MKL SGEMMs per tap (7x XLA:CPU's
   matmuls for 4x160x160x64 -> 64); elsewhere (GPU/TPU, bfloat16, no compiler or torch,
   DIFFSSR_NATIVE=0) `_weight_grad_taps`."""
   pads = ((0, 0), *map(tuple, padding), (0, 0))
@@ -177,7 +177,7 @@ def conv_weight_grad(x, dy, kernel_hw, strides, padding):
     return portable(x, dy)
   pad = _symmetric_pad(padding)
   if pad is not None and native.wino_ok(x, kernel_hw, strides, pad):
-    fast = functools.partial(native.wino_weight_grad, pad=pad)
+    fast = functools.partial(native.wino_weight_grad, pad=pad, kernel_size=kernel_hw[0])
   else:
     fast = lambda x, dy: native.conv_weight_grad(jnp.pad(x, pads), dy, kernel_hw=kernel_hw, strides=strides)
   return jax.lax.platform_dependent(x, dy, cpu=fast, default=portable)

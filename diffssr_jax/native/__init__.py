@@ -3,10 +3,10 @@
 XLA:CPU computes conv weight gradients (contractions over B*H*W with a small Cin x Cout result) at
 25-65 GFLOP/s on 2 cores and the RRDB's convs at 95-140; MKL's SGEMM, which PyTorch's CPU library
 carries, blocked for L2 and run on two threads, does both at 150-240 (4x160x160x64 -> 64 weight
-gradient: 32 vs 240 ms). 3x3 stride-1 convs with even outputs (almost every conv of the U-Net and the
-RRDB, their input gradients included) go through Winograd F(2x2, 3x3) handlers instead, 2.25x fewer
-multiplies (e.g. 4x160x160x64 -> 64 forward: 17.5 vs 43 ms), which also read zero or reflection padding
-in place. `conv_sgemm.cc` holds the XLA FFI handlers; this module compiles it with the
+gradient: 32 vs 240 ms). 3x3 and 2x2 stride-1 convs (almost every conv of the U-Net and the RRDB,
+their input gradients included, and the transposed convs' sub-pixel form) go through Winograd F(2x2, 3x3)
+and F(2x2, 2x2) handlers instead, 2.25x / 1.78x fewer multiplies (e.g. 4x160x160x64 -> 64 forward: 17.5
+vs 43 ms), which also read zero or reflection padding in place. `conv_sgemm.cc` holds the XLA FFI handlers; this module compiles it with the
 machine's C++ compiler into a cache folder (once per source / jaxlib version), loads torch's library by
 path (torch itself is not imported) and registers the handlers for the CPU platform.
 
@@ -200,33 +200,36 @@ def conv_weight_grad(xp, dy, kernel_hw, strides):
 
 
 def wino_ok(x, kernel_hw, strides, pad: int = 0) -> bool:
-  """Whether the Winograd handlers serve this 3x3 conv of `x` padded by `pad` (0-2) on every side:
-  stride 1, even output height and width, and at least 8 input channels (thinner GEMMs gain little)."""
+  """Whether the Winograd handlers serve this conv of `x` padded by `pad` on every side: a 3x3 (F(2x2,
+  3x3)) or 2x2 (F(2x2, 2x2)) kernel, stride 1, padding up to kernel - 1, and at least 8 input channels
+  (thinner GEMMs gain little)."""
   _, h, w, cin = x.shape
-  ho, wo = h + 2 * pad - 2, w + 2 * pad - 2
-  return (tuple(kernel_hw) == (3, 3) and tuple(strides) == (1, 1) and 0 <= pad <= 2 and ho >= 2 and wo >= 2
-          and ho % 2 == 0 and wo % 2 == 0 and cin >= 8)
+  r = kernel_hw[0]
+  return (tuple(kernel_hw) in ((3, 3), (2, 2)) and tuple(strides) == (1, 1) and 0 <= pad <= r - 1
+          and h + 2 * pad - r + 1 >= 1 and w + 2 * pad - r + 1 >= 1 and cin >= 8)
 
 
 def wino_forward(x, w, pad: int = 0, reflect: bool = False, flip: bool = False):
-  """3x3 stride-1 NHWC/HWIO conv of `x` ([B, H, W, Cin]) padded by `pad` on every side (zeros, or with
-  `reflect` ReflectionPad2d; the padding is read in place, never materialised), as Winograd F(2x2,
-  3x3): kernel and tile transforms and the GEMMs all in the handler. Output [B, H + 2 pad - 2, W + 2
-  pad - 2, Cout], even sizes (`wino_ok`). With `flip`, `w` is the kernel [3, 3, Cout, Cin] of the conv
-  whose input gradient this is: the handler reads it flipped and transposed (no copy in XLA)."""
+  """Stride-1 NHWC/HWIO conv (3x3 or 2x2 kernel, `wino_ok`) of `x` ([B, H, W, Cin]) padded by `pad` on
+  every side (zeros, or with `reflect` ReflectionPad2d(1); the padding is read in place, never
+  materialised), as Winograd F(2x2, r x r): kernel and tile transforms and the GEMMs all in the handler.
+  Output [B, H + 2 pad - r + 1, W + 2 pad - r + 1, Cout]. With `flip`, `w` is the kernel [r, r, Cout,
+  Cin] of the conv whose input gradient this is: the handler reads it flipped and transposed."""
   b, h, wd, _ = x.shape
+  r = w.shape[0]
   cout = w.shape[2] if flip else w.shape[3]
-  out = jax.ShapeDtypeStruct((b, h + 2 * pad - 2, wd + 2 * pad - 2, cout), jnp.float32)
+  out = jax.ShapeDtypeStruct((b, h + 2 * pad - r + 1, wd + 2 * pad - r + 1, cout), jnp.float32)
   call = jax.ffi.ffi_call(WINO_FORWARD_TARGET, out, vmap_method="sequential")
   xs, ws = x.astype(jnp.float32), w.astype(jnp.float32)
   y = call(xs, ws, pad=int(pad), reflect=int(bool(reflect)), flip=int(bool(flip)))
   return _as_varying_like(y, xs, ws)
 
 
-def wino_weight_grad(x, dy, pad: int = 0, reflect: bool = False):
-  """Weight gradient [3, 3, Cin, Cout] of `wino_forward(x, w, pad, reflect)` given the output gradient."""
+def wino_weight_grad(x, dy, pad: int = 0, reflect: bool = False, kernel_size: int = 3):
+  """Weight gradient [r, r, Cin, Cout] (r = `kernel_size`) of `wino_forward(x, w, pad, reflect)` given
+  the output gradient `dy`."""
   cin, cout = x.shape[-1], dy.shape[-1]
-  out = jax.ShapeDtypeStruct((3, 3, cin, cout), jnp.float32)
+  out = jax.ShapeDtypeStruct((kernel_size, kernel_size, cin, cout), jnp.float32)
   call = jax.ffi.ffi_call(WINO_WEIGHT_GRAD_TARGET, out, vmap_method="sequential")
   xs, dys = x.astype(jnp.float32), dy.astype(jnp.float32)
   return _as_varying_like(call(xs, dys, pad=int(pad), reflect=int(bool(reflect))), xs, dys)
@@ -241,7 +244,8 @@ def hlo_flops(hlo_text: str) -> float:
   """FLOPs of the native conv calls in a compiled module's HLO text (XLA's cost analysis counts custom
   calls as zero): the multiply-adds the SGEMMs do, x 2. Direct convs: grid pixels x kh x kw x Cin x
   Cout (including the grid's padding columns); Winograd F(2x2, 3x3): 16 per 2x2 tile, i.e. 4 x output
-  pixels x Cin x Cout (the 3x3 conv's 9, done 2.25x cheaper; the tile transforms are not counted)."""
+  pixels x Cin x Cout, rounded up to whole tiles (3x3: 9 per pixel done 2.25x cheaper); F(2x2, 2x2): 9
+  per tile (2x2: 4 per pixel, 1.78x cheaper). The tile transforms are not counted."""
   total = 0.0
   for line in hlo_text.splitlines():
     m = _CALL.search(line)
@@ -254,8 +258,12 @@ def hlo_flops(hlo_text: str) -> float:
     elif m.group(2) == WEIGHT_GRAD_TARGET and len(operands) == 2:
       grid, kernel = operands[1], result
     elif m.group(2) in (WINO_FORWARD_TARGET, WINO_WEIGHT_GRAD_TARGET) and len(operands) == 2:
-      out, cin = (result, operands[0][3]) if m.group(2) == WINO_FORWARD_TARGET else (operands[1], result[2])
-      total += 2.0 * 4 * out[0] * out[1] * out[2] * cin * out[3]
+      if m.group(2) == WINO_FORWARD_TARGET:
+        out, cin, r = result, operands[0][3], operands[1][0]
+      else:
+        out, cin, r = operands[1], result[2], result[0]
+      tiles = out[0] * -(-out[1] // 2) * -(-out[2] // 2)
+      total += 2.0 * (r + 1) ** 2 * tiles * cin * out[3]
       continue
     else:
       continue

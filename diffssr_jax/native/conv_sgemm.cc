@@ -30,6 +30,7 @@
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -244,13 +245,35 @@ std::shared_ptr<Job> DirectJob(const Problem& pb) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Winograd F(2x2, 3x3) (Lavin & Gray 2016) for 3x3 stride-1 VALID convs with even output sizes: per 2x2
-// output tile, Y = A^T [U (.) V] A with V = B^T d B (d: the 4x4 input tile) and U = G g G^T, so the 16
-// elementwise products become 16 GEMMs over (tiles x Cin) @ (Cin x Cout): 2.25x fewer multiplies than the
-// direct conv. U (and, for the weight gradient, G^T dU G) are computed by the caller (tiny); here:
-//   forward:          M_xi = V_xi @ U_xi per block of tiles, then the output transform;
-//   weight gradient:  dU_xi += V_xi^T @ dM_xi, dM = A dY A^T (the 2x2 output-gradient tile -> 4x4).
-// Layouts: x [B, Hp, Wp, Cin], U / dU [16, Cin, Cout], y / dy [B, Hp - 2, Wp - 2, Cout]; xi = 4 * i + j.
+// Winograd minimal filtering F(m x m, r x r) (Lavin & Gray 2016) for stride-1 convs: per m x m output
+// tile, Y = A^T [U (.) V] A with V = B^T d B (d: the a x a input tile, a = m + r - 1) and U = G g G^T, so
+// the a^2 elementwise products over channels become a^2 GEMMs over (tiles x Cin) @ (Cin x Cout):
+//   F(2x2, 3x3): 16 products per 4 outputs instead of 36 (2.25x fewer multiplies), the 3x3 convs;
+//   F(2x2, 2x2): 9 instead of 16 (1.78x), the 2x2 convs of the transposed convs' sub-pixel form.
+// Per block of tiles:
+//   forward:          M_xi = V_xi @ U_xi, then the output transform;
+//   weight gradient:  dU_xi += V_xi^T @ dM_xi with dM = A dY A^T, and at the end g = G^T dU G.
+// The input's padding (zeros, or ReflectionPad2d(1)) is read in place, never materialised; output tiles
+// that reach past an odd output size read zeros from dY and write their extra outputs to a scratch row.
+// Layouts: x [B, H, W, Cin], kernel [r, r, Cin, Cout], y / dy [B, H + 2 pad - r + 1, ..., Cout]; the
+// transformed tiles of a block are a^2 planes [n, C], xi = a * i + j.
+
+// F(2x2, 3x3), the usual matrices (interpolation points 0, 1, -1, infinity).
+struct F23 {
+  static constexpr int m = 2, r = 3, a = 4;
+  static constexpr float bt[4][4] = {{1, 0, -1, 0}, {0, 1, 1, 0}, {0, -1, 1, 0}, {0, 1, 0, -1}};
+  static constexpr float g[4][3] = {{1, 0, 0}, {0.5f, 0.5f, 0.5f}, {0.5f, -0.5f, 0.5f}, {0, 0, 1}};
+  static constexpr float at[2][4] = {{1, 1, 1, 0}, {0, 1, -1, -1}};
+};
+
+// F(2x2, 2x2): y0 = (d0 - d1) g0 + d1 (g0 + g1), y1 = d1 (g0 + g1) + (d2 - d1) g1 (all coefficients exact).
+struct F22 {
+  static constexpr int m = 2, r = 2, a = 3;
+  static constexpr float bt[3][3] = {{1, -1, 0}, {0, 1, 0}, {0, -1, 1}};
+  static constexpr float g[3][2] = {{1, 0}, {1, 1}, {0, 1}};
+  static constexpr float at[2][3] = {{1, 1, 0}, {0, 1, 1}};
+};
+
 struct Wino {
   const float* x;
   const float* u;
@@ -260,10 +283,26 @@ struct Wino {
   bool reflect;
 };
 
-// Distance between the 16 planes of a block's transformed tiles: n * c rounded up to a cache line plus
-// one more, so that the 16 streams a transform reads or writes at once do not all map to the same L1
-// set (plain n * c is often a multiple of 4 KiB: 16 streams in 12 ways thrashed, 3x slower transforms).
+// Distance between the planes of a block's transformed tiles: n * c rounded up to a cache line plus one
+// more, so that the planes a transform reads or writes at once do not all map to the same L1 set (plain
+// n * c is often a multiple of 4 KiB: 16 streams in 12 ways thrashed, 3x slower transforms).
 inline int64_t PlaneStride(int64_t n, int64_t c) { return (n * c + 15) / 16 * 16 + 16; }
+
+// sum_k coef[k] * x[k] with the coefficients known at compile time once the loops are unrolled: zero
+// terms vanish (x * 0 is not foldable in IEEE arithmetic, hence the test), +-1 need no multiply.
+template <int K>
+inline float Combine(const float (&coef)[K], const float (&x)[K]) {
+  float s = 0.0f;
+  bool first = true;
+#pragma GCC unroll 8
+  for (int k = 0; k < K; ++k) {
+    if (coef[k] == 0.0f) continue;
+    const float term = coef[k] == 1.0f ? x[k] : (coef[k] == -1.0f ? -x[k] : coef[k] * x[k]);
+    s = first ? term : s + term;
+    first = false;
+  }
+  return s;
+}
 
 float* Scratch(int64_t size) {
   thread_local std::vector<float> buf;
@@ -271,134 +310,267 @@ float* Scratch(int64_t size) {
   return buf.data();
 }
 
-// V[xi][t][c] = (B^T d B)[i][j] for the n tiles from t0.
-void InputTransform(const Wino& w, int64_t t0, int64_t n, float* __restrict v) {
-  const int64_t cin = w.cin, plane = PlaneStride(n, cin);
+// A row of `c` zeros (reads of padding) and a row to write discarded outputs to, per thread.
+const float* ZeroRow(int64_t c) {
   thread_local std::vector<float> zeros;
-  if (static_cast<int64_t>(zeros.size()) < cin) zeros.assign(cin, 0.0f);
-  // Padded coordinate -> source row / column, or -1 for a zero of the padding.
-  auto source = [&](int64_t i, int64_t size) -> int64_t {
-    if (i >= 0 && i < size) return i;
-    if (!w.reflect) return -1;
-    return i < 0 ? -i : 2 * (size - 1) - i;
-  };
+  if (static_cast<int64_t>(zeros.size()) < c) zeros.assign(c, 0.0f);
+  return zeros.data();
+}
+float* DiscardRow(int64_t c) {
+  thread_local std::vector<float> sink;
+  if (static_cast<int64_t>(sink.size()) < c) sink.resize(c);
+  return sink.data();
+}
+
+// Tile index -> (image, first output row, first output column).
+inline void TileOrigin(const Wino& w, int64_t g, int64_t m, int64_t& img, int64_t& oy, int64_t& ox) {
+  img = g / (w.th * w.tw);
+  const int64_t r = g % (w.th * w.tw);
+  oy = m * (r / w.tw);
+  ox = m * (r % w.tw);
+}
+
+// Padded coordinate -> source row / column of x, or -1 where the padding (or a ragged tile) reads zero.
+inline int64_t Source(const Wino& w, int64_t i, int64_t size) {
+  if (i >= 0 && i < size) return i;
+  if (!w.reflect) return -1;
+  const int64_t j = i < 0 ? -i : 2 * (size - 1) - i;
+  return (j >= 0 && j < size) ? j : -1;
+}
+
+// V[xi][t][c] = (B^T d B)[i][j] for the n tiles from t0.
+template <class F>
+void InputTransform(const Wino& w, int64_t t0, int64_t n, float* __restrict v) {
+  constexpr int a = F::a;
+  const int64_t cin = w.cin, plane = PlaneStride(n, cin);
+  const float* zeros = ZeroRow(cin);
   for (int64_t t = 0; t < n; ++t) {
-    const int64_t g = t0 + t, img = g / (w.th * w.tw), r = g % (w.th * w.tw);
-    const int64_t y0 = 2 * (r / w.tw) - w.pad, x0 = 2 * (r % w.tw) - w.pad;
-    const float* p[4][4];
-    for (int i = 0; i < 4; ++i) {
-      const int64_t sy = source(y0 + i, w.h);
-      for (int j = 0; j < 4; ++j) {
-        const int64_t sx = source(x0 + j, w.w);
-        p[i][j] = (sy < 0 || sx < 0) ? zeros.data() : w.x + ((img * w.h + sy) * w.w + sx) * cin;
+    int64_t img, oy, ox;
+    TileOrigin(w, t0 + t, F::m, img, oy, ox);
+    const float* p[a][a];
+    for (int i = 0; i < a; ++i) {
+      const int64_t sy = Source(w, oy - w.pad + i, w.h);
+      for (int j = 0; j < a; ++j) {
+        const int64_t sx = Source(w, ox - w.pad + j, w.w);
+        p[i][j] = (sy < 0 || sx < 0) ? zeros : w.x + ((img * w.h + sy) * w.w + sx) * cin;
       }
     }
     float* __restrict out = v + t * cin;
 #pragma GCC ivdep
     for (int64_t c = 0; c < cin; ++c) {
-      float d[4][4], e[4][4];
-      for (int i = 0; i < 4; ++i) {
-        for (int j = 0; j < 4; ++j) d[i][j] = p[i][j][c];
+      float col[a][a];   // col[j][k] = d[k][j]
+#pragma GCC unroll 8
+      for (int k = 0; k < a; ++k) {
+#pragma GCC unroll 8
+        for (int j = 0; j < a; ++j) col[j][k] = p[k][j][c];
       }
-      for (int j = 0; j < 4; ++j) {   // B^T d: rows
-        e[0][j] = d[0][j] - d[2][j];
-        e[1][j] = d[1][j] + d[2][j];
-        e[2][j] = d[2][j] - d[1][j];
-        e[3][j] = d[1][j] - d[3][j];
+      float e[a][a];     // e[i][j] = (B^T d)[i][j]
+#pragma GCC unroll 8
+      for (int i = 0; i < a; ++i) {
+#pragma GCC unroll 8
+        for (int j = 0; j < a; ++j) e[i][j] = Combine(F::bt[i], col[j]);
       }
-      for (int i = 0; i < 4; ++i) {   // (.) B: columns
-        out[(4 * i + 0) * plane + c] = e[i][0] - e[i][2];
-        out[(4 * i + 1) * plane + c] = e[i][1] + e[i][2];
-        out[(4 * i + 2) * plane + c] = e[i][2] - e[i][1];
-        out[(4 * i + 3) * plane + c] = e[i][1] - e[i][3];
+#pragma GCC unroll 8
+      for (int i = 0; i < a; ++i) {
+#pragma GCC unroll 8
+        for (int j = 0; j < a; ++j) out[(a * i + j) * plane + c] = Combine(F::bt[j], e[i]);
       }
     }
   }
 }
 
-// y tile = A^T M A for the n tiles from t0.
+// y tile = A^T M A for the n tiles from t0 (outputs past an odd edge go to a discard row).
+template <class F>
 void OutputTransform(const Wino& w, int64_t t0, int64_t n, const float* __restrict m) {
-  const int64_t cout = w.cout, wo = w.wo, ho = w.ho, rs = wo * cout, plane = PlaneStride(n, cout);
+  constexpr int a = F::a, mm = F::m;
+  const int64_t cout = w.cout, plane = PlaneStride(n, cout);
+  float* sink = DiscardRow(cout);
   for (int64_t t = 0; t < n; ++t) {
-    const int64_t g = t0 + t, img = g / (w.th * w.tw), r = g % (w.th * w.tw);
-    float* __restrict base = w.y + ((img * ho + 2 * (r / w.tw)) * wo + 2 * (r % w.tw)) * cout;
+    int64_t img, oy, ox;
+    TileOrigin(w, t0 + t, mm, img, oy, ox);
+    float* q[mm][mm];
+    for (int i = 0; i < mm; ++i) {
+      for (int j = 0; j < mm; ++j) {
+        const bool ok = oy + i < w.ho && ox + j < w.wo;
+        q[i][j] = ok ? w.y + ((img * w.ho + oy + i) * w.wo + ox + j) * cout : sink;
+      }
+    }
     const float* __restrict in = m + t * cout;
 #pragma GCC ivdep
     for (int64_t c = 0; c < cout; ++c) {
-      float s[2][4];
-      for (int j = 0; j < 4; ++j) {
-        const float a0 = in[j * plane + c], a1 = in[(4 + j) * plane + c], a2 = in[(8 + j) * plane + c],
-                    a3 = in[(12 + j) * plane + c];
-        s[0][j] = a0 + a1 + a2;
-        s[1][j] = a1 - a2 - a3;
+      float col[a][a];   // col[j][k] = M[k][j]
+#pragma GCC unroll 8
+      for (int k = 0; k < a; ++k) {
+#pragma GCC unroll 8
+        for (int j = 0; j < a; ++j) col[j][k] = in[(a * k + j) * plane + c];
       }
-      for (int i = 0; i < 2; ++i) {
-        base[i * rs + c] = s[i][0] + s[i][1] + s[i][2];
-        base[i * rs + cout + c] = s[i][1] - s[i][2] - s[i][3];
+      float s[mm][a];    // s[i][j] = (A^T M)[i][j]
+#pragma GCC unroll 8
+      for (int i = 0; i < mm; ++i) {
+#pragma GCC unroll 8
+        for (int j = 0; j < a; ++j) s[i][j] = Combine(F::at[i], col[j]);
+      }
+#pragma GCC unroll 8
+      for (int i = 0; i < mm; ++i) {
+#pragma GCC unroll 8
+        for (int j = 0; j < mm; ++j) q[i][j][c] = Combine(F::at[j], s[i]);
       }
     }
   }
 }
 
-// dM[xi][t][c] = (A dY A^T)[i][j] for the n tiles from t0 (A = [[1, 0], [1, 1], [1, -1], [0, -1]]).
+// dM[xi][t][c] = (A dY A^T)[i][j] for the n tiles from t0 (dY read as zero past an odd edge).
+template <class F>
 void GradTransform(const Wino& w, int64_t t0, int64_t n, float* __restrict dm) {
-  const int64_t cout = w.cout, wo = w.wo, ho = w.ho, rs = wo * cout, plane = PlaneStride(n, cout);
+  constexpr int a = F::a, mm = F::m;
+  const int64_t cout = w.cout, plane = PlaneStride(n, cout);
+  const float* zeros = ZeroRow(cout);
+  // A's columns as rows: acol[i][k] = A[i][k] = A^T[k][i].
+  static constexpr auto acol = [] {
+    std::array<std::array<float, mm>, a> r{};
+    for (int i = 0; i < a; ++i) {
+      for (int k = 0; k < mm; ++k) r[i][k] = F::at[k][i];
+    }
+    return r;
+  }();
   for (int64_t t = 0; t < n; ++t) {
-    const int64_t g = t0 + t, img = g / (w.th * w.tw), r = g % (w.th * w.tw);
-    const float* __restrict base = w.dy + ((img * ho + 2 * (r / w.tw)) * wo + 2 * (r % w.tw)) * cout;
+    int64_t img, oy, ox;
+    TileOrigin(w, t0 + t, mm, img, oy, ox);
+    const float* q[mm][mm];
+    for (int i = 0; i < mm; ++i) {
+      for (int j = 0; j < mm; ++j) {
+        const bool ok = oy + i < w.ho && ox + j < w.wo;
+        q[i][j] = ok ? w.dy + ((img * w.ho + oy + i) * w.wo + ox + j) * cout : zeros;
+      }
+    }
     float* __restrict out = dm + t * cout;
 #pragma GCC ivdep
     for (int64_t c = 0; c < cout; ++c) {
-      const float g00 = base[c], g01 = base[cout + c], g10 = base[rs + c], g11 = base[rs + cout + c];
-      const float e[4][2] = {{g00, g01}, {g00 + g10, g01 + g11}, {g00 - g10, g01 - g11}, {-g10, -g11}};
-      for (int i = 0; i < 4; ++i) {
-        out[(4 * i + 0) * plane + c] = e[i][0];
-        out[(4 * i + 1) * plane + c] = e[i][0] + e[i][1];
-        out[(4 * i + 2) * plane + c] = e[i][0] - e[i][1];
-        out[(4 * i + 3) * plane + c] = -e[i][1];
+      float col[mm][mm];   // col[j][k] = dY[k][j]
+#pragma GCC unroll 8
+      for (int k = 0; k < mm; ++k) {
+#pragma GCC unroll 8
+        for (int j = 0; j < mm; ++j) col[j][k] = q[k][j][c];
+      }
+      float e[a][mm];      // e[i][j] = (A dY)[i][j]
+#pragma GCC unroll 8
+      for (int i = 0; i < a; ++i) {
+#pragma GCC unroll 8
+        for (int j = 0; j < mm; ++j) {
+          float coef[mm];
+          for (int k = 0; k < mm; ++k) coef[k] = acol[i][k];
+          e[i][j] = Combine(coef, col[j]);
+        }
+      }
+#pragma GCC unroll 8
+      for (int i = 0; i < a; ++i) {
+#pragma GCC unroll 8
+        for (int l = 0; l < a; ++l) {
+          float coef[mm];
+          for (int k = 0; k < mm; ++k) coef[k] = acol[l][k];
+          out[(a * i + l) * plane + c] = Combine(coef, e[i]);
+        }
       }
     }
   }
 }
 
+template <class F>
 void WinoForwardBlock(const Wino& w, int64_t t0, int64_t n) {
+  constexpr int a2 = F::a * F::a;
   const int64_t pv = PlaneStride(n, w.cin), pm = PlaneStride(n, w.cout);
-  float* v = Scratch(16 * (pv + pm));
-  float* m = v + 16 * pv;
-  InputTransform(w, t0, n, v);
+  float* v = Scratch(a2 * (pv + pm));
+  float* m = v + a2 * pv;
+  InputTransform<F>(w, t0, n, v);
   const float one = 1.0f, zero = 0.0f;
   const int mm = static_cast<int>(w.cout), nn = static_cast<int>(n), kk = static_cast<int>(w.cin);
-  for (int xi = 0; xi < 16; ++xi) {   // column-major: M_xi^T [Cout, n] = U_xi^T [Cout, Cin] @ V_xi^T [Cin, n]
+  for (int xi = 0; xi < a2; ++xi) {   // column-major: M_xi^T [Cout, n] = U_xi^T [Cout, Cin] @ V_xi^T [Cin, n]
     g_sgemm("N", "N", &mm, &nn, &kk, &one, w.u + xi * w.cin * w.cout, &mm, v + xi * pv, &kk, &zero, m + xi * pm, &mm,
             1, 1);
   }
-  OutputTransform(w, t0, n, m);
+  OutputTransform<F>(w, t0, n, m);
 }
 
+template <class F>
 void WinoWeightGradBlock(const Wino& w, int64_t t0, int64_t n, bool first, float* acc) {
+  constexpr int a2 = F::a * F::a;
   const int64_t pv = PlaneStride(n, w.cin), pm = PlaneStride(n, w.cout);
-  float* v = Scratch(16 * (pv + pm));
-  float* dm = v + 16 * pv;
-  InputTransform(w, t0, n, v);
-  GradTransform(w, t0, n, dm);
+  float* v = Scratch(a2 * (pv + pm));
+  float* dm = v + a2 * pv;
+  InputTransform<F>(w, t0, n, v);
+  GradTransform<F>(w, t0, n, dm);
   const float one = 1.0f, beta = first ? 0.0f : 1.0f;
   const int mm = static_cast<int>(w.cout), nn = static_cast<int>(w.cin), kk = static_cast<int>(n);
-  for (int xi = 0; xi < 16; ++xi) {   // column-major: dU_xi^T [Cout, Cin] += dM_xi^T [Cout, n] @ V_xi [n, Cin]
-    g_sgemm("N", "T", &mm, &nn, &kk, &one, dm + xi * pm, &mm, v + xi * pv, &nn, &beta,
-            acc + xi * w.cin * w.cout, &mm, 1, 1);
+  for (int xi = 0; xi < a2; ++xi) {   // column-major: dU_xi^T [Cout, Cin] += dM_xi^T [Cout, n] @ V_xi [n, Cin]
+    g_sgemm("N", "T", &mm, &nn, &kk, &one, dm + xi * pm, &mm, v + xi * pv, &nn, &beta, acc + xi * w.cin * w.cout, &mm,
+            1, 1);
   }
 }
 
-// Checks shapes (x [B, H, W, Cin], padded by `pad` on every side, zeros or reflected; grid
-// [B, H + 2 pad - 2, W + 2 pad - 2, Cout] with even sizes) and fills `w`.
-std::string WinoSetup(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> gd, int64_t ucin, int64_t ucout,
-                      int64_t pad, int64_t reflect, Wino& w) {
+// U[a][b] = sum_kl G[a][k] G[b][l] g[k][l] for every (Cin, Cout) pair, g [r, r, Cin, Cout]; with `flip`
+// the input-gradient kernel of a conv whose kernel is g: g[r-1-k][r-1-l] with Cin and Cout swapped (g
+// then [r, r, Cout, Cin]).
+template <class F>
+void KernelTransform(const float* g, int64_t cin, int64_t cout, bool flip, float* __restrict u) {
+  constexpr int a = F::a, r = F::r;
+  const int64_t n = cin * cout;
+  std::vector<float> tap;
+  if (flip) {   // tap[k][l][i][o] = g[r-1-k][r-1-l][o][i]
+    tap.resize(r * r * n);
+    for (int64_t k = 0; k < r * r; ++k) {
+      const float* src = g + (r * r - 1 - k) * n;
+      for (int64_t o = 0; o < cout; ++o) {
+        for (int64_t i = 0; i < cin; ++i) tap[k * n + i * cout + o] = src[o * cin + i];
+      }
+    }
+    g = tap.data();
+  }
+  for (int ia = 0; ia < a; ++ia) {
+    for (int ib = 0; ib < a; ++ib) {
+      float* ua = u + (a * ia + ib) * n;
+      std::fill(ua, ua + n, 0.0f);
+      for (int k = 0; k < r; ++k) {
+        for (int l = 0; l < r; ++l) {
+          const float coef = F::g[ia][k] * F::g[ib][l];
+          if (coef == 0.0f) continue;
+          const float* gk = g + (r * k + l) * n;
+          for (int64_t e = 0; e < n; ++e) ua[e] += coef * gk[e];
+        }
+      }
+    }
+  }
+}
+
+// g[k][l] = sum_ab G[a][k] G[b][l] dU[a][b] (the transpose of `KernelTransform`, no flip).
+template <class F>
+void KernelGradTransform(const float* du, int64_t n, float* __restrict g) {
+  constexpr int a = F::a, r = F::r;
+  for (int k = 0; k < r; ++k) {
+    for (int l = 0; l < r; ++l) {
+      float* gk = g + (r * k + l) * n;
+      std::fill(gk, gk + n, 0.0f);
+      for (int ia = 0; ia < a; ++ia) {
+        for (int ib = 0; ib < a; ++ib) {
+          const float coef = F::g[ia][k] * F::g[ib][l];
+          if (coef == 0.0f) continue;
+          const float* d = du + (a * ia + ib) * n;
+          for (int64_t e = 0; e < n; ++e) gk[e] += coef * d[e];
+        }
+      }
+    }
+  }
+}
+
+// Checks shapes (x [B, H, W, Cin] padded by `pad` on every side, zeros or reflected; grid
+// [B, H + 2 pad - r + 1, W + 2 pad - r + 1, Cout]) and fills `w`.
+std::string WinoSetup(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> gd, int64_t r, int64_t ucin,
+                      int64_t ucout, int64_t pad, int64_t reflect, Wino& w) {
   if (xd.size() != 4 || gd.size() != 4) return "expected rank-4 input and output";
   const int64_t batch = xd[0], h = xd[1], wd = xd[2], cin = xd[3], cout = gd[3];
-  const int64_t ho = h + 2 * pad - 2, wo = wd + 2 * pad - 2;
-  if (pad < 0 || pad > 2 || (reflect && (pad > 1 || h < 2 || wd < 2)) || gd[0] != batch || gd[1] != ho ||
-      gd[2] != wo || ho < 2 || wo < 2 || ho % 2 || wo % 2 || ucin != cin || ucout != cout) {
-    return "inconsistent shapes (needs a 3x3 conv with even output height and width)";
+  const int64_t ho = h + 2 * pad - r + 1, wo = wd + 2 * pad - r + 1;
+  if (pad < 0 || pad > r - 1 || (reflect && (pad != 1 || h < 2 || wd < 2)) || gd[0] != batch || gd[1] != ho ||
+      gd[2] != wo || ho < 1 || wo < 1 || ucin != cin || ucout != cout) {
+    return "inconsistent shapes";
   }
   w.h = h;
   w.w = wd;
@@ -408,117 +580,66 @@ std::string WinoSetup(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> gd, 
   w.wo = wo;
   w.cin = cin;
   w.cout = cout;
-  w.th = ho / 2;
-  w.tw = wo / 2;
+  w.th = (ho + 1) / 2;
+  w.tw = (wo + 1) / 2;
   w.tiles = batch * w.th * w.tw;
-  // ~1.5 MB of transformed tiles (V and M) per block: they stay in L2 between the transforms and the GEMMs.
-  w.block = std::clamp<int64_t>(24576 / (cin + cout), 16, 1024);
+  // ~1.5 MB of transformed tiles (V and M) per block, so they stay in L2 between the transforms and the
+  // GEMMs; but wide layers (the condition projection's 384 -> 1024: 14 MB of transformed kernel) need
+  // more tiles per block to pay for streaming the kernel (forward) or the accumulator (weight gradient)
+  // through every block: at least Cin Cout / (Cin + Cout) tiles, i.e. as many bytes of tiles as of kernel.
+  w.block = std::clamp<int64_t>(std::max(24576 / (cin + cout), cin * cout / (cin + cout)), 64, 1024);
   return "";
 }
 
+template <class F>
 std::shared_ptr<Job> WinoJob(const Wino& w, bool forward) {
   auto job = std::make_shared<Job>();
   job->num_blocks = (w.tiles + w.block - 1) / w.block;
-  job->acc_size = forward ? 0 : 16 * w.cin * w.cout;
+  job->acc_size = forward ? 0 : F::a * F::a * w.cin * w.cout;
   job->block = [w, forward](int64_t b, float* acc, bool first) {
     const int64_t t0 = b * w.block, n = std::min(w.block, w.tiles - t0);
     if (forward) {
-      WinoForwardBlock(w, t0, n);
+      WinoForwardBlock<F>(w, t0, n);
     } else {
-      WinoWeightGradBlock(w, t0, n, first, acc);
+      WinoWeightGradBlock<F>(w, t0, n, first, acc);
     }
   };
   return job;
 }
 
-// U[a][b] = sum_kl G[a][k] G[b][l] g[k][l] for every (Cin, Cout) pair; g [3, 3, Cin, Cout], or with
-// `flip` the input-gradient kernel of a conv whose kernel is g: g[2 - k][2 - l] with Cin and Cout
-// swapped (g then [3, 3, Cout, Cin]).
-void KernelTransform(const float* g, int64_t cin, int64_t cout, bool flip, float* __restrict u) {
-  const int64_t n = cin * cout;
-  std::vector<float> tap;
-  if (flip) {   // tap[k][l][i][o] = g[2 - k][2 - l][o][i]
-    tap.resize(9 * n);
-    for (int64_t k = 0; k < 9; ++k) {
-      const float* src = g + (8 - k) * n;
-      for (int64_t o = 0; o < cout; ++o) {
-        for (int64_t i = 0; i < cin; ++i) tap[k * n + i * cout + o] = src[o * cin + i];
-      }
-    }
-    g = tap.data();
-  }
-  std::vector<float> rows(12 * n);   // rows[a][l] = sum_k G[a][k] g[k][l]
-  for (int64_t l = 0; l < 3; ++l) {
-    const float* g0 = g + l * n;
-    const float* g1 = g + (3 + l) * n;
-    const float* g2 = g + (6 + l) * n;
-    float* r = rows.data();
-    for (int64_t e = 0; e < n; ++e) {
-      r[(0 * 3 + l) * n + e] = g0[e];
-      r[(1 * 3 + l) * n + e] = 0.5f * (g0[e] + g1[e] + g2[e]);
-      r[(2 * 3 + l) * n + e] = 0.5f * (g0[e] - g1[e] + g2[e]);
-      r[(3 * 3 + l) * n + e] = g2[e];
-    }
-  }
-  for (int64_t a = 0; a < 4; ++a) {
-    const float* r0 = rows.data() + (a * 3) * n;
-    const float* r1 = r0 + n;
-    const float* r2 = r1 + n;
-    float* ua = u + 4 * a * n;
-    for (int64_t e = 0; e < n; ++e) {
-      ua[e] = r0[e];
-      ua[n + e] = 0.5f * (r0[e] + r1[e] + r2[e]);
-      ua[2 * n + e] = 0.5f * (r0[e] - r1[e] + r2[e]);
-      ua[3 * n + e] = r2[e];
-    }
-  }
+template <class F>
+void WinoForward(Wino& w, const float* kernel, bool flip) {
+  std::vector<float> u(F::a * F::a * w.cin * w.cout);
+  KernelTransform<F>(kernel, w.cin, w.cout, flip, u.data());
+  w.u = u.data();
+  Run(WinoJob<F>(w, true), nullptr);
 }
 
-// g[k][l] = sum_ab G[a][k] G[b][l] dU[a][b] (the transpose of `KernelTransform`, no flip).
-void KernelGradTransform(const float* du, int64_t n, float* __restrict g) {
-  std::vector<float> rows(12 * n);   // rows[k][b] = sum_a G[a][k] dU[a][b]
-  for (int64_t b = 0; b < 4; ++b) {
-    const float* d0 = du + b * n;
-    const float* d1 = du + (4 + b) * n;
-    const float* d2 = du + (8 + b) * n;
-    const float* d3 = du + (12 + b) * n;
-    for (int64_t e = 0; e < n; ++e) {
-      rows[(0 * 4 + b) * n + e] = d0[e] + 0.5f * (d1[e] + d2[e]);
-      rows[(1 * 4 + b) * n + e] = 0.5f * (d1[e] - d2[e]);
-      rows[(2 * 4 + b) * n + e] = d3[e] + 0.5f * (d1[e] + d2[e]);
-    }
-  }
-  for (int64_t k = 0; k < 3; ++k) {
-    const float* r0 = rows.data() + (k * 4) * n;
-    const float* r1 = r0 + n;
-    const float* r2 = r1 + n;
-    const float* r3 = r2 + n;
-    float* gk = g + 3 * k * n;
-    for (int64_t e = 0; e < n; ++e) {
-      gk[e] = r0[e] + 0.5f * (r1[e] + r2[e]);
-      gk[n + e] = 0.5f * (r1[e] - r2[e]);
-      gk[2 * n + e] = r3[e] + 0.5f * (r1[e] + r2[e]);
-    }
-  }
+template <class F>
+void WinoWeightGrad(const Wino& w, float* kernel_grad) {
+  std::vector<float> du(F::a * F::a * w.cin * w.cout);
+  Run(WinoJob<F>(w, false), du.data());
+  KernelGradTransform<F>(du.data(), w.cin * w.cout, kernel_grad);
 }
 
 ffi::Error WinoForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> y,
                            int64_t pad, int64_t reflect, int64_t flip) {
   if (g_sgemm == nullptr) return ffi::Error::Internal("diffssr_wino_forward: no BLAS loaded");
   auto gd = g.dimensions();
-  if (gd.size() != 4 || gd[0] != 3 || gd[1] != 3) {
-    return ffi::Error::InvalidArgument("diffssr_wino_forward: the kernel must be [3, 3, Cin, Cout]");
+  if (gd.size() != 4 || gd[0] != gd[1] || gd[0] < 2 || gd[0] > 3) {
+    return ffi::Error::InvalidArgument("diffssr_wino_forward: the kernel must be [r, r, Cin, Cout] with r = 2 or 3");
   }
   const int64_t cin = flip ? gd[3] : gd[2], cout = flip ? gd[2] : gd[3];
   Wino w{};
-  std::string err = WinoSetup(x.dimensions(), y->dimensions(), cin, cout, pad, reflect, w);
+  std::string err = WinoSetup(x.dimensions(), y->dimensions(), gd[0], cin, cout, pad, reflect, w);
   if (!err.empty()) return ffi::Error::InvalidArgument("diffssr_wino_forward: " + err);
-  std::vector<float> u(16 * cin * cout);
-  KernelTransform(g.typed_data(), cin, cout, flip != 0, u.data());
   w.x = x.typed_data();
-  w.u = u.data();
   w.y = y->typed_data();
-  Run(WinoJob(w, true), nullptr);
+  if (gd[0] == 3) {
+    WinoForward<F23>(w, g.typed_data(), flip != 0);
+  } else {
+    WinoForward<F22>(w, g.typed_data(), flip != 0);
+  }
   return ffi::Error::Success();
 }
 
@@ -526,17 +647,19 @@ ffi::Error WinoWeightGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                               int64_t pad, int64_t reflect) {
   if (g_sgemm == nullptr) return ffi::Error::Internal("diffssr_wino_weight_grad: no BLAS loaded");
   auto gd = dg->dimensions();
-  if (gd.size() != 4 || gd[0] != 3 || gd[1] != 3) {
-    return ffi::Error::InvalidArgument("diffssr_wino_weight_grad: the result must be [3, 3, Cin, Cout]");
+  if (gd.size() != 4 || gd[0] != gd[1] || gd[0] < 2 || gd[0] > 3) {
+    return ffi::Error::InvalidArgument("diffssr_wino_weight_grad: the result must be [r, r, Cin, Cout] with r = 2 or 3");
   }
   Wino w{};
-  std::string err = WinoSetup(x.dimensions(), dy.dimensions(), gd[2], gd[3], pad, reflect, w);
+  std::string err = WinoSetup(x.dimensions(), dy.dimensions(), gd[0], gd[2], gd[3], pad, reflect, w);
   if (!err.empty()) return ffi::Error::InvalidArgument("diffssr_wino_weight_grad: " + err);
   w.x = x.typed_data();
   w.dy = dy.typed_data();
-  std::vector<float> du(16 * w.cin * w.cout);
-  Run(WinoJob(w, false), du.data());
-  KernelGradTransform(du.data(), w.cin * w.cout, dg->typed_data());
+  if (gd[0] == 3) {
+    WinoWeightGrad<F23>(w, dg->typed_data());
+  } else {
+    WinoWeightGrad<F22>(w, dg->typed_data());
+  }
   return ffi::Error::Success();
 }
 
