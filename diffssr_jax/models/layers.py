@@ -266,8 +266,9 @@ def reflect_pad1_conv(lhs, rhs, window_strides, padding, *, lhs_dilation=None, r
     add the reflected rows' taps to the two border rows (42 -> 30 ms for 256x256x64 -> 64 with bias
     and Mish; 22 -> 10 ms for the stride-2 downsampling there);
   * small maps (`_reflect_conv_ring`): one more ring of zero padding, outer ring of outputs dropped.
-  On CPU with the native convs (`diffssr_jax/native`), which have no slow VALID form, it is simply the
-  reflect pad followed by `conv_fast_grad`.
+  On CPU with the native convs (`diffssr_jax/native`): stride 1 is one Winograd call that reads the
+  reflection in place (`_reflect_conv_wino`); stride 2 the reflect pad followed by `conv_fast_grad` (the
+  native direct conv has no slow VALID form).
   """
   del kwargs, dimension_numbers, precision
   simple = (lhs.ndim == 4 and rhs.shape[:2] == (3, 3) and tuple(map(tuple, padding)) == ((1, 1), (1, 1))
