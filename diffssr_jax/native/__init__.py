@@ -35,6 +35,7 @@ FORWARD_TARGET = "diffssr_conv_forward"
 WINO_FORWARD_TARGET = "diffssr_wino_forward"
 WINO_WEIGHT_GRAD_TARGET = "diffssr_wino_weight_grad"
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conv_sgemm.cc")
+_log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -142,7 +143,7 @@ def available() -> bool:
       except Exception as e:  # noqa: BLE001 - any failure means "use the portable path"
         _state["ok"] = False
         _state["error"] = str(e)
-        logging.warning("diffssr_jax: native CPU convolutions unavailable (%s); using XLA's", e)
+        _log.warning("diffssr_jax: native CPU convolutions unavailable (%s); using XLA's", e)
     return _state["ok"]
 
 
