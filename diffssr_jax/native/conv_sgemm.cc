@@ -30,7 +30,6 @@
 #include <dlfcn.h>
 
 #include <algorithm>
-#include <array>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -425,13 +424,14 @@ void GradTransform(const Wino& w, int64_t t0, int64_t n, float* __restrict dm) {
   constexpr int a = F::a, mm = F::m;
   const int64_t cout = w.cout, plane = PlaneStride(n, cout);
   const float* zeros = ZeroRow(cout);
-  // A's columns as rows: acol[i][k] = A[i][k] = A^T[k][i].
-  static constexpr auto acol = [] {
-    std::array<std::array<float, mm>, a> r{};
+  // A itself (a x m): A[i][k] = A^T[k][i], rows usable as `Combine` coefficients.
+  struct Matrix { float v[a][mm]; };
+  static constexpr Matrix amat = [] {
+    Matrix t{};
     for (int i = 0; i < a; ++i) {
-      for (int k = 0; k < mm; ++k) r[i][k] = F::at[k][i];
+      for (int k = 0; k < mm; ++k) t.v[i][k] = F::at[k][i];
     }
-    return r;
+    return t;
   }();
   for (int64_t t = 0; t < n; ++t) {
     int64_t img, oy, ox;
@@ -456,20 +456,12 @@ void GradTransform(const Wino& w, int64_t t0, int64_t n, float* __restrict dm) {
 #pragma GCC unroll 8
       for (int i = 0; i < a; ++i) {
 #pragma GCC unroll 8
-        for (int j = 0; j < mm; ++j) {
-          float coef[mm];
-          for (int k = 0; k < mm; ++k) coef[k] = acol[i][k];
-          e[i][j] = Combine(coef, col[j]);
-        }
+        for (int j = 0; j < mm; ++j) e[i][j] = Combine(amat.v[i], col[j]);
       }
 #pragma GCC unroll 8
       for (int i = 0; i < a; ++i) {
 #pragma GCC unroll 8
-        for (int l = 0; l < a; ++l) {
-          float coef[mm];
-          for (int k = 0; k < mm; ++k) coef[k] = acol[l][k];
-          out[(a * i + l) * plane + c] = Combine(coef, e[i]);
-        }
+        for (int l = 0; l < a; ++l) out[(a * i + l) * plane + c] = Combine(amat.v[l], e[i]);
       }
     }
   }
@@ -507,12 +499,33 @@ void WinoWeightGradBlock(const Wino& w, int64_t t0, int64_t n, bool first, float
   }
 }
 
-// U[a][b] = sum_kl G[a][k] G[b][l] g[k][l] for every (Cin, Cout) pair, g [r, r, Cin, Cout]; with `flip`
-// the input-gradient kernel of a conv whose kernel is g: g[r-1-k][r-1-l] with Cin and Cout swapped (g
-// then [r, r, Cout, Cin]).
+// The two kernel-side maps of Winograd, per (Cin, Cout) pair (n of them, contiguous): with to_u,
+// U[a][b] = sum_kl G[a][k] G[b][l] g[k][l] (src [r, r, n] -> dst [a, a, n]); else its transpose, the
+// weight gradient g[k][l] = sum_ab G[a][k] G[b][l] dU[a][b] (src [a, a, n] -> dst [r, r, n]).
+template <class F, bool to_u>
+void KernelMap(const float* src, int64_t n, float* __restrict dst) {
+  constexpr int out_side = to_u ? F::a : F::r, in_side = to_u ? F::r : F::a;
+  for (int p = 0; p < out_side; ++p) {
+    for (int q = 0; q < out_side; ++q) {
+      float* d = dst + (out_side * p + q) * n;
+      std::fill(d, d + n, 0.0f);
+      for (int s = 0; s < in_side; ++s) {
+        for (int t = 0; t < in_side; ++t) {
+          const float coef = to_u ? F::g[p][s] * F::g[q][t] : F::g[s][p] * F::g[t][q];
+          if (coef == 0.0f) continue;
+          const float* v = src + (in_side * s + t) * n;
+          for (int64_t e = 0; e < n; ++e) d[e] += coef * v[e];
+        }
+      }
+    }
+  }
+}
+
+// U from the kernel g [r, r, Cin, Cout]; with `flip` g is the kernel [r, r, Cout, Cin] of a conv whose
+// input gradient this is, read as g[r-1-k][r-1-l] with Cin and Cout swapped.
 template <class F>
 void KernelTransform(const float* g, int64_t cin, int64_t cout, bool flip, float* __restrict u) {
-  constexpr int a = F::a, r = F::r;
+  constexpr int r = F::r;
   const int64_t n = cin * cout;
   std::vector<float> tap;
   if (flip) {   // tap[k][l][i][o] = g[r-1-k][r-1-l][o][i]
@@ -525,40 +538,7 @@ void KernelTransform(const float* g, int64_t cin, int64_t cout, bool flip, float
     }
     g = tap.data();
   }
-  for (int ia = 0; ia < a; ++ia) {
-    for (int ib = 0; ib < a; ++ib) {
-      float* ua = u + (a * ia + ib) * n;
-      std::fill(ua, ua + n, 0.0f);
-      for (int k = 0; k < r; ++k) {
-        for (int l = 0; l < r; ++l) {
-          const float coef = F::g[ia][k] * F::g[ib][l];
-          if (coef == 0.0f) continue;
-          const float* gk = g + (r * k + l) * n;
-          for (int64_t e = 0; e < n; ++e) ua[e] += coef * gk[e];
-        }
-      }
-    }
-  }
-}
-
-// g[k][l] = sum_ab G[a][k] G[b][l] dU[a][b] (the transpose of `KernelTransform`, no flip).
-template <class F>
-void KernelGradTransform(const float* du, int64_t n, float* __restrict g) {
-  constexpr int a = F::a, r = F::r;
-  for (int k = 0; k < r; ++k) {
-    for (int l = 0; l < r; ++l) {
-      float* gk = g + (r * k + l) * n;
-      std::fill(gk, gk + n, 0.0f);
-      for (int ia = 0; ia < a; ++ia) {
-        for (int ib = 0; ib < a; ++ib) {
-          const float coef = F::g[ia][k] * F::g[ib][l];
-          if (coef == 0.0f) continue;
-          const float* d = du + (a * ia + ib) * n;
-          for (int64_t e = 0; e < n; ++e) gk[e] += coef * d[e];
-        }
-      }
-    }
-  }
+  KernelMap<F, true>(g, n, u);
 }
 
 // Checks shapes (x [B, H, W, Cin] padded by `pad` on every side, zeros or reflected; grid
@@ -619,7 +599,7 @@ template <class F>
 void WinoWeightGrad(const Wino& w, float* kernel_grad) {
   std::vector<float> du(F::a * F::a * w.cin * w.cout);
   Run(WinoJob<F>(w, false), du.data());
-  KernelGradTransform<F>(du.data(), w.cin * w.cout, kernel_grad);
+  KernelMap<F, false>(du.data(), w.cin * w.cout, kernel_grad);
 }
 
 ffi::Error WinoForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> y,
