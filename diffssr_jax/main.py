@@ -23,7 +23,7 @@ def main(argv):
   # Our progress at INFO; libraries (orbax logs every file it writes) at WARNING.
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger("diffssr_jax").setLevel(logging.INFO)
-  from diffssr_jax import train  # after flag parsing: keeps --help fast
+  from diffssr_jax.training import train  # after flag parsing: keeps --help fast
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

@@ -1,4 +1,4 @@
-"""The model benchmark CLI (diffssr_jax.benchmark) on a tiny network: output keys and sane values.
+"""The model benchmark CLI (diffssr_jax.benchmarks.model) on a tiny network: output keys and sane values.
 
 No timing assertions (the machine is shared); only that both subcommands run and report consistent
 numbers. Also pins the analytic FLOP counts to the paper network's known values, and checks that the
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffssr_jax import benchmark
+from diffssr_jax.benchmarks import model as benchmark
 from diffssr_jax.models import layers
 from diffssr_jax.models.layers import conv_fast_grad, mish, reflect_pad, reflect_pad1_conv
 
@@ -75,7 +75,7 @@ def test_cli_rejects_bad_sizes(tiny_config):
     benchmark.main(["sample", "--config", tiny_config, "--size", "20"])  # not a multiple of 8
   with pytest.raises(SystemExit):
     benchmark.main(["train", "--config", tiny_config, "--batch-size", "3", "--patch-size", "16"])
-  out = subprocess.run([sys.executable, "-m", "diffssr_jax.benchmark", "--help"], capture_output=True, text=True)
+  out = subprocess.run([sys.executable, "-m", "diffssr_jax.benchmarks.model", "--help"], capture_output=True, text=True)
   assert out.returncode == 0 and "train" in out.stdout and "sample" in out.stdout
 
 

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from diffssr_jax.model import build_model
+from diffssr_jax.diffusion.model import build_model
 
 CONFIGS = ["base", "demo", "diffssr_df2k_x4", "diffssr_paper_df2k_x4", "srdiff_df2k_x4", "rrdb_df2k_x4",
            "diffssr_df2k_x2", "rrdb_df2k_x2"]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import reference_data as rd
-from diffssr_jax import diffusion, schedules
+from diffssr_jax.diffusion import process as diffusion, schedules
 from helpers import nchw_to_nhwc
 
 

@@ -6,11 +6,12 @@ import math
 import numpy as np
 import pytest
 
-from diffssr_jax import evaluate, images, results
+from diffssr_jax import images
+from diffssr_jax.evaluation import evaluate, results
 from diffssr_jax.data.eval_sources import EvalSourceError
-from diffssr_jax.imresize import imresize
-from diffssr_jax.inference import Upscaler
-from diffssr_jax.metrics import psnr_y, ssim_y, lr_psnr, artifact_mean
+from diffssr_jax.data.imresize import imresize
+from diffssr_jax.inference.upscaler import Upscaler
+from diffssr_jax.evaluation.metrics import psnr_y, ssim_y, lr_psnr, artifact_mean
 from test_inference import tiny_model
 
 STEP = "7"
@@ -166,7 +167,7 @@ def test_plan_batches_groups_equal_sizes():
 
 
 def test_cli_from_a_training_workdir(folders, tmp_path, capsys):
-  checkpointing = pytest.importorskip("diffssr_jax.checkpointing")
+  checkpointing = pytest.importorskip("diffssr_jax.training.checkpointing")
   cfg, model, params = tiny_model()
   work = tmp_path / "work"
   checkpointing.save_config(cfg, work)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffssr_jax import spe as spe_lib
+from diffssr_jax.data import spe as spe_lib
 from diffssr_jax.data import export, hr_sources, records, rle, segmenters, tfrecord
-from diffssr_jax.imresize import imresize
+from diffssr_jax.data.imresize import imresize
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMALL = dict(scale=4, tile_size=64, tile_step=64, min_tile=32)

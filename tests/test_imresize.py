@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from diffssr_jax.imresize import imresize, imresize_batch, weight_matrix
+from diffssr_jax.data.imresize import imresize, imresize_batch, weight_matrix
 from reference_data import reference, require
 
 PAIRS = [("rs/a_u8", "rs/a_down", 0.25), ("rs/b_u8", "rs/b_down", 0.25), ("rs/c_f64", "rs/c_up", 4),

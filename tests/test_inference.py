@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 
 from configs import base
-from diffssr_jax import images, inference, sampling
+from diffssr_jax import images
+from diffssr_jax.inference import upscaler as inference
+from diffssr_jax.diffusion import sampling
 from diffssr_jax.data.pipeline import make_lr_up
-from diffssr_jax.inference import Upscaler
-from diffssr_jax.metrics import signed_to_uint8
-from diffssr_jax.model import build_model
+from diffssr_jax.inference.upscaler import Upscaler
+from diffssr_jax.evaluation.metrics import signed_to_uint8
+from diffssr_jax.diffusion.model import build_model
 from helpers import tiny_config
 
 
@@ -170,7 +172,7 @@ def test_diffusion_tiling_and_one_piece(tiny):
 
 
 def test_load_from_workdir(tiny, tmp_path):
-  checkpointing = pytest.importorskip("diffssr_jax.checkpointing")
+  checkpointing = pytest.importorskip("diffssr_jax.training.checkpointing")
   cfg, model, params, _ = tiny
   checkpointing.save_config(cfg, tmp_path)
   ckpt = checkpointing.Checkpointer(tmp_path, use_async=False)
@@ -187,8 +189,8 @@ def test_load_from_workdir(tiny, tmp_path):
 def test_load_official_checkpoint(tiny, tmp_path):
   """An official-layout PyTorch checkpoint (ckpt['state_dict']['model']) converts to the same model."""
   torch = pytest.importorskip("torch")
-  pytest.importorskip("diffssr_jax.checkpointing")
-  from diffssr_jax import convert
+  pytest.importorskip("diffssr_jax.training.checkpointing")
+  from diffssr_jax.models import convert
   cfg, model, params, _ = tiny
   sd = {k: torch.from_numpy(np.array(v)) for k, v in convert.flax_to_torch(params).items()}
   path = tmp_path / "model_ckpt_steps_5.ckpt"

@@ -7,7 +7,7 @@ import scipy.linalg
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-from diffssr_jax import lpips  # noqa: E402
+from diffssr_jax.evaluation import lpips  # noqa: E402
 
 # ---------------------------------------------------------------- LPIPS
 # torchvision `features` conv layers: index -> (out, in, k, stride, pad); pools after the listed indices.
@@ -118,7 +118,7 @@ def test_lpips_weight_errors():
 
 
 # ---------------------------------------------------------------- FID: Frechet distance
-from diffssr_jax import fid  # noqa: E402
+from diffssr_jax.evaluation import fid  # noqa: E402
 
 
 def test_frechet_distance_1d_and_diagonal_closed_forms():

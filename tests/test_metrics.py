@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from diffssr_jax import metrics
+from diffssr_jax.evaluation import metrics
 from reference_data import keys, reference, require
 
 
@@ -135,7 +135,7 @@ def test_ssim_rgb_matches_skimage_default():
 
 # ---------------------------------------------------------------- LR-PSNR
 def test_lr_psnr_of_exact_downscale_is_inf():
-  from diffssr_jax.imresize import imresize
+  from diffssr_jax.data.imresize import imresize
   sr = _smooth_img(40, 36)
   lr = imresize(sr, scale=0.25)
   assert metrics.lr_psnr(sr, lr, 4) == math.inf
@@ -183,7 +183,7 @@ def test_artifact_map_hand_values():
 
 # ---------------------------------------------------------------- sr_metrics row
 def test_sr_metrics_row():
-  from diffssr_jax.imresize import imresize
+  from diffssr_jax.data.imresize import imresize
   hr = _smooth_img(32, 32)
   sr = _noisy(hr, 3)
   lr = imresize(hr, scale=0.25)
@@ -223,7 +223,7 @@ def test_official_measure_reference(case):
 
 
 def test_official_measure_passes_uint8_pair_to_lpips():
-  from diffssr_jax.imresize import imresize
+  from diffssr_jax.data.imresize import imresize
   hr = _smooth_img(32, 32)
   sr = _noisy(hr, 5)
   lr = imresize(hr, scale=0.25)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import reference_data as rd
-from diffssr_jax import convert
+from diffssr_jax.models import convert
 from diffssr_jax.models import RRDBNet, UNet
 from diffssr_jax.models.layers import ConvTransposeTorch, ReflectConv
 from diffssr_jax.models.unet import sinusoidal_embedding

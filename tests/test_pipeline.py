@@ -6,7 +6,7 @@ import pytest
 
 from diffssr_jax.data import export, hr_sources, pipeline, segmenters, tfrecord
 from diffssr_jax.data.source import TileSource
-from diffssr_jax.imresize import imresize
+from diffssr_jax.data.imresize import imresize
 from reference_data import reference, require
 
 P, S = 64, 4

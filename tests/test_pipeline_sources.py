@@ -5,7 +5,7 @@ from PIL import Image
 
 from diffssr_jax.data import demo, eval_sources, pipeline
 from diffssr_jax.data.source import TileSource
-from diffssr_jax.imresize import imresize
+from diffssr_jax.data.imresize import imresize
 
 
 def _img(h, w, seed):

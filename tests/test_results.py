@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from diffssr_jax import results
-from diffssr_jax.results import CorruptResultsError, MetricsCSV
+from diffssr_jax.evaluation import results
+from diffssr_jax.evaluation.results import CorruptResultsError, MetricsCSV
 
 
 def _m(i, **extra):

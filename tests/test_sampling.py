@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 import reference_data as rd
-from diffssr_jax import convert, sampling
-from diffssr_jax.model import build_model
+from diffssr_jax.models import convert
+from diffssr_jax.diffusion import sampling
+from diffssr_jax.diffusion.model import build_model
 from helpers import nchw_to_nhwc, reference_state_dict, tiny_config
 
 

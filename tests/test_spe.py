@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from diffssr_jax import spe
+from diffssr_jax.data import spe
 from reference_data import cases, reference, require
 
 

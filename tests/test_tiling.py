@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from diffssr_jax import tiling
+from diffssr_jax.inference import tiling
 
 
 def _img(h, w, seed=0):
@@ -14,7 +14,7 @@ def _nearest(batch, s):
 
 
 def _bicubic(batch, s):
-  from diffssr_jax.imresize import imresize
+  from diffssr_jax.data.imresize import imresize
   return np.stack([imresize(x.astype(np.float64), scale=s) for x in batch]).astype(np.float32)
 
 

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 import reference_data as rd
-from diffssr_jax import convert
-from diffssr_jax.model import build_model
-from diffssr_jax.train_step import (create_train_state, loss_given_noise, make_mesh, make_optimizer,
+from diffssr_jax.models import convert
+from diffssr_jax.diffusion.model import build_model
+from diffssr_jax.training.train_step import (create_train_state, loss_given_noise, make_mesh, make_optimizer,
                                     make_train_step, shard_batch)
 from helpers import nchw_to_nhwc, reference_state_dict, tiny_config
 
@@ -112,7 +112,7 @@ def test_training_loss_matches_official():
   eps = jnp.asarray(nchw_to_nhwc(ref["fwd/eps"]))
   np.testing.assert_allclose(np.asarray(model.img2res(batch["hr"], batch["lr_up"])), nchw_to_nhwc(ref["fwd/x0_res"]),
                              atol=1e-6)
-  from diffssr_jax import diffusion
+  from diffssr_jax.diffusion import process as diffusion
   _, target = diffusion.forward_and_target(model.schedule, "reference", model.img2res(batch["hr"], batch["lr_up"]),
                                            t, eps, batch["spe"])
   np.testing.assert_allclose(np.asarray(target), nchw_to_nhwc(ref["fwd/noise_target"]), atol=1e-6)

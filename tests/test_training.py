@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffssr_jax import checkpointing, train, train_step
-from diffssr_jax.model import build_model
+from diffssr_jax.training import checkpointing, train, train_step
+from diffssr_jax.diffusion.model import build_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -157,7 +157,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path, s
 def test_rrdb_weights_load_from_workdir_and_official_checkpoint(tmp_path):
   import torch
   from helpers import tiny_config
-  from diffssr_jax import convert
+  from diffssr_jax.models import convert
   cfg = tiny_config()
   model = build_model(cfg)
   params = jax.device_get(model.init(jax.random.key(3), lr_size=4))

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffssr_jax import images, upscale
-from diffssr_jax.imresize import imresize
-from diffssr_jax.inference import Upscaler
+from diffssr_jax import images
+from diffssr_jax.inference import upscale
+from diffssr_jax.data.imresize import imresize
+from diffssr_jax.inference.upscaler import Upscaler
 from test_inference import tiny_model
 
 
@@ -29,7 +30,7 @@ def tree(tmp_path):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-  checkpointing = pytest.importorskip("diffssr_jax.checkpointing")
+  checkpointing = pytest.importorskip("diffssr_jax.training.checkpointing")
   cfg, model, params = tiny_model()
   work = tmp_path_factory.mktemp("work")
   checkpointing.save_config(cfg, work)

@@ -22,7 +22,7 @@ import numpy as np
 from diffssr_jax import images
 from diffssr_jax.data.export import trim_to_scale
 from diffssr_jax.data.pipeline import make_lr_up
-from diffssr_jax.imresize import imresize
+from diffssr_jax.data.imresize import imresize
 
 
 class EvalSourceError(ValueError):

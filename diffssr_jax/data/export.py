@@ -4,7 +4,7 @@ Per image (as the official `data_gen/utils.py` + `merge_mask_to_one.py`, with it
 
 1. The HR image is trimmed to a multiple of the scale (bottom/right rows and columns dropped).
 2. The whole trimmed image is segmented (SAM or a classical segmenter, or masks read from a folder) and
-   its SPE map computed on the whole image (`diffssr_jax.spe`).
+   its SPE map computed on the whole image (`diffssr_jax.data.spe`).
 3. LR = MATLAB-bicubic `imresize(HR_uint8, 1/scale)` of the whole trimmed image (uint8).
 4. Tiles: top-left corners y = 0, step, 2*step, ... while y < H - min_tile (same for x), i.e. the
    official rule with crop_size 320, step 320, thresh_size 160: edge tiles are kept, cut short, when
@@ -42,10 +42,10 @@ import time
 import numpy as np
 
 from diffssr_jax import fileio, images
-from diffssr_jax import spe as spe_lib
+from diffssr_jax.data import spe as spe_lib
 from diffssr_jax.data import records, rle, tfrecord
 from diffssr_jax.data.segmenters import Segmentation, compute_segmentation_spe
-from diffssr_jax.imresize import imresize
+from diffssr_jax.data.imresize import imresize
 
 FORMAT = "diffssr-jax/sam-tiles"
 VERSION = 1

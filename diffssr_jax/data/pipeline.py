@@ -29,9 +29,9 @@ import dataclasses
 
 import numpy as np
 
-from diffssr_jax import spe as spe_lib
+from diffssr_jax.data import spe as spe_lib
 from diffssr_jax.data.source import TileSource, manifest_for
-from diffssr_jax.imresize import imresize
+from diffssr_jax.data.imresize import imresize
 
 _DEFAULTS = dict(
     train_files=None,  # glob, folder of shards, file or list of those (required)

@@ -65,7 +65,7 @@ class Segmentation:
 
 def compute_segmentation_spe(seg: Segmentation, kind: str, rng=None) -> np.ndarray:
   """The (H, W) float32 SPE of a segmentation (label maps take the fast bincount path)."""
-  from diffssr_jax import spe
+  from diffssr_jax.data import spe
   if seg.labels is not None:
     out = spe.compute_spe_labels(seg.labels, kind, rng=rng)
   else:

@@ -1,6 +1,6 @@
 """Convolution building blocks with PyTorch semantics, in NHWC (the fast layout for XLA on CPU/GPU/TPU).
 
-Kernels are stored HWIO (flax's layout); `diffssr_jax.convert` maps PyTorch OIHW / IOHW weights here.
+Kernels are stored HWIO (flax's layout); `diffssr_jax.models.convert` maps PyTorch OIHW / IOHW weights here.
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffssr_jax.schedules import Schedule
+from diffssr_jax.diffusion.schedules import Schedule
 
 MODULATIONS = ("none", "reference", "paper")
 

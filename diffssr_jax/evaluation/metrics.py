@@ -158,7 +158,7 @@ def ssim_rgb_skimage(a: np.ndarray, b: np.ndarray, win_size: int = 7, data_range
 
 
 def _imresize():
-  from diffssr_jax.imresize import imresize  # lazy: only LR-PSNR needs MATLAB bicubic
+  from diffssr_jax.data.imresize import imresize  # lazy: only LR-PSNR needs MATLAB bicubic
   return imresize
 
 
@@ -225,7 +225,7 @@ def official_measure(sr, hr, lr, scale: int, lpips_fn=None) -> dict[str, float]:
       "lr_psnr": lr_psnr(sr8, lr8, scale),
   }
   if lpips_fn is not None:
-    from diffssr_jax.lpips import lpips_images  # lazy: keeps this module free of jax
+    from diffssr_jax.evaluation.lpips import lpips_images  # lazy: keeps this module free of jax
     out["lpips"] = float(lpips_images(lpips_fn, sr8, hr8)[0])
   return out
 

@@ -20,9 +20,11 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from diffssr_jax import checkpointing, fileio, sampling, train_step, validate
+from diffssr_jax import fileio
+from diffssr_jax.training import checkpointing, train_step, validate
+from diffssr_jax.diffusion import sampling
 from diffssr_jax.data import pipeline
-from diffssr_jax.model import build_model, init_key
+from diffssr_jax.diffusion.model import build_model, init_key
 from diffssr_jax.models import build_rrdb
 
 log = logging.getLogger(__name__)

@@ -1,8 +1,8 @@
 """Speed of the diffusion model's train step and sampler, printed as one JSON line (a measurement tool).
 
-  python -m diffssr_jax.benchmark train --batch-size 4 --patch-size 160
-  python -m diffssr_jax.benchmark sample --size 256 --steps 100 --sampler ddpm
-  python -m diffssr_jax.benchmark sample --size 256 --steps 25 --sampler ddim [--runs 0]
+  python -m diffssr_jax.benchmarks.model train --batch-size 4 --patch-size 160
+  python -m diffssr_jax.benchmarks.model sample --size 256 --steps 100 --sampler ddpm
+  python -m diffssr_jax.benchmarks.model sample --size 256 --steps 25 --sampler ddim [--runs 0]
 
 The network is the paper's (configs/base.py) unless `--config path/to/config.py` names another file
 with a `get_config()`; `--dtype bfloat16` sets the compute dtype. Params are random (speed does not
@@ -211,7 +211,7 @@ def _gflops_fields(xla, model, seconds) -> dict:
 
 def _build(config, dtype_name):
   import jax.numpy as jnp
-  from diffssr_jax.model import build_model
+  from diffssr_jax.diffusion.model import build_model
   dtype = None if dtype_name == "config" else jnp.dtype(dtype_name)
   return build_model(config, dtype=dtype)
 
@@ -225,7 +225,7 @@ def _check_size(size: int, scale: int, what: str):
 def bench_train(args) -> dict:
   import jax
   import numpy as np
-  from diffssr_jax.train_step import create_train_state, make_mesh, make_optimizer, make_train_step, shard_batch
+  from diffssr_jax.training.train_step import create_train_state, make_mesh, make_optimizer, make_train_step, shard_batch
 
   config = load_config(args.config)
   model = _build(config, args.dtype)
@@ -283,7 +283,7 @@ def bench_sample(args) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from diffssr_jax import sampling
+  from diffssr_jax.diffusion import sampling
 
   config = load_config(args.config)
   model = _build(config, args.dtype)
@@ -361,7 +361,7 @@ def bench_sample(args) -> dict:
 
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
-  parser = argparse.ArgumentParser(prog="python -m diffssr_jax.benchmark", description=__doc__.split("\n")[0],
+  parser = argparse.ArgumentParser(prog="python -m diffssr_jax.benchmarks.model", description=__doc__.split("\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
 

@@ -148,7 +148,7 @@ def load_workdir_params(workdir, step: int | None = None, use_ema: bool = True, 
 
 def load_rrdb_params(path) -> dict:
   """RRDB encoder weights {"params": ...} from our RRDB (or diffusion) workdir or an official checkpoint."""
-  from diffssr_jax import convert
+  from diffssr_jax.models import convert
   path = pathlib.Path(path)
   if path.is_dir():
     params, _ = load_workdir_params(path, use_ema=False)
@@ -169,8 +169,8 @@ def load_for_inference(workdir=None, checkpoint=None, step: int | None = None, u
   `.ckpt` (`state_dict['model']` with denoise_fn.* and rrdb.*), converted on the fly; `config`
   defaults to the paper setting (configs/base.py).
   """
-  from diffssr_jax import convert
-  from diffssr_jax.model import build_model
+  from diffssr_jax.models import convert
+  from diffssr_jax.diffusion.model import build_model
   if (workdir is None) == (checkpoint is None):
     raise ValueError("give exactly one of workdir or checkpoint")
   if workdir is not None:

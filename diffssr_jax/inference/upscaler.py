@@ -30,12 +30,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffssr_jax import images, sampling
+from diffssr_jax import images
+from diffssr_jax.diffusion import sampling
 from diffssr_jax.data.pipeline import make_lr_up
-from diffssr_jax.imresize import imresize
-from diffssr_jax.metrics import signed_to_uint8
-from diffssr_jax.model import SRDiffusion
-from diffssr_jax.tiling import upscale_tiled
+from diffssr_jax.data.imresize import imresize
+from diffssr_jax.evaluation.metrics import signed_to_uint8
+from diffssr_jax.diffusion.model import SRDiffusion
+from diffssr_jax.inference.tiling import upscale_tiled
 
 MODES = ("diffusion", "rrdb")
 DEFAULT_DDIM_STEPS = 25
@@ -171,7 +172,7 @@ class Upscaler:
            steps: int | None = None, eta: float = 0.0, use_ema: bool = True, mode: str = "diffusion", config=None,
            lr_up_divisor: float | None = None) -> "Upscaler":
     """From a training workdir (latest or `step` checkpoint) or an official PyTorch `.ckpt`."""
-    from diffssr_jax.checkpointing import load_for_inference  # lazy: orbax is only needed for loading
+    from diffssr_jax.training.checkpointing import load_for_inference  # lazy: orbax is only needed for loading
     config, model, params = load_for_inference(workdir=workdir, checkpoint=checkpoint, step=step,
                                                use_ema=use_ema, config=config)
     return cls(model, params, config=config, sampler=sampler, steps=steps, eta=eta, mode=mode,

@@ -10,9 +10,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from diffssr_jax import diffusion
+from diffssr_jax.diffusion import process as diffusion
 from diffssr_jax.models import RRDBNet, UNet, build_rrdb, build_unet
-from diffssr_jax.schedules import Schedule, schedule_from_config
+from diffssr_jax.diffusion.schedules import Schedule, schedule_from_config
 
 
 def init_key(rng):

@@ -1,7 +1,7 @@
 """Throughput of the data half, printed as JSON (a measurement tool, not a test).
 
-  python -m diffssr_jax.data.benchmark pipeline [--files GLOB_OR_DIR] [--batch-size 16] [--num-workers 2]
-  python -m diffssr_jax.data.benchmark export [--images DIR] [--segmenter felzenszwalb] [--workers 0]
+  python -m diffssr_jax.benchmarks.data pipeline [--files GLOB_OR_DIR] [--batch-size 16] [--num-workers 2]
+  python -m diffssr_jax.benchmarks.data export [--images DIR] [--segmenter felzenszwalb] [--workers 0]
 
 Without --files / --images the scikit-image demo photographs are used (built into a temporary folder).
 `pipeline` reports training samples/s after a warm-up; `export` reports images/s and tiles/s of the full
@@ -56,7 +56,7 @@ def bench_export(images_dir, segmenter_name: str, workers: int, scale: int) -> d
   # Per-stage time, single process, same images.
   stages = {"read": 0.0, "segment": 0.0, "spe": 0.0, "lr_resize": 0.0, "encode_tiles": 0.0}
   from diffssr_jax.data import records
-  from diffssr_jax.imresize import imresize
+  from diffssr_jax.data.imresize import imresize
   pixels = 0
   for image_id in src.ids:
     t = time.perf_counter()

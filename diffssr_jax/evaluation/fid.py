@@ -263,7 +263,7 @@ def convert_weights(state_dict: Mapping) -> dict:
 
 def load_weights(path) -> dict:
   """Reads the pytorch-fid `pt_inception-2015-12-05-*.pth` (torch.load, weights only) and converts it."""
-  from diffssr_jax.convert import load_torch_checkpoint
+  from diffssr_jax.models.convert import load_torch_checkpoint
   return convert_weights(load_torch_checkpoint(path))
 
 

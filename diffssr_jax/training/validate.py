@@ -12,10 +12,10 @@ import jax
 import numpy as np
 
 from diffssr_jax import images as image_io
-from diffssr_jax import metrics
+from diffssr_jax.evaluation import metrics
 from diffssr_jax.data.eval_sources import EvalImage, open_eval_source
 from diffssr_jax.data.pipeline import make_lr_up
-from diffssr_jax.imresize import imresize
+from diffssr_jax.data.imresize import imresize
 
 UNET_MULTIPLE = 8  # three stride-2 downsamplings in the U-Net
 

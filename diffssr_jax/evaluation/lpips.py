@@ -167,7 +167,7 @@ def convert_weights(net: str, backbone_sd: Mapping, lin_sd: Mapping) -> dict:
 
 def load_weights(net: str, backbone_path, lin_path) -> dict:
   """Reads the two `.pth` files (torch.load, weights only: no pickled code runs) and converts them."""
-  from diffssr_jax.convert import load_torch_checkpoint
+  from diffssr_jax.models.convert import load_torch_checkpoint
   return convert_weights(net, load_torch_checkpoint(backbone_path), load_torch_checkpoint(lin_path))
 
 

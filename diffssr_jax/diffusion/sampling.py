@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffssr_jax import diffusion
-from diffssr_jax.model import SRDiffusion
+from diffssr_jax.diffusion import process as diffusion
+from diffssr_jax.diffusion.model import SRDiffusion
 
 
 def ddpm_step(model: SRDiffusion, unet_vars, cond, x, t, z):

@@ -1,6 +1,6 @@
 r"""Benchmark evaluation: super-resolve every image of benchmark folders, write per-image metrics and a table.
 
-  python -m diffssr_jax.evaluate --workdir runs/x4 \
+  python -m diffssr_jax.evaluation.evaluate --workdir runs/x4 \
       --datasets Set5=data/Set5/HR,Urban100=data/Urban100/HR --rrdb --bicubic
 
 For each dataset and method, under WORKDIR/eval/<dataset>/<tag>/ (or --output instead of WORKDIR/eval), tag
@@ -36,10 +36,11 @@ from absl import app, flags
 from PIL import Image
 from tqdm import tqdm
 
-from diffssr_jax import images, results
+from diffssr_jax import images
+from diffssr_jax.evaluation import results
 from diffssr_jax.data.eval_sources import EvalImage, EvalSourceError, PairedFolders, open_eval_source
-from diffssr_jax.imresize import imresize
-from diffssr_jax.metrics import signed_to_uint8, sr_metrics
+from diffssr_jax.data.imresize import imresize
+from diffssr_jax.evaluation.metrics import signed_to_uint8, sr_metrics
 
 TABLE_METRICS = ("psnr_y", "ssim_y", "lpips", "fid")
 METHODS = ("bicubic", "rrdb", "diffusion")  # also the order of the table's rows
@@ -132,7 +133,7 @@ def bicubic_sr_fn(scale: int):
 
 def model_sr_fn(upscaler, seed: int):
   """SR of a batch with an `inference.Upscaler` (diffusion or rrdb mode), noise keyed by image name."""
-  from diffssr_jax.inference import name_index
+  from diffssr_jax.inference.upscaler import name_index
 
   def fn(items):
     lr = np.stack([it.lr for it in items])
@@ -154,7 +155,7 @@ def model_label(upscaler) -> str:
 
 def make_methods(kinds: Sequence[str], upscaler, step_tag: str | None, seed: int, common: Mapping) -> list[Method]:
   """The requested methods in table order. `upscaler` (diffusion mode) may be None for bicubic alone."""
-  from diffssr_jax.inference import Upscaler
+  from diffssr_jax.inference.upscaler import Upscaler
   unknown = set(kinds) - set(METHODS)
   if unknown:
     raise ValueError(f"unknown methods {sorted(unknown)} (expected {METHODS})")
@@ -233,7 +234,7 @@ def evaluate_dataset(source, out_dir, method: Method, *, crop_border: int | None
         if item.name not in done:
           row = sr_metrics(sr, item.hr, item.lr, scale, crop)
           if lpips_fn is not None:
-            from diffssr_jax.lpips import lpips_images
+            from diffssr_jax.evaluation.lpips import lpips_images
             row["lpips"] = float(lpips_images(lpips_fn, sr, item.hr)[0])
           table.append(item.name, row)
           if on_image is not None:
@@ -251,7 +252,7 @@ def evaluate_dataset(source, out_dir, method: Method, *, crop_border: int | None
 
 def dataset_fid(source, out_dir: pathlib.Path, fid_fn) -> float:
   """FID between the SR PNGs in out_dir and the HR images of the source (NaN, with a warning, below 2)."""
-  from diffssr_jax import fid
+  from diffssr_jax.evaluation import fid
   if len(source) < 2:
     warnings.warn(f"{out_dir}: FID needs at least 2 images, the dataset has {len(source)}")
     return math.nan
@@ -383,7 +384,7 @@ def _checkpoint_tag(step, checkpoint) -> str:
 
 def run_from_flags(fv: flags.FlagValues) -> pathlib.Path:
   """Loads what the flags ask for and runs `evaluate_all`; returns the table's path."""
-  from diffssr_jax.inference import Upscaler
+  from diffssr_jax.inference.upscaler import Upscaler
   if not fv.datasets:
     raise app.UsageError("--datasets is required (NAME=HR_FOLDER,...)")
   methods = [m for m in ("diffusion", "rrdb", "bicubic") if fv[m].value]
@@ -414,10 +415,10 @@ def run_from_flags(fv: flags.FlagValues) -> pathlib.Path:
     settings = {"use_ema": fv.use_ema}
   lpips_fn = fid_fn = None
   if fv.lpips_backbone:
-    from diffssr_jax import lpips
+    from diffssr_jax.evaluation import lpips
     lpips_fn = lpips.make_lpips_fn(fv.lpips_net, lpips.load_weights(fv.lpips_net, fv.lpips_backbone, fv.lpips_lin))
   if fv.fid_inception:
-    from diffssr_jax import fid
+    from diffssr_jax.evaluation import fid
     fid_fn = fid.make_feature_fn(fid.load_weights(fv.fid_inception))
   return evaluate_all(upscaler, datasets, root, step_tag=step_tag, paired_lr=paired, methods=methods,
                       crop_border=fv.crop_border, batch_size=fv.batch_size, seed=fv.seed, scale=fv.scale,

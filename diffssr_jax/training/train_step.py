@@ -19,8 +19,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from diffssr_jax import diffusion
-from diffssr_jax.model import SRDiffusion
+from diffssr_jax.diffusion import process as diffusion
+from diffssr_jax.diffusion.model import SRDiffusion
 
 DATA_AXIS = "data"
 

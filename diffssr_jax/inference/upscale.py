@@ -1,7 +1,7 @@
 r"""Super-resolve image files and folder trees of any size.
 
-  python -m diffssr_jax.upscale --workdir runs/x4 photos/ extra.jpg --output out/
-  python -m diffssr_jax.upscale --checkpoint model_ckpt_steps_400000.ckpt big.tif --output out/ --tile 128
+  python -m diffssr_jax.inference.upscale --workdir runs/x4 photos/ extra.jpg --output out/
+  python -m diffssr_jax.inference.upscale --checkpoint model_ckpt_steps_400000.ckpt big.tif --output out/ --tile 128
 
 A folder input is mirrored under --output (its subfolders kept), a file input goes to --output/<stem>.png;
 outputs are PNG. Images larger than --tile LR pixels on a side are super-resolved in overlapping tiles blended
@@ -127,7 +127,7 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 def main(argv, fv: flags.FlagValues = flags.FLAGS) -> int:
   """Upscales argv[1:] (files and folders); returns the exit status: 0, or 1 when some file failed."""
-  from diffssr_jax.inference import Upscaler
+  from diffssr_jax.inference.upscaler import Upscaler
   inputs = argv[1:]
   if not inputs:
     raise app.UsageError("give at least one input file or folder")
