@@ -19,7 +19,9 @@ def get_config():
   m.rrdb_num_feat = 64                           # [O:rrdb_num_feat]
   m.rrdb_num_blocks = 17                         # [O:rrdb_num_block]
   m.rrdb_growth = 32                             # [O:rrdb_num_feat // 2]
-  m.dtype = "float32"                            # compute dtype of both networks ("bfloat16" on GPU/TPU)
+  m.dtype = "auto"                               # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU
+  m.remat_rrdb = False                           # recompute RRDB blocks in the backward pass (trained RRDB only)
+  m.remat_unet = False                           # recompute U-Net ResnetBlocks in the backward pass (less memory)
 
   c.diffusion = d = ml_collections.ConfigDict()
   d.timesteps = 100                              # [O:timesteps] [P:4.1] T = 100
@@ -38,6 +40,7 @@ def get_config():
   o.decay_steps = 200_000                        # [O:decay_steps]
   o.decay_rate = 0.5                             # StepLR gamma in the official SRDiffTrainer
   o.min_lr_ratio = 0.0                           # cosine only
+  o.grad_accum_steps = 1                         # micro-batches per optimizer step (optax.MultiSteps), for small GPUs
   o.grad_clip = 10.0                             # [O:clip_grad_norm]
   o.ema_decay = 0.0                              # 0 disables EMA (the official code keeps none)
   o.train_rrdb = False                           # [O:fix_rrdb] true

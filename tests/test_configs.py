@@ -15,7 +15,7 @@ CONFIGS = ["base", "demo", "diffssr_df2k_x4", "diffssr_paper_df2k_x4", "srdiff_d
 def test_config_builds(name):
   cfg = importlib.import_module(f"configs.{name}").get_config()
   model = build_model(cfg)
-  shapes = jax.eval_shape(model.init, jax.random.key(0))
+  shapes = model.param_shapes()
   assert set(shapes) == {"unet", "rrdb"}
   assert cfg.data.patch_size % cfg.model.scale == 0
   assert cfg.task in ("diffusion", "rrdb")
@@ -34,7 +34,7 @@ def test_paper_settings():
 def test_x2_model_shapes():
   from configs import diffssr_df2k_x2
   model = build_model(diffssr_df2k_x2.get_config())
-  params = jax.eval_shape(model.init, jax.random.key(0))
-  assert params["unet"]["params"]["cond_proj"]["kernel"].shape == (4, 4, 384, 64)
+  params = model.param_shapes()
+  assert params["unet"]["params"]["cond_proj"]["kernel"].shape == (4, 4, 64, 384)  # (k, k, out, in)
   out = jax.eval_shape(lambda p, x: model.encode(p, x, decode=True)[0], params["rrdb"], jnp.zeros((1, 8, 8, 3)))
   assert out.shape == (1, 16, 16, 3)

@@ -8,7 +8,7 @@ import torch
 import reference_data as rd
 from diffssr_jax.models import convert
 from diffssr_jax.models import RRDBNet, UNet
-from diffssr_jax.models.layers import ConvTransposeTorch, ReflectConv
+from diffssr_jax.models.layers import conv_transpose_torch, reflect_conv3x3
 from diffssr_jax.models.unet import sinusoidal_embedding
 from helpers import nchw_to_nhwc, reference_state_dict
 
@@ -22,7 +22,7 @@ def paper_params():
   """Shapes of the paper network's params (abstract: nothing is computed)."""
   lr = jnp.zeros((1, 8, 8, 3))
   rrdb = jax.eval_shape(RRDBNet().init, jax.random.key(0), lr)
-  feats = [jax.ShapeDtypeStruct((1, 8, 8, 64), jnp.float32)] * 18
+  feats = jax.ShapeDtypeStruct((18, 1, 8, 8, 64), jnp.float32)
   unet = jax.eval_shape(UNet().init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,), jnp.int32), feats)
   return {"unet": unet, "rrdb": rrdb}
 
@@ -41,8 +41,8 @@ def test_transpose_conv_matches_torch(stride, cin, cout, size):
   x = rng.normal(size=(2, cin, size, size + 1)).astype(np.float32)
   ref = torch.nn.functional.conv_transpose2d(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b),
                                              stride=stride, padding=stride // 2).numpy()
-  params = {"params": {"kernel": jnp.asarray(np.transpose(w, (2, 3, 0, 1))), "bias": jnp.asarray(b)}}
-  out = ConvTransposeTorch(cout, stride).apply(params, jnp.asarray(nchw_to_nhwc(x)))
+  params = {"params": {"kernel": jnp.asarray(np.transpose(w, (2, 3, 1, 0))), "bias": jnp.asarray(b)}}
+  out = conv_transpose_torch(cout, stride, None, jnp.float32).apply(params, jnp.asarray(nchw_to_nhwc(x)))
   assert out.shape == (2, size * stride, (size + 1) * stride, cout)
   np.testing.assert_allclose(np.asarray(out), nchw_to_nhwc(ref), atol=1e-4, rtol=1e-5)
 
@@ -53,8 +53,8 @@ def test_reflect_conv_strided_matches_torch():
   x = rng.normal(size=(1, 3, 8, 10)).astype(np.float32)
   xt = torch.nn.functional.pad(torch.from_numpy(x), (1, 1, 1, 1), mode="reflect")
   ref = torch.nn.functional.conv2d(xt, torch.from_numpy(w), stride=2).numpy()
-  params = {"params": {"conv": {"kernel": jnp.asarray(np.transpose(w, (2, 3, 1, 0))), "bias": jnp.zeros(4)}}}
-  out = ReflectConv(4, strides=2).apply(params, jnp.asarray(nchw_to_nhwc(x)))
+  params = {"params": {"kernel": jnp.asarray(np.transpose(w, (2, 3, 1, 0))), "bias": jnp.zeros(4)}}
+  out = reflect_conv3x3(4, None, jnp.float32, strides=2).apply(params, jnp.asarray(nchw_to_nhwc(x)))
   np.testing.assert_allclose(np.asarray(out), nchw_to_nhwc(ref), atol=1e-5)
 
 

@@ -14,7 +14,7 @@ from helpers import nchw_to_nhwc, reference_state_dict, tiny_config
 @pytest.fixture(scope="module")
 def tiny():
   model = build_model(tiny_config())
-  params = model.init(jax.random.key(1), lr_size=4)
+  params = model.init(jax.random.key(1))
   rng = np.random.default_rng(0)
   lr = jnp.asarray(rng.uniform(-1, 1, (2, 4, 4, 3)), jnp.float32)
   lr_up = jnp.repeat(jnp.repeat(lr, 4, 1), 4, 2)

@@ -23,7 +23,7 @@ def _batch(n=8, p=16, scale=4, seed=0):
 
 def _setup(cfg, train_rrdb=False, ema=0.0):
   model = build_model(cfg)
-  params = model.init(jax.random.key(0), lr_size=4)
+  params = model.init(jax.random.key(0))
   tx = make_optimizer(cfg.optim, total_steps=10)
   return model, params, tx
 
@@ -63,14 +63,21 @@ def test_four_devices_equal_one_device(mode, loss):
 
 def test_frozen_encoder_and_training_progress():
   cfg = tiny_config()
-  cfg.optim.lr = 1e-3
+  cfg.optim.lr = 3e-3
   batch = _batch(n=4)
-  state, losses, init = _run(cfg, jax.devices()[:2], batch, steps=12)
+  state, _, init = _run(cfg, jax.devices()[:2], batch, steps=12)
   # Only the U-Net moved; the frozen RRDB is bit-identical.
   jax.tree.map(np.testing.assert_array_equal, state.frozen["rrdb"], jax.device_get(init["rrdb"]))
   moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), state.params["unet"], init["unet"]))
   assert max(moved) > 1e-4
-  assert np.mean(losses[-4:]) < np.mean(losses[:4]), losses
+  # Progress, measured with fixed noise at every timestep (per-step losses draw new t and eps, whose
+  # spread hides 12 steps' progress from a PyTorch-style initialisation that starts near zero output).
+  model = build_model(cfg)
+  b = {k: jnp.asarray(np.concatenate([v] * 5)) for k, v in batch.items()}
+  t = jnp.asarray(np.arange(20) % cfg.diffusion.timesteps, jnp.int32)
+  eps = jax.random.normal(jax.random.key(9), b["hr"].shape)
+  loss = lambda unet: float(loss_given_noise(model, {"unet": unet}, {"rrdb": init["rrdb"]}, b, t, eps)[0])
+  assert loss(state.params["unet"]) < loss(init["unet"]) - 0.005
   assert state.ema_params is None
 
 

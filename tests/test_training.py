@@ -97,7 +97,7 @@ def test_killed_and_preempted_runs_resume_exactly(shards, tmp_path):
 
 def _tiny_state(cfg):
   model = build_model(cfg)
-  params = model.init(jax.random.key(0), lr_size=4)
+  params = model.init(jax.random.key(0))
   tx = train_step.make_optimizer(cfg.optim, 10)
   return model, tx, train_step.create_train_state(model, params, tx, seed=0)
 
@@ -160,7 +160,7 @@ def test_rrdb_weights_load_from_workdir_and_official_checkpoint(tmp_path):
   from diffssr_jax.models import convert
   cfg = tiny_config()
   model = build_model(cfg)
-  params = jax.device_get(model.init(jax.random.key(3), lr_size=4))
+  params = jax.device_get(model.init(jax.random.key(3)))
   tx = train_step.make_optimizer(cfg.optim, 10)
   st = train_step.init_train_state({"rrdb": params["rrdb"]}, {}, tx, seed=0)
   ck = checkpointing.Checkpointer(tmp_path / "rrdb_run", use_async=False)

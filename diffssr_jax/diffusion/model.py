@@ -10,16 +10,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from diffssr_jax.diffusion import process as diffusion
-from diffssr_jax.models import RRDBNet, UNet, build_rrdb, build_unet
+from diffssr_jax.diffusion import process
 from diffssr_jax.diffusion.schedules import Schedule, schedule_from_config
-
-
-def init_key(rng):
-  """A key of the 'rbg' generator derived from `rng`, for parameter initialisation only: XLA:CPU compiles
-  the threefry hash of ~700 initialisers 5x slower (14 s vs 3 s for a small RRDB); the values are
-  drawn from the same distributions, deterministically in `rng`."""
-  return jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl="rbg")
+from diffssr_jax.models import RRDBNet, UNet, build_rrdb, build_unet
+from diffssr_jax.models.initializers import draw_params, seed_of
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -27,7 +21,7 @@ class SRDiffusion:
   rrdb: RRDBNet
   unet: UNet
   schedule: Schedule
-  modulation: str = "reference"   # none | reference | paper (see diffusion.py)
+  modulation: str = "reference"   # none | reference | paper (see process.py)
   res_rescale: float = 2.0
   clip_input: bool = True
 
@@ -39,19 +33,22 @@ class SRDiffusion:
   def num_timesteps(self) -> int:
     return self.schedule.num_timesteps
 
-  def init(self, rng, lr_size: int = 8) -> dict:
-    """Random params for both networks (shapes do not depend on the image size). Compiled as one
-    function: op-by-op initialisation of the 17-block RRDB costs far more in dispatch than in math."""
-    return jax.jit(self._init, static_argnums=1)(rng, lr_size)
-
-  def _init(self, rng, lr_size):
-    k1, k2 = jax.random.split(init_key(rng))
-    lr = jnp.zeros((1, lr_size, lr_size, 3), jnp.float32)
+  def _init_variables(self, rng):
+    lr = jnp.zeros((1, 8, 8, 3), jnp.float32)
+    k1, k2 = jax.random.split(rng)
     rrdb_vars = self.rrdb.init(k1, lr)
     _, feats = self.rrdb.apply(rrdb_vars, lr, decode=False)
-    hr = lr_size * self.scale
-    unet_vars = self.unet.init(k2, jnp.zeros((1, hr, hr, 3)), jnp.zeros((1,), jnp.int32), feats)
-    return {"unet": unet_vars, "rrdb": rrdb_vars}
+    hr = jnp.zeros((1, 8 * self.scale, 8 * self.scale, 3), jnp.float32)
+    return {"unet": self.unet.init(k2, hr, jnp.zeros((1,), jnp.int32), feats), "rrdb": rrdb_vars}
+
+  def param_shapes(self) -> dict:
+    """The params' ShapeDtypeStructs (traced, nothing computed): the checkpoint layout."""
+    return jax.eval_shape(self._init_variables, jax.random.key(0))
+
+  def init(self, rng) -> dict:
+    """Random params for both networks, PyTorch's default init drawn on the host from `rng`
+    (`models.initializers`: seconds faster than compiling ~170 initialisers) and put on the device."""
+    return jax.device_put(draw_params(self.param_shapes(), seed_of(rng)))
 
   def encode(self, rrdb_vars, lr, decode: bool = False):
     """(RRDB image or None, RRDB features)."""
@@ -65,16 +62,29 @@ class SRDiffusion:
     return self.unet.apply(unet_vars, x_t, t, cond, method=UNet.denoise)
 
   def img2res(self, hr, lr_up):
-    return diffusion.img2res(hr, lr_up, self.res_rescale, self.clip_input)
+    return process.img2res(hr, lr_up, self.res_rescale, self.clip_input)
 
   def res2img(self, res, lr_up):
-    return diffusion.res2img(res, lr_up, self.res_rescale, self.clip_input)
+    return process.res2img(res, lr_up, self.res_rescale, self.clip_input)
 
 
-def build_model(config, dtype=None) -> SRDiffusion:
-  """From a config with `model` and `diffusion` sections (see configs/base.py)."""
+def compute_dtype(name: str):
+  """The networks' compute dtype for `model.dtype`: "auto" is bfloat16 on GPU/TPU and float32 on CPU
+  (XLA:CPU has no fast bfloat16 convolutions); params, optimizer state and the diffusion math are
+  float32 either way."""
+  if name == "auto":
+    return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+  if name not in ("float32", "bfloat16"):
+    raise ValueError(f"model.dtype must be auto, float32 or bfloat16, got {name!r}")
+  return jnp.dtype(name)
+
+
+def build_model(config, dtype: str | None = None) -> SRDiffusion:
+  """From a config with `model` and `diffusion` sections (see configs/base.py); `dtype` overrides
+  `config.model.dtype`."""
   m, d = config.model, config.diffusion
-  if d.modulation not in diffusion.MODULATIONS:
-    raise ValueError(f"diffusion.modulation must be one of {diffusion.MODULATIONS}, got {d.modulation!r}")
-  return SRDiffusion(rrdb=build_rrdb(m, dtype), unet=build_unet(m, dtype), schedule=schedule_from_config(d),
+  if d.modulation not in process.MODULATIONS:
+    raise ValueError(f"diffusion.modulation must be one of {process.MODULATIONS}, got {d.modulation!r}")
+  dt = compute_dtype(dtype or m.dtype)
+  return SRDiffusion(rrdb=build_rrdb(m, dt), unet=build_unet(m, dt), schedule=schedule_from_config(d),
                      modulation=d.modulation, res_rescale=d.res_rescale, clip_input=d.clip_input)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffssr_jax.diffusion import process as diffusion
+from diffssr_jax.diffusion import process
 from diffssr_jax.diffusion.model import SRDiffusion
 
 
@@ -21,14 +21,14 @@ def ddpm_step(model: SRDiffusion, unet_vars, cond, x, t, z):
   """One DDPM reverse step at integer timestep t (scalar) for a batch. Returns (x_{t-1}, x0_pred)."""
   tb = jnp.full((x.shape[0],), t, jnp.int32)
   eps = model.predict_noise(unet_vars, x, tb, cond)
-  return diffusion.p_sample(model.schedule, x, tb, eps, z, clip_denoised=True)
+  return process.p_sample(model.schedule, x, tb, eps, z, clip_denoised=True)
 
 
 def ddim_step(model: SRDiffusion, unet_vars, cond, x, t, t_prev, z, eta):
   tb = jnp.full((x.shape[0],), t, jnp.int32)
   tp = jnp.full((x.shape[0],), t_prev, jnp.int32)
   eps = model.predict_noise(unet_vars, x, tb, cond)
-  return diffusion.ddim_step(model.schedule, x, tb, tp, eps, z, eta=eta, clip_denoised=True)
+  return process.ddim_step(model.schedule, x, tb, tp, eps, z, eta=eta, clip_denoised=True)
 
 
 def step_noise(key, t, shape):
@@ -49,7 +49,7 @@ def timesteps_for(model: SRDiffusion, sampler: str, steps: int | None) -> np.nda
       raise ValueError(f"the ddpm sampler runs all {T} steps; use sampler='ddim' for {steps}")
     return np.arange(T - 1, -1, -1, dtype=np.int32)
   if sampler == "ddim":
-    return diffusion.strided_timesteps(T, steps or T)
+    return process.strided_timesteps(T, steps or T)
   raise ValueError(f"unknown sampler {sampler!r} (expected 'ddpm' or 'ddim')")
 
 

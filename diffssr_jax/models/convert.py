@@ -1,7 +1,8 @@
 """Converting official SAM-DiffSR / SRDiff PyTorch weights to our Flax params (and back, for tests).
 
-Layouts: Conv2d weight (O, I, kH, kW) -> HWIO kernel; ConvTranspose2d weight (I, O, kH, kW) -> our
-`ConvTransposeTorch` kernel (kH, kW, I, O) (same tap order, see models/layers.py); Linear (O, I) -> (I, O).
+Layouts: Conv2d weight (O, I, kH, kW) -> HWIO kernel; ConvTranspose2d weight (I, O, kH, kW) -> the
+(kH, kW, O, I) kernel of `nn.ConvTranspose(transpose_kernel=True)`; Linear (O, I) -> (I, O). The 17
+`RRDB_trunk.N.*` blocks are stacked on a leading axis (our trunk is one `nn.scan`), in N order.
 
 Works on plain numpy state dicts; `load_torch_checkpoint` reads an official `.ckpt`/`.pth` with torch
 (`weights_only=True`: no official code and no pickled classes are needed or executed).
@@ -13,25 +14,26 @@ from typing import Any, Mapping
 
 import numpy as np
 
-# (torch key regex, our param path template, tensor kind)
+# (torch key regex, our param path template, tensor kind); {p} is kernel|bias.
 _UNET_RULES = [
     (r"cond_proj\.(weight|bias)", "cond_proj/{p}", "convT"),
     (r"mlp\.(0|2)\.(weight|bias)", "mlp_{0}/{p}", "dense"),
     (r"downs\.(\d+)\.([01])\.(.+)", "downs_{0}_res{1}/{res}", "res"),
-    (r"downs\.(\d+)\.2\.conv\.1\.(weight|bias)", "downs_{0}_down/conv/{p}", "conv"),
+    (r"downs\.(\d+)\.2\.conv\.1\.(weight|bias)", "downs_{0}_down/{p}", "conv"),
     (r"(mid_block[12])\.(.+)", "{0}/{res}", "res"),
     (r"ups\.(\d+)\.([01])\.(.+)", "ups_{0}_res{1}/{res}", "res"),
     (r"ups\.(\d+)\.2\.conv\.0\.(weight|bias)", "ups_{0}_up/{p}", "convT"),
-    (r"final_conv\.0\.block\.1\.(weight|bias)", "final_block/block/conv/{p}", "conv"),
+    (r"final_conv\.0\.block\.1\.(weight|bias)", "final_block/{p}", "conv"),
     (r"final_conv\.1\.(weight|bias)", "final_conv/{p}", "conv"),
 ]
 _RES_RULES = [
     (r"mlp\.1\.(weight|bias)", "mlp/{p}", "dense"),
-    (r"block([12])\.block\.1\.(weight|bias)", "block{0}/block/conv/{p}", "conv"),
+    (r"block([12])\.block\.1\.(weight|bias)", "block{0}/{p}", "conv"),
     (r"res_conv\.(weight|bias)", "res_conv/{p}", "conv"),
 ]
+# RRDB_trunk.N.* paths carry "[N]": the block index on the stacked axis.
 _RRDB_RULES = [
-    (r"RRDB_trunk\.(\d+)\.RDB([123])\.conv([1-5])\.(weight|bias)", "RRDB_trunk_{0}/RDB{1}/conv{2}/{p}", "conv"),
+    (r"RRDB_trunk\.(\d+)\.RDB([123])\.conv([1-5])\.(weight|bias)", "RRDB_trunk/RDB{1}/conv{2}/{p}[{0}]", "conv"),
     (r"(conv_first|trunk_conv|upconv[123]|HRconv|conv_last)\.(weight|bias)", "{0}/{p}", "conv"),
 ]
 # Buffers of the official GaussianDiffusion (the schedule, recomputed by us) are not parameters.
@@ -40,47 +42,37 @@ _SCHEDULE_BUFFERS = {
     "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
 }
+_TO_FLAX = {"conv": (2, 3, 1, 0), "convT": (2, 3, 1, 0), "dense": (1, 0)}   # torch -> flax axes
+_TO_TORCH = {"conv": (3, 2, 0, 1), "convT": (3, 2, 0, 1), "dense": (1, 0)}  # their inverses
 
 
 class ConversionError(ValueError):
   pass
 
 
-def _to_flax(kind: str, which: str, w: np.ndarray) -> np.ndarray:
-  if which == "bias":
-    return w
-  if kind == "conv":
-    return np.transpose(w, (2, 3, 1, 0))   # OIHW -> HWIO
-  if kind == "convT":
-    return np.transpose(w, (2, 3, 0, 1))   # IOHW -> (kH, kW, I, O)
-  if kind == "dense":
-    return np.transpose(w, (1, 0))
-  raise AssertionError(kind)
-
-
-def _to_torch(kind: str, which: str, w: np.ndarray) -> np.ndarray:
-  if which == "bias":
-    return w
-  return {"conv": lambda a: np.transpose(a, (3, 2, 0, 1)), "convT": lambda a: np.transpose(a, (2, 3, 0, 1)),
-          "dense": lambda a: np.transpose(a, (1, 0))}[kind](w)
-
-
 def _match(rules, key):
+  """(our path, kind) for a torch key, or None."""
   for pattern, template, kind in rules:
     m = re.fullmatch(pattern, key)
     if m is None:
       continue
     groups = m.groups()
-    which = "weight" if key.endswith("weight") else "bias"
-    p = "kernel" if which == "weight" else "bias"
+    p = "kernel" if key.endswith("weight") else "bias"
     if kind == "res":
       sub = _match(_RES_RULES, groups[-1])
       if sub is None:
         return None
-      sub_path, kind, which = sub
-      return template.format(*groups[:-1], res=sub_path), kind, which
-    return template.format(*groups, p=p), kind, which
+      return template.format(*groups[:-1], res=sub[0]), sub[1]
+    return template.format(*groups, p=p), kind
   return None
+
+
+def _to_flax(kind: str, path: str, w: np.ndarray) -> np.ndarray:
+  return w if path.endswith("bias") else np.transpose(w, _TO_FLAX[kind])
+
+
+def _to_torch(kind: str, path: str, w: np.ndarray) -> np.ndarray:
+  return w if path.endswith("bias") else np.transpose(w, _TO_TORCH[kind])
 
 
 def _set(tree: dict, path: str, value):
@@ -93,15 +85,23 @@ def _set(tree: dict, path: str, value):
   node[parts[-1]] = value
 
 
+def _stack_blocks(blocks: dict, tree: dict) -> None:
+  """{path: {block index: array}} -> tree[path] = the arrays stacked in block order (0..N-1, no gaps)."""
+  for path, by_index in blocks.items():
+    n = max(by_index) + 1
+    if sorted(by_index) != list(range(n)):
+      raise ConversionError(f"{path}: trunk blocks {sorted(by_index)} are not 0..{n - 1}")
+    _set(tree, path, np.stack([by_index[i] for i in range(n)]))
+
+
 def torch_to_flax(state_dict: Mapping[str, Any], dtype=np.float32) -> dict:
   """Official state dict (keys `denoise_fn.*`, `rrdb.*`; or a bare RRDB state dict as saved by the
   official RRDB pre-training) -> {"unet": {"params": ...}, "rrdb": {"params": ...}} (parts absent
   from the input are absent from the output). Unknown keys are an error naming them."""
-  unet, rrdb, unknown = {}, {}, []
+  unet, rrdb, blocks, unknown = {}, {}, {}, []
   keys = list(state_dict)
   bare_rrdb = keys and all(not k.startswith(("denoise_fn.", "rrdb.")) for k in keys)
   for key in keys:
-    w = np.asarray(_as_numpy(state_dict[key]), dtype=dtype)
     if key in _SCHEDULE_BUFFERS or key.endswith("num_batches_tracked"):
       continue
     if key.startswith("denoise_fn."):
@@ -113,12 +113,17 @@ def torch_to_flax(state_dict: Mapping[str, Any], dtype=np.float32) -> dict:
     if hit is None:
       unknown.append(key)
       continue
-    path, kind, which = hit
-    _set(target, path, _to_flax(kind, which, w))
+    path, kind = hit
+    w = _to_flax(kind, path.split("[")[0], np.asarray(_as_numpy(state_dict[key]), dtype=dtype))
+    if m := re.fullmatch(r"(.+)\[(\d+)\]", path):
+      blocks.setdefault(m[1], {})[int(m[2])] = w
+    else:
+      _set(target, path, w)
   if unknown:
     raise ConversionError(
         f"{len(unknown)} state-dict keys have no counterpart in our model, e.g. {unknown[:5]} "
         "(configurations with cond_sam, attention, weight norm or up_input are not supported)")
+  _stack_blocks(blocks, rrdb)
   out = {}
   if unet:
     out["unet"] = {"params": unet}
@@ -127,55 +132,47 @@ def torch_to_flax(state_dict: Mapping[str, Any], dtype=np.float32) -> dict:
   return out
 
 
+def _torch_key(path: str) -> str:
+  """Our param path (no block index) -> the torch key, with "{n}" for a trunk block index."""
+  parts = path.split("/")
+  which = "weight" if parts[-1] == "kernel" else "bias"
+  head = parts[0]
+  res = {"mlp": "mlp.1", "block1": "block1.block.1", "block2": "block2.block.1", "res_conv": "res_conv"}
+  if m := re.fullmatch(r"(downs|ups)_(\d+)_res([01])", head):
+    return f"{m[1]}.{m[2]}.{m[3]}.{res[parts[1]]}.{which}"
+  if m := re.fullmatch(r"downs_(\d+)_down", head):
+    return f"downs.{m[1]}.2.conv.1.{which}"
+  if m := re.fullmatch(r"ups_(\d+)_up", head):
+    return f"ups.{m[1]}.2.conv.0.{which}"
+  if head in ("mid_block1", "mid_block2"):
+    return f"{head}.{res[parts[1]]}.{which}"
+  if head in ("mlp_0", "mlp_2"):
+    return f"mlp.{head[-1]}.{which}"
+  if head == "final_block":
+    return f"final_conv.0.block.1.{which}"
+  if head == "final_conv":
+    return f"final_conv.1.{which}"
+  if head == "RRDB_trunk":
+    return f"RRDB_trunk.{{n}}.{parts[1]}.{parts[2]}.{which}"
+  return f"{head}.{which}"   # cond_proj and the RRDB's single convs
+
+
 def flax_to_torch(params: dict) -> dict[str, np.ndarray]:
   """Inverse of `torch_to_flax` (for exporting weights to the official code and for round-trip tests)."""
   out = {}
   for part, prefix, rules in (("unet", "denoise_fn.", _UNET_RULES), ("rrdb", "rrdb.", _RRDB_RULES)):
     if part not in params:
       continue
-    flat = _flatten(params[part]["params"])
-    for key in _torch_keys_for(flat, rules):
-      path, kind, which = _match(rules, key)
-      out[prefix + key] = _to_torch(kind, which, np.asarray(flat[path]))
+    for path, value in _flatten(params[part]["params"]).items():
+      key = _torch_key(path)
+      value = np.asarray(value)
+      if "{n}" in key:
+        for n, block in enumerate(value):
+          k = key.format(n=n)
+          out[prefix + k] = _to_torch(_match(rules, k)[1], path, block)
+      else:
+        out[prefix + key] = _to_torch(_match(rules, key)[1], path, value)
   return out
-
-
-def _torch_keys_for(flat, rules):
-  """Enumerates torch keys by inverting the path templates on our flat param paths."""
-  keys = []
-  for path in flat:
-    parts = path.split("/")
-    which = "weight" if parts[-1] == "kernel" else "bias"
-    head = parts[0]
-    if m := re.fullmatch(r"(downs|ups)_(\d+)_res([01])", head):
-      keys.append(f"{m[1]}.{m[2]}.{m[3]}." + _res_key(parts[1:], which))
-    elif m := re.fullmatch(r"downs_(\d+)_down", head):
-      keys.append(f"downs.{m[1]}.2.conv.1.{which}")
-    elif m := re.fullmatch(r"ups_(\d+)_up", head):
-      keys.append(f"ups.{m[1]}.2.conv.0.{which}")
-    elif head in ("mid_block1", "mid_block2"):
-      keys.append(f"{head}." + _res_key(parts[1:], which))
-    elif head in ("mlp_0", "mlp_2"):
-      keys.append(f"mlp.{head[-1]}.{which}")
-    elif head == "cond_proj":
-      keys.append(f"cond_proj.{which}")
-    elif head == "final_block":
-      keys.append(f"final_conv.0.block.1.{which}")
-    elif head == "final_conv":
-      keys.append(f"final_conv.1.{which}")
-    elif m := re.fullmatch(r"RRDB_trunk_(\d+)", head):
-      keys.append(f"RRDB_trunk.{m[1]}.{parts[1]}.{parts[2]}.{which}")
-    else:
-      keys.append(f"{head}.{which}")
-  return keys
-
-
-def _res_key(parts, which):
-  if parts[0] == "mlp":
-    return f"mlp.1.{which}"
-  if parts[0] in ("block1", "block2"):
-    return f"{parts[0]}.block.1.{which}"
-  return f"res_conv.{which}"
 
 
 def _flatten(tree, prefix=""):

@@ -2,17 +2,22 @@
 
 No normalisation and no attention (the paper network: groups = 0, use_attn = False). The LR condition
 is the concatenation of every third RRDB feature map, projected to the HR grid by a transposed conv
-and added after the first level. Submodule names mirror the PyTorch keys for the converter.
+and added after the first level. Stock Flax layers (`models.layers`): float32 params, compute in
+`dtype`, float32 output. Submodule names mirror the PyTorch keys for the converter.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
-from diffssr_jax.models.layers import ConvTransposeTorch, Dtype, ReflectConv, fast_grad_conv_hook, mish
+from diffssr_jax.models.layers import Conv, Dense, conv_transpose_torch, reflect_conv3x3
+
+Dtype = Any
+mish = jax.nn.mish
 
 
 def sinusoidal_embedding(t, dim: int):
@@ -23,29 +28,18 @@ def sinusoidal_embedding(t, dim: int):
   return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
 
 
-class Block(nn.Module):
-  """Reflection-padded 3x3 conv + Mish."""
-  features: int
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    return mish(ReflectConv(self.features, dtype=self.dtype, name="block")(x))
-
-
 class ResnetBlock(nn.Module):
-  """Block -> + Dense(Mish(t_emb)) -> Block, plus a 1x1 shortcut when the width changes."""
+  """Mish(conv) -> + Dense(Mish(t_emb)) -> Mish(conv), plus a 1x1 shortcut when the width changes."""
   features: int
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, t_emb):
-    h = Block(self.features, self.dtype, name="block1")(x)
-    h = h + nn.Dense(self.features, dtype=self.dtype, name="mlp")(mish(t_emb))[:, None, None, :]
-    h = Block(self.features, self.dtype, name="block2")(h)
+    h = mish(reflect_conv3x3(self.features, "block1", self.dtype)(x))
+    h = h + Dense(self.features, dtype=self.dtype, name="mlp")(mish(t_emb))[:, None, None]
+    h = mish(reflect_conv3x3(self.features, "block2", self.dtype)(h))
     if x.shape[-1] != self.features:
-      x = nn.Conv(self.features, (1, 1), padding=((0, 0), (0, 0)), dtype=self.dtype,
-                  conv_general_dilated=fast_grad_conv_hook, name="res_conv")(x)
+      x = Conv(self.features, (1, 1), dtype=self.dtype, name="res_conv")(x)
     return h + x
 
 
@@ -53,43 +47,47 @@ class UNet(nn.Module):
   """eps-prediction network: (x_t, t, RRDB features) -> predicted noise, all NHWC.
 
   `project_cond` (time-independent) and `denoise` are separate methods so the sampler computes the
-  condition projection once per image instead of once per step.
+  condition projection once per image instead of once per step. `remat` recomputes each ResnetBlock's
+  activations in the backward pass (less memory, ~1/3 more compute).
   """
   dim: int = 64
   dim_mults: Sequence[int] = (1, 2, 3, 4)
   out_channels: int = 3
-  cond_dim: int = 64          # RRDB feature width
-  rrdb_num_blocks: int = 17   # the condition concatenates (rrdb_num_blocks + 1) // 3 feature maps
   scale: int = 4
   dtype: Dtype = jnp.float32
+  remat: bool = False
 
   def setup(self):
     dims = [3] + [self.dim * m for m in self.dim_mults]
     in_out = list(zip(dims[:-1], dims[1:]))
-    n = len(in_out)
-    self.cond_proj = ConvTransposeTorch(self.dim, self.scale, dtype=self.dtype)
-    self.mlp_0 = nn.Dense(self.dim * 4, dtype=self.dtype)
-    self.mlp_2 = nn.Dense(self.dim, dtype=self.dtype)
+    res = nn.remat(ResnetBlock) if self.remat else ResnetBlock
+    self.cond_proj = conv_transpose_torch(self.dim, self.scale, "cond_proj", self.dtype)
+    self.mlp_0 = Dense(self.dim * 4, dtype=self.dtype)
+    self.mlp_2 = Dense(self.dim, dtype=self.dtype)
     downs = []
     for i, (_, d_out) in enumerate(in_out):
-      level = {"res0": ResnetBlock(d_out, self.dtype), "res1": ResnetBlock(d_out, self.dtype)}
-      if i < n - 1:
-        level["down"] = ReflectConv(d_out, strides=2, dtype=self.dtype)
+      level = {"res0": res(d_out, self.dtype), "res1": res(d_out, self.dtype)}
+      if i < len(in_out) - 1:
+        level["down"] = reflect_conv3x3(d_out, None, self.dtype, strides=2)
       downs.append(level)
     self.downs = downs
-    mid = dims[-1]
-    self.mid_block1 = ResnetBlock(mid, self.dtype)
-    self.mid_block2 = ResnetBlock(mid, self.dtype)
+    self.mid_block1 = res(dims[-1], self.dtype)
+    self.mid_block2 = res(dims[-1], self.dtype)
     # The up path consumes the three lower skips; the full-resolution skip is never used (as in SRDiff).
-    self.ups = [{"res0": ResnetBlock(d_in, self.dtype), "res1": ResnetBlock(d_in, self.dtype),
-                 "up": ConvTransposeTorch(d_in, 2, dtype=self.dtype)}
+    self.ups = [{"res0": res(d_in, self.dtype), "res1": res(d_in, self.dtype),
+                 "up": conv_transpose_torch(d_in, 2, None, self.dtype)}
                 for d_in, _ in reversed(in_out[1:])]
-    self.final_block = Block(self.dim, self.dtype)
-    self.final_conv = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype)
+    self.final_block = reflect_conv3x3(self.dim, None, self.dtype)
+    self.final_conv = Conv(self.out_channels, (1, 1), dtype=self.dtype)
+
+  @property
+  def size_multiple(self) -> int:
+    """HR height and width must be multiples of this: one 2x downsampling per level but the last."""
+    return 2 ** (len(self.dim_mults) - 1)
 
   def project_cond(self, feats):
-    """RRDB features (list) -> condition map at the HR resolution, (B, H, W, dim)."""
-    return self.cond_proj(jnp.concatenate(list(feats[2::3]), axis=-1))
+    """RRDB features ((N, B, h, w, C) array or list of N maps) -> condition map at the HR resolution."""
+    return self.cond_proj(jnp.concatenate(list(feats[2::3]), axis=-1).astype(self.dtype))
 
   def time_embedding(self, t):
     """Sinusoidal embedding of t followed by the MLP (Linear, Mish, Linear)."""
@@ -110,7 +108,7 @@ class UNet(nn.Module):
     for level in self.ups:
       h = jnp.concatenate([h, skips.pop()], axis=-1)
       h = level["up"](level["res1"](level["res0"](h, t_emb), t_emb))
-    return self.final_conv(self.final_block(h)).astype(jnp.float32)
+    return self.final_conv(mish(self.final_block(h))).astype(jnp.float32)
 
   def __call__(self, x, t, feats):
     return self.denoise(x, t, self.project_cond(feats))

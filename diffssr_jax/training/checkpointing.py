@@ -184,7 +184,7 @@ def load_for_inference(workdir=None, checkpoint=None, step: int | None = None, u
   model = build_model(config)
   if "unet" not in params or "rrdb" not in params:
     raise ValueError(f"{workdir or checkpoint}: needs both U-Net and RRDB weights, found {sorted(params)}")
-  template = jax.eval_shape(model.init, jax.random.key(0))
+  template = model.param_shapes()
   convert.check_against(jax.tree.map(np.asarray, params), template)
   params = jax.tree.map(jax.numpy.asarray, params)
   return config, model, params

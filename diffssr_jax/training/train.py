@@ -24,8 +24,9 @@ from diffssr_jax import fileio
 from diffssr_jax.training import checkpointing, train_step, validate
 from diffssr_jax.diffusion import sampling
 from diffssr_jax.data import pipeline
-from diffssr_jax.diffusion.model import build_model, init_key
+from diffssr_jax.diffusion.model import build_model, compute_dtype
 from diffssr_jax.models import build_rrdb
+from diffssr_jax.models.initializers import init_params
 
 log = logging.getLogger(__name__)
 
@@ -262,15 +263,16 @@ def train_rrdb(config, workdir, stop_after=None):
   """Stage 1 of the official recipe: the RRDB encoder trained alone with L1. Returns its params."""
   workdir = pathlib.Path(workdir)
   checkpointing.save_config(config, workdir)
-  rrdb = build_rrdb(config.model)
+  rrdb = build_rrdb(config.model, compute_dtype(config.model.dtype))
   mesh, per_process = _mesh_and_batch(config)
-  params = jax.jit(rrdb.init)(init_key(jax.random.key(config.seed)), jnp.zeros((1, 8, 8, 3)))
+  params = init_params(rrdb, jax.random.key(config.seed), jnp.zeros((1, 8, 8, 3)))
   total = config.train.num_steps
   tx = train_step.make_optimizer(config.optim, total)
   state = train_step.init_train_state({"rrdb": params}, {}, tx, seed=config.seed,
                                       use_ema=config.optim.ema_decay > 0)
   state, data_state, ckpt = _restore_or_start(state, config, workdir, mesh)
-  step_fn = train_step.make_rrdb_train_step(rrdb, tx, mesh, ema_decay=config.optim.ema_decay)
+  step_fn = train_step.make_rrdb_train_step(rrdb, tx, mesh, ema_decay=config.optim.ema_decay,
+                                             grad_accum_steps=config.optim.grad_accum_steps)
   val = _validation_images(config)
   rrdb_apply = jax.jit(lambda p, lr: rrdb.apply(p, lr, decode=True)[0])
 
@@ -336,7 +338,8 @@ def train_diffusion(config, workdir, stop_after=None):
                                         use_ema=config.optim.ema_decay > 0)
   state, data_state, ckpt = _restore_or_start(state, config, workdir, mesh)
   step_fn = train_step.make_train_step(model, tx, mesh, loss_type=config.diffusion.loss,
-                                       aux_l1_weight=config.optim.aux_l1_weight, ema_decay=config.optim.ema_decay)
+                                       aux_l1_weight=config.optim.aux_l1_weight, ema_decay=config.optim.ema_decay,
+                                       grad_accum_steps=config.optim.grad_accum_steps)
   val = _validation_images(config)
   sampler = sampling.make_sampler(model, sampler=config.eval.sampler, steps=config.eval.get("steps") or None,
                                   eta=config.eval.get("eta", 0.0))

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from diffssr_jax.diffusion import process as diffusion
+from diffssr_jax.diffusion import process
 from diffssr_jax.diffusion.model import SRDiffusion
 
 DATA_AXIS = "data"
@@ -107,7 +107,7 @@ def loss_given_noise(model: SRDiffusion, params, frozen, batch, t, eps, *, loss_
     feats = jax.lax.stop_gradient(feats)
   x0 = model.img2res(batch["hr"], batch["lr_up"])
   spe = batch.get("spe") if model.modulation != "none" else None
-  x_t, target = diffusion.forward_and_target(model.schedule, model.modulation, x0, t, eps, spe)
+  x_t, target = process.forward_and_target(model.schedule, model.modulation, x0, t, eps, spe)
   cond = model.condition(params["unet"], feats)
   pred = model.predict_noise(params["unet"], x_t, t, cond)
   err = pred - target
@@ -149,23 +149,50 @@ def rrdb_l1_loss(rrdb, params, frozen, batch, key, example_ids):
   return loss, {"loss": loss}
 
 
-def make_step(loss_fn, tx: optax.GradientTransformation, mesh: Mesh, *, ema_decay: float = 0.0):
+def make_step(loss_fn, tx: optax.GradientTransformation, mesh: Mesh, *, ema_decay: float = 0.0,
+              grad_accum_steps: int = 1):
   """jit(shard_map(step)) : (state, batch) -> (state, metrics) for any
   loss_fn(params, frozen, batch, key, example_ids) -> (loss, metrics); state buffers donated.
 
   `batch` holds global arrays (B, ...) sharded over the mesh's data axis (B divisible by its size).
+  With `grad_accum_steps` k > 1 each device's share is split into k micro-batches run one after the
+  other in a `lax.scan` whose carry sums their gradients: activation memory is that of B / k
+  examples, the update is the one of the whole batch (every example keeps its own noise, drawn from its
+  global index). Not `optax.MultiSteps`: that accumulates across calls, so each call would be a
+  micro-step with its own all-reduce and an accumulator in the checkpointed optimizer state; here the
+  k micro-batches of one update live in one call and the devices all-reduce once.
   """
+  k = int(grad_accum_steps)
+  if k < 1:
+    raise ValueError(f"grad_accum_steps must be >= 1, got {k}")
+
+  def local_grads(params, frozen, batch, key, example_ids):
+    # Differentiate w.r.t. a device-varying view of the replicated params so that each device gets
+    # its local gradient (without it, shard_map's transpose would already psum them).
+    local_params = jax.lax.pcast(params, DATA_AXIS, to="varying")
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if k == 1:
+      (_, metrics), grads = grad_fn(local_params, frozen, batch, key, example_ids)
+      return grads, metrics
+    split = lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:])
+    zeros = jax.tree.map(jnp.zeros_like, local_params)
+
+    def micro(acc, xs):
+      mb, ids = xs
+      (_, m), g = grad_fn(local_params, frozen, mb, key, ids)
+      return jax.tree.map(jnp.add, acc, g), m
+
+    grads, metrics = jax.lax.scan(micro, zeros, (jax.tree.map(split, batch), split(example_ids)))
+    return jax.tree.map(lambda g: g / k, grads), jax.tree.map(lambda m: jnp.mean(m, 0), metrics)
 
   def step_fn(state: TrainState, batch):
     local_b = jax.tree.leaves(batch)[0].shape[0]
+    if local_b % k:
+      raise ValueError(f"the per-device batch {local_b} is not divisible by grad_accum_steps {k}")
     example_ids = jax.lax.axis_index(DATA_AXIS) * local_b + jnp.arange(local_b)
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    # Differentiate w.r.t. a device-varying view of the replicated params so that each device gets
-    # its local gradient (without it, shard_map's transpose would already psum them), then average:
-    # with equal local batches the mean of per-device means is the global mean.
-    local_params = jax.lax.pcast(state.params, DATA_AXIS, to="varying")
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        local_params, state.frozen, batch, key, example_ids)
+    grads, metrics = local_grads(state.params, state.frozen, batch, key, example_ids)
+    # With equal local batches the mean of per-device means is the global mean.
     grads = jax.lax.pmean(grads, DATA_AXIS)
     metrics = jax.lax.pmean(metrics, DATA_AXIS)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -182,14 +209,15 @@ def make_step(loss_fn, tx: optax.GradientTransformation, mesh: Mesh, *, ema_deca
 
 
 def make_train_step(model: SRDiffusion, tx: optax.GradientTransformation, mesh: Mesh, *, loss_type="l1",
-                    aux_l1_weight=0.0, ema_decay=0.0):
+                    aux_l1_weight=0.0, ema_decay=0.0, grad_accum_steps=1):
   """The diffusion train step (see `make_step`)."""
   loss_fn = functools.partial(diffusion_loss, model, loss_type=loss_type, aux_l1_weight=aux_l1_weight)
-  return make_step(loss_fn, tx, mesh, ema_decay=ema_decay)
+  return make_step(loss_fn, tx, mesh, ema_decay=ema_decay, grad_accum_steps=grad_accum_steps)
 
 
-def make_rrdb_train_step(rrdb, tx: optax.GradientTransformation, mesh: Mesh, *, ema_decay=0.0):
-  return make_step(functools.partial(rrdb_l1_loss, rrdb), tx, mesh, ema_decay=ema_decay)
+def make_rrdb_train_step(rrdb, tx: optax.GradientTransformation, mesh: Mesh, *, ema_decay=0.0, grad_accum_steps=1):
+  return make_step(functools.partial(rrdb_l1_loss, rrdb), tx, mesh, ema_decay=ema_decay,
+                   grad_accum_steps=grad_accum_steps)
 
 
 def replicate(tree, mesh: Mesh):
