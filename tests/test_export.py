@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from diffssr_jax import images
 from diffssr_jax.data import spe as spe_lib
 from diffssr_jax.data import export, hr_sources, records, rle, segmenters, tfrecord
 from diffssr_jax.data.imresize import imresize
@@ -200,8 +201,10 @@ def test_input_conversions_warn(tmp_path):
   Image.fromarray(g).save(d / "grey.png")
   Image.fromarray(np.dstack([_blocks(136, 136, 1), np.full((136, 136), 200, np.uint8)])).save(d / "rgba.png")
   Image.fromarray((g.astype(np.uint16) * 257)).save(d / "deep.png")
+  deep_rgb = np.random.default_rng(0).integers(0, 65536, (136, 136, 3)).astype(np.uint16)
+  images.save_png(d / "deep_rgb.png", deep_rgb)  # 16-bit colour: Pillow could not write or read it
   src = hr_sources.FolderSource(d)
-  for name, note in (("grey", "greyscale"), ("rgba", "alpha"), ("deep", "greyscale")):
+  for name, note in (("grey", "greyscale"), ("rgba", "alpha"), ("deep", "greyscale"), ("deep_rgb", "16-bit")):
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always")
       img = src.load(name)
@@ -210,6 +213,7 @@ def test_input_conversions_warn(tmp_path):
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     np.testing.assert_array_equal(src.load("deep")[:, :, 0], g)
+    np.testing.assert_array_equal(src.load("deep_rgb"), images.to_uint8(deep_rgb))
 
 
 def test_rle_round_trip_and_coco_strings():
