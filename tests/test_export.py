@@ -1,4 +1,5 @@
 """SPE export: tiling rule, HR/LR/SPE alignment, resume, sharding, error policy, masks, SAM, no-jax tool."""
+import hashlib
 import json
 import os
 import pathlib
@@ -267,6 +268,18 @@ def _tiny_sam(seed=0, dim=16):
   md = MaskDecoder(num_multimask_outputs=3, transformer_dim=dim, iou_head_depth=1, iou_head_hidden_dim=16,
                    transformer=TwoWayTransformer(depth=1, embedding_dim=dim, mlp_dim=32, num_heads=2))
   return Sam(enc, pe, md, pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375])
+
+
+def test_file_sha256_known_value_and_sam_checkpoint_digest(tmp_path):
+  (tmp_path / "abc").write_bytes(b"abc")
+  assert export.file_sha256(tmp_path / "abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+  import torch
+  ckpt = tmp_path / "tiny_sam.pth"
+  torch.save(_tiny_sam(0).state_dict(), ckpt)
+  sam = segmenters.SamSegmenter(ckpt, model=_tiny_sam(0), device="cpu")
+  d = sam.describe()
+  assert d["checkpoint"] == "tiny_sam.pth"
+  assert d["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
 
 
 def test_export_through_tiny_sam(tmp_path):
