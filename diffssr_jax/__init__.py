@@ -1,7 +1,7 @@
 """diffssr-jax: structure-modulated diffusion super-resolution (SAM-DiffSR) in JAX/Flax.
 
 This package must stay importable without JAX for its numpy-only modules (`spe`, `imresize`,
-`data.example`, `data.tfrecord`), which the torch-only SAM export tool uses: so nothing is
+`images`, `data.records`, `data.tfrecord`), which the torch-only SAM export tool uses: so nothing is
 imported here eagerly.
 """
 

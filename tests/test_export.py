@@ -1,4 +1,5 @@
 """SPE export: tiling rule, HR/LR/SPE alignment, resume, sharding, error policy, masks, SAM, no-jax tool."""
+import hashlib
 import json
 import os
 import pathlib
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from diffssr_jax import images
 from diffssr_jax.data import spe as spe_lib
 from diffssr_jax.data import export, hr_sources, records, rle, segmenters, tfrecord
 from diffssr_jax.data.imresize import imresize
@@ -200,8 +202,10 @@ def test_input_conversions_warn(tmp_path):
   Image.fromarray(g).save(d / "grey.png")
   Image.fromarray(np.dstack([_blocks(136, 136, 1), np.full((136, 136), 200, np.uint8)])).save(d / "rgba.png")
   Image.fromarray((g.astype(np.uint16) * 257)).save(d / "deep.png")
+  deep_rgb = np.random.default_rng(0).integers(0, 65536, (136, 136, 3)).astype(np.uint16)
+  images.save_png(d / "deep_rgb.png", deep_rgb)  # 16-bit colour: Pillow could not write or read it
   src = hr_sources.FolderSource(d)
-  for name, note in (("grey", "greyscale"), ("rgba", "alpha"), ("deep", "greyscale")):
+  for name, note in (("grey", "greyscale"), ("rgba", "alpha"), ("deep", "greyscale"), ("deep_rgb", "16-bit")):
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always")
       img = src.load(name)
@@ -210,6 +214,7 @@ def test_input_conversions_warn(tmp_path):
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     np.testing.assert_array_equal(src.load("deep")[:, :, 0], g)
+    np.testing.assert_array_equal(src.load("deep_rgb"), images.to_uint8(deep_rgb))
 
 
 def test_rle_round_trip_and_coco_strings():
@@ -263,6 +268,18 @@ def _tiny_sam(seed=0, dim=16):
   md = MaskDecoder(num_multimask_outputs=3, transformer_dim=dim, iou_head_depth=1, iou_head_hidden_dim=16,
                    transformer=TwoWayTransformer(depth=1, embedding_dim=dim, mlp_dim=32, num_heads=2))
   return Sam(enc, pe, md, pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375])
+
+
+def test_file_sha256_known_value_and_sam_checkpoint_digest(tmp_path):
+  (tmp_path / "abc").write_bytes(b"abc")
+  assert export.file_sha256(tmp_path / "abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+  import torch
+  ckpt = tmp_path / "tiny_sam.pth"
+  torch.save(_tiny_sam(0).state_dict(), ckpt)
+  sam = segmenters.SamSegmenter(ckpt, model=_tiny_sam(0), device="cpu")
+  d = sam.describe()
+  assert d["checkpoint"] == "tiny_sam.pth"
+  assert d["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
 
 
 def test_export_through_tiny_sam(tmp_path):

@@ -6,17 +6,27 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffssr_jax.data import example, export, hr_sources, tfrecord
+from diffssr_jax.data import export, hr_sources, tfrecord
 
 tfds = pytest.importorskip("tensorflow_datasets")
+from tensorflow_datasets.proto import tf_example_pb2  # noqa: E402
 
 
 def _img(i):
   return np.random.default_rng(i).integers(0, 256, (72 + 4 * i, 80, 3)).astype(np.uint8)
 
 
-def _fake_tfrecord_dataset(root, n=3):
-  """A TFDS dataset folder as tfds writes it with file_format=tfrecord and an Image feature 'hr'."""
+def _png(arr):
+  buf = io.BytesIO()
+  Image.fromarray(arr).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def _fake_tfrecord_dataset(root, n=3, payloads=None):
+  """A TFDS dataset folder as tfds writes it with file_format=tfrecord and an Image feature 'hr' (PNGs of
+  `_img(i)`, or the given encoded images; None: a record without the feature)."""
+  payloads = [_png(_img(i)) for i in range(n)] if payloads is None else payloads
+  n = len(payloads)
   d = root / "fakesr" / "1.0.0"
   d.mkdir(parents=True)
   (d / "dataset_info.json").write_text(json.dumps({
@@ -29,10 +39,11 @@ def _fake_tfrecord_dataset(root, n=3):
           "pythonClassName": "tensorflow_datasets.core.features.image_feature.Image",
           "image": {"shape": {"dimensions": ["-1", "-1", "3"]}, "dtype": "uint8", "encodingFormat": "png"}}}}}))
   with tfrecord.TFRecordWriter(d / "fakesr-train.tfrecord-00000-of-00001") as w:
-    for i in range(n):
-      buf = io.BytesIO()
-      Image.fromarray(_img(i)).save(buf, format="PNG")
-      w.write(example.encode_example({"hr": buf.getvalue()}))
+    for data in payloads:
+      ex = tf_example_pb2.Example()
+      if data is not None:
+        ex.features.feature["hr"].bytes_list.value.append(data)
+      w.write(ex.SerializeToString())
   return root
 
 
@@ -46,6 +57,24 @@ def test_tfrecord_format_dataset(tmp_path):
                                                                  num_shards=1),
                         segmenter=_Const(), progress=False)
   assert m["splits"]["train"]["num_records"] == 3 and m["splits"]["train"]["source"]["kind"] == "tfds"
+
+
+def test_tfrecord_images_any_layout_and_errors(tmp_path):
+  """TFRecord-format TFDS images decode like files: 16-bit colour rounded to 8 bits, grey replicated (each
+  with a warning naming the record); a missing feature or undecodable bytes raise naming the record."""
+  from diffssr_jax import images
+  deep = np.random.default_rng(0).integers(0, 65536, (6, 5, 3)).astype(np.uint16)
+  grey = _img(0)[:8, :8, 0]
+  payloads = [images.encode_png(deep), _png(grey), None, b"not an image"]
+  src = hr_sources.open_source("fakesr", tfds_data_dir=_fake_tfrecord_dataset(tmp_path / "tfds", payloads=payloads))
+  with pytest.warns(UserWarning, match=r"tfds:fakesr/train-000000: 16-bit converted to 8-bit"):
+    np.testing.assert_array_equal(src.load("train-000000"), images.to_uint8(deep))
+  with pytest.warns(UserWarning, match=r"tfds:fakesr/train-000001: greyscale \(L\) replicated to RGB"):
+    np.testing.assert_array_equal(src.load("train-000001"), np.repeat(grey[:, :, None], 3, axis=2))
+  with pytest.raises(images.ImageReadError, match=r"^tfds:fakesr/train-000002: record has no image bytes"):
+    src.load("train-000002")
+  with pytest.raises(images.ImageReadError, match=r"^tfds:fakesr/train-000003: cannot decode image"):
+    src.load("train-000003")
 
 
 class _Const:

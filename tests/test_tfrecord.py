@@ -1,112 +1,105 @@
-"""CRC-32C, tf.train.Example codec and TFRecord framing/reader (no TensorFlow)."""
+"""TFRecord framing/index/reader (CRC-32C from google-crc32c) and the tile record as tf.train.Example."""
 import os
 import struct
 
 import numpy as np
 import pytest
+from tensorflow_datasets.proto import tf_example_pb2
 
-from diffssr_jax.data import crc32c as crc
-from diffssr_jax.data import example, tfrecord
-
-
-def _slow_crc(data):
-  reg = 0xFFFFFFFF
-  for b in data:
-    reg ^= b
-    for _ in range(8):
-      reg = (reg >> 1) ^ (0x82F63B78 if reg & 1 else 0)
-  return reg ^ 0xFFFFFFFF
+from diffssr_jax import images
+from diffssr_jax.data import records, tfrecord
 
 
-def test_crc32c_known_vectors():
-  assert crc.crc32c(b"123456789") == 0xE3069283
-  assert crc.crc32c(b"") == 0
-  assert crc.crc32c(bytes(32)) == 0x8A9136AA  # RFC 3720 B.4: 32 bytes of zeros
-  assert crc.crc32c(b"\xff" * 32) == 0x62A8AB43
+def test_masked_crc_known_values():
+  c = 0xE3069283  # CRC-32C check value of b"123456789" (RFC 3720)
+  assert tfrecord.masked_crc32c(b"123456789") == ((((c >> 15) | (c << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
+  # Frames and a long-input CRC as the previous (numpy, RFC-vector-tested) implementation wrote them; the
+  # empty record is the one tf.io.TFRecordWriter writes for b"".
+  assert tfrecord.frame(b"").hex() == "000000000000000029039807d8ea82a2"
+  assert tfrecord.frame(b"123456789").hex() == "090000000000000037f97139313233343536373839e5b08ac7"
+  assert tfrecord.masked_crc32c(bytes(range(256)) * 40) == 0x7C3265E0
 
 
-@pytest.mark.parametrize("n", [1, 4095, 4096, 4097, 70001, 300000])
-def test_crc32c_lanes_equal_bitwise_definition(n):
-  data = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8).tobytes()
-  want = _slow_crc(data[:5000]) if n <= 5000 else None
-  got = crc._crc32c_python(data)
-  if want is not None:
-    assert got == want
-  assert got == crc._update_bytes(0xFFFFFFFF, data) ^ 0xFFFFFFFF
-  k = n // 3
-  assert crc._crc32c_python(data[k:], crc._crc32c_python(data[:k])) == got
+# ---------------------------------------------------------------- the tile record
+# A tile record serialised by the project's previous hand-written Example encoder (PNGs by Pillow): HR
+# (4, 4, 3) = 5 * arange, LR [[[200, 100, 50]]], SPE arange(16) / 8 - 1, id "img/0001", y 4, x 0,
+# 3 segments, HR size (8, 12).
+OLD_TILE = bytes.fromhex(
+    "0a96030a640a0c696d6167652f68725f706e6712540a520a5089504e470d0a1a0a0000000d4948445200000004000000"
+    "0408020000002693092900000017494441547801636460e5e28701161b1b1b189b1f3707006ad204554e1be0fa000000"
+    "0049454e44ae4260820a170a0d696d6167652f68725f73697a6512061a040a02080c0a180a08696d6167652f6964120c"
+    "0a0a0a08696d672f303030310a590a0c696d6167652f6c725f706e6712490a470a4589504e470d0a1a0a0000000d4948"
+    "445200000001000000010802000000907753de0000000c4944415478016338916204000356015ffa9438010000000049"
+    "454e44ae4260820a170a0e7365676d656e74732f636f756e7412051a030a01030a500a087370652f6461746112440a42"
+    "0a40000080bf000060bf000040bf000020bf000000bf0000c0be000080be000000be000000000000003e0000803e0000"
+    "c03e0000003f0000203f0000403f0000603f0a130a097370652f736861706512061a040a0204040a0f0a0674696c652f"
+    "7812051a030a01000a0f0a0674696c652f7912051a030a0104")
 
 
-def test_masked_crc():
-  c = crc.crc32c(b"abc")
-  assert crc.masked_crc32c(b"abc") == ((((c >> 15) | (c << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
+def _old_tile():
+  hr = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3) * 5
+  spe = np.arange(16, dtype=np.float32).reshape(4, 4) / 8 - 1
+  return records.Tile("img/0001", 4, 0, hr, np.array([[[200, 100, 50]]], np.uint8), spe, 3, (8, 12))
 
 
-FEATS = {
-    "image/id": b"0001",
-    "name": "héllo",
-    "tile/y": 320,
-    "neg": [-1, -(2**40), 2**62],
-    "spe/shape": np.array([320, 160], np.int64),
-    "f": [0.5, -2.25],
-    "empty_f": np.zeros((0,), np.float32),
-    "many": [b"a", b"", b"ccc"],
-}
+def _assert_tiles_equal(a, b):
+  assert (a.image_id, a.y, a.x, a.segments, a.hr_size) == (b.image_id, b.y, b.x, b.segments, b.hr_size)
+  for k in ("hr", "lr", "spe"):
+    np.testing.assert_array_equal(getattr(a, k), getattr(b, k))
+  assert a.hr.dtype == np.uint8 and a.lr.dtype == np.uint8 and a.spe.dtype == np.float32
 
 
-def test_example_round_trip():
-  out = example.decode_example(example.encode_example(FEATS))
-  assert out["image/id"] == [b"0001"]
-  assert out["name"] == ["héllo".encode()]
-  np.testing.assert_array_equal(out["tile/y"], [320])
-  np.testing.assert_array_equal(out["neg"], [-1, -(2**40), 2**62])
-  assert out["neg"].dtype == np.int64
-  np.testing.assert_array_equal(out["spe/shape"], [320, 160])
-  np.testing.assert_array_equal(out["f"], np.float32([0.5, -2.25]))
-  assert out["f"].dtype == np.float32 and out["empty_f"].size == 0
-  assert out["many"] == [b"a", b"", b"ccc"]
+def test_records_written_by_the_old_encoder_decode():
+  _assert_tiles_equal(records.decode_tile(OLD_TILE, scale=4), _old_tile())
 
 
-def test_example_matches_protobuf_definition():
-  """Bytes equal protobuf's own deterministic serialisation of the same tf.train.Example."""
-  try:
-    from tensorflow_datasets.proto import tf_example_pb2 as pb
-  except ImportError:
-    pytest.skip("tensorflow_datasets protos unavailable")
-  ex = pb.Example()
-  f = ex.features.feature
-  f["image/id"].bytes_list.value.append(b"0001")
-  f["tile/y"].int64_list.value.append(320)
-  f["neg"].int64_list.value.extend([-1, -(2**40), 2**62])
-  f["f"].float_list.value.extend([0.5, -2.25])
-  ours = example.encode_example({"image/id": b"0001", "tile/y": 320, "neg": [-1, -(2**40), 2**62],
-                                 "f": [0.5, -2.25]})
-  assert ours == ex.SerializeToString(deterministic=True)
-  parsed = pb.Example.FromString(ours)
-  assert list(parsed.features.feature["neg"].int64_list.value) == [-1, -(2**40), 2**62]
+def test_encoder_matches_the_old_bytes_except_png_payloads():
+  """Same features, kinds, values and order as before: with the old PNG payloads put in, the new
+  serialisation is the old record byte for byte (only the PNG codec changed)."""
+  new = records.encode_tile(_old_tile())
+  assert new == records.encode_tile(_old_tile())  # deterministic
+  _assert_tiles_equal(records.decode_tile(new, scale=4), _old_tile())
+  old_msg, new_msg = tf_example_pb2.Example.FromString(OLD_TILE), tf_example_pb2.Example.FromString(new)
+  for key in ("image/hr_png", "image/lr_png"):
+    new_msg.features.feature[key].CopyFrom(old_msg.features.feature[key])
+  assert new_msg.SerializeToString(deterministic=True) == OLD_TILE
 
 
-def test_example_decodes_unpacked_and_skips_unknown():
-  # Int64List with two unpacked values 7, 300; FloatList unpacked 1.5; plus an unknown varint field 9.
-  i64 = b"\x08\x07" + b"\x08\xac\x02"
-  flt = b"\x0d" + struct.pack("<f", 1.5)
-  def field(n, payload):
-    return example._field(n, 2, payload)
-  feat_i = field(3, i64)
-  feat_f = field(2, flt)
-  entry_i = field(1, b"a") + field(2, feat_i) + b"\x48\x01"
-  entry_f = field(1, b"b") + field(2, feat_f)
-  data = field(1, field(1, entry_i) + field(1, entry_f))
-  out = example.decode_example(data)
-  np.testing.assert_array_equal(out["a"], [7, 300])
-  np.testing.assert_array_equal(out["b"], [1.5])
+def test_tile_without_optional_features():
+  t = _old_tile()
+  t.hr_size, t.segments = None, 0
+  ex = tf_example_pb2.Example.FromString(records.encode_tile(t))
+  assert "image/hr_size" not in ex.features.feature
+  del ex.features.feature["segments/count"]
+  got = records.decode_tile(ex.SerializeToString())
+  assert got.hr_size is None and got.segments == 0
 
 
-def test_example_rejects_garbage():
-  with pytest.raises(example.ExampleDecodeError):
-    example.decode_example(b"\x0a\x10\x0a")
-  with pytest.raises(TypeError):
-    example.encode_example({"x": []})
+def _edited(edit):
+  ex = tf_example_pb2.Example.FromString(OLD_TILE)
+  edit(ex.features.feature)
+  return ex.SerializeToString()
+
+
+@pytest.mark.parametrize("data,message", [
+    (b"\x0a\x10\x0a", "malformed Example"),
+    (OLD_TILE[:-5], "malformed Example"),
+    (_edited(lambda f: f.pop("image/id")), "feature 'image/id' missing"),
+    (_edited(lambda f: f["tile/y"].CopyFrom(f["image/id"])), "'tile/y' holds bytes_list, expected int64_list"),
+    (_edited(lambda f: f["tile/x"].int64_list.value.append(1)), "'tile/x' has 2 values, expected one"),
+    (_edited(lambda f: f["spe/shape"].int64_list.value.append(1)), "'spe/shape' is not \\[h, w\\]"),
+    (_edited(lambda f: f["spe/data"].bytes_list.value.__setitem__(0, b"1234")), "spe/data has 4 bytes"),
+    (_edited(lambda f: f["image/lr_png"].bytes_list.value.__setitem__(0, b"png?")), "cannot decode image"),
+])
+def test_bad_records_name_the_record(data, message):
+  errors = (records.TileDecodeError, images.ImageReadError)
+  with pytest.raises(errors, match=rf"^shard-0: record 7: .*{message}"):
+    records.decode_tile(data, where="shard-0: record 7")
+
+
+def test_scale_mismatch():
+  with pytest.raises(records.TileDecodeError, match=r"LR tile \(1, 1\) x2 does not give HR \(4, 4\)"):
+    records.decode_tile(OLD_TILE, scale=2)
 
 
 def _write(path, payloads):
@@ -118,8 +111,8 @@ def test_frame_layout(tmp_path):
   data = b"hello"
   rec = tfrecord.frame(data)
   assert rec[:8] == struct.pack("<Q", 5)
-  assert struct.unpack("<I", rec[8:12])[0] == crc.masked_crc32c(rec[:8])
-  assert rec[12:17] == data and struct.unpack("<I", rec[17:])[0] == crc.masked_crc32c(data)
+  assert struct.unpack("<I", rec[8:12])[0] == tfrecord.masked_crc32c(rec[:8])
+  assert rec[12:17] == data and struct.unpack("<I", rec[17:])[0] == tfrecord.masked_crc32c(data)
 
 
 def test_write_index_read(tmp_path):

@@ -2,8 +2,8 @@
 
 Modules (import them directly; this package imports nothing, and none of them imports jax):
 
-  crc32c, tfrecord, example  TFRecord files and tf.train.Example records without TensorFlow
-  records                    the tile record schema (HR tile, LR tile, SPE tile)
+  tfrecord                   TFRecord framing and random-access index without TensorFlow
+  records                    the tile record schema (HR tile, LR tile, SPE tile) as tf.train.Example
   rle                        COCO run-length encoded masks (SAM amg.py format)
   segmenters                 Segment Anything and classical (Felzenszwalb, SLIC) segmenters
   torchvision_fallback       the torchvision functions segment-anything needs, when torchvision is absent

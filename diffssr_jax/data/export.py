@@ -189,14 +189,10 @@ def _atomic_write_json(path: pathlib.Path, obj) -> None:
   fileio.atomic_write_json(path, obj, indent=1, sort_keys=True)
 
 
-def file_sha256(path, chunk: int = 1 << 22) -> str:
-  h = hashlib.sha256()
+def file_sha256(path) -> str:
+  """Hex SHA-256 of a file's contents (shards here, the SAM checkpoint in `segmenters`)."""
   with open(path, "rb") as f:
-    while True:
-      b = f.read(chunk)
-      if not b:
-        return h.hexdigest()
-      h.update(b)
+    return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _read_journal(path: pathlib.Path) -> tuple[str | None, list[dict]]:

@@ -5,9 +5,9 @@ manifest). Loading errors are `images.ImageReadError`s naming the image, so the 
 fail per its `on_error` policy. No jax, no TensorFlow.
 
 TFDS: datasets prepared in the `array_record` file format are read through `tfds.data_source` (random
-access, no TensorFlow). Datasets prepared as TFRecord (tfds' default) are read with our own TFRecord and
-Example readers when the chosen feature is an `Image` (stored as PNG/JPEG bytes). Nothing is ever
-downloaded or prepared here.
+access, no TensorFlow). Datasets prepared as TFRecord (tfds' default) are read with our TFRecord index and
+tfds' `tf.train.Example` proto when the chosen feature is an `Image` (stored as PNG/JPEG bytes, decoded
+by `images`). Nothing is ever downloaded or prepared here.
 """
 from __future__ import annotations
 
@@ -142,31 +142,25 @@ class TfdsSource:
   def load(self, image_id: str) -> np.ndarray:
     i = self._position(image_id)
     where = self.path(image_id)
-    if self._ds is not None:
-      arr = np.asarray(self._ds[i][self.key])
-    else:
-      from diffssr_jax.data import example
-      feats = example.decode_example(self._index.read(i))
-      data = feats.get(self.key)
-      if not data:
-        raise images.ImageReadError(f"{where}: record has no feature {self.key!r}")
-      arr = _decode_image_bytes(data[0], where)
-    return _to_rgb8(arr, where)
+    if self._ds is None:  # TFRecord: the feature holds the encoded image
+      return images.as_rgb8(images.decode_image(self._image_bytes(i, where), where), stacklevel=2)
+    return _to_rgb8(np.asarray(self._ds[i][self.key]), where)
+
+  def _image_bytes(self, i: int, where: str) -> bytes:
+    """The encoded image of TFRecord record i (its feature `self.key`)."""
+    from google.protobuf import message as pb_message
+    from tensorflow_datasets.proto import tf_example_pb2
+    try:
+      feats = tf_example_pb2.Example.FromString(self._index.read(i)).features.feature
+    except pb_message.DecodeError as e:
+      raise images.ImageReadError(f"{where}: malformed tf.train.Example ({e})") from None
+    if self.key not in feats or not feats[self.key].bytes_list.value:
+      raise images.ImageReadError(f"{where}: record has no image bytes in feature {self.key!r}")
+    return feats[self.key].bytes_list.value[0]
 
   def describe(self) -> dict:
     return {"kind": "tfds", "name": self.name, "split": self.split, "feature": self.key,
             "file_format": self.file_format, "images": len(self.ids)}
-
-
-def _decode_image_bytes(data: bytes, where: str) -> np.ndarray:
-  import io
-  from PIL import Image
-  try:
-    with Image.open(io.BytesIO(data)) as im:
-      im.load()
-      return np.asarray(im)
-  except Exception as e:
-    raise images.ImageReadError(f"{where}: cannot decode image ({type(e).__name__}: {e})") from None
 
 
 def _to_rgb8(arr: np.ndarray, where: str) -> np.ndarray:

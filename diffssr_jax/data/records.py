@@ -14,16 +14,20 @@ Features (all required unless noted):
   segments/count  int64     number of regions (SAM masks or superpixels) of the whole image
   image/hr_size   int64[2]  [H, W] of the whole trimmed HR image (extra, optional for readers)
 
-Readable by TensorFlow (`tf.io.parse_single_example`) as well as by `decode_tile` here.
+Readable by TensorFlow (`tf.io.parse_single_example`) as well as by `decode_tile` here. The message
+classes are tensorflow-datasets' copy of TensorFlow's example.proto/feature.proto, generated for use
+without TensorFlow (same field numbers, so the bytes are those TensorFlow writes and reads); importing it
+loads tfds' package (~0.5 s) but neither TensorFlow nor jax.
 """
 from __future__ import annotations
 
 import dataclasses
 
 import numpy as np
+from google.protobuf import message as pb_message
+from tensorflow_datasets.proto import tf_example_pb2
 
 from diffssr_jax import images
-from diffssr_jax.data import example
 
 
 SCHEMA = {
@@ -57,52 +61,57 @@ class Tile:
 
 
 def encode_tile(tile: Tile, png_level: int = 1) -> bytes:
-  """Serialized Example of a tile (deterministic bytes)."""
+  """Serialized Example of a tile (deterministic bytes: features sorted by name)."""
   spe = np.ascontiguousarray(tile.spe, dtype="<f4")
   if spe.shape != tile.hr.shape[:2]:
     raise ValueError(f"SPE tile {spe.shape} does not match HR tile {tile.hr.shape[:2]}")
-  feats = {
-      "image/id": tile.image_id.encode("utf-8"),
-      "tile/y": int(tile.y),
-      "tile/x": int(tile.x),
-      "image/hr_png": _png(tile.hr, png_level),
-      "image/lr_png": _png(tile.lr, png_level),
-      "spe/data": spe.tobytes(),
-      "spe/shape": np.asarray(spe.shape, dtype=np.int64),
-      "segments/count": int(tile.segments),
-  }
+  ex = tf_example_pb2.Example()
+  f = ex.features.feature
+  f["image/id"].bytes_list.value.append(tile.image_id.encode("utf-8"))
+  f["tile/y"].int64_list.value.append(int(tile.y))
+  f["tile/x"].int64_list.value.append(int(tile.x))
+  f["image/hr_png"].bytes_list.value.append(images.encode_png(np.asarray(tile.hr, np.uint8), png_level))
+  f["image/lr_png"].bytes_list.value.append(images.encode_png(np.asarray(tile.lr, np.uint8), png_level))
+  f["spe/data"].bytes_list.value.append(spe.tobytes())
+  f["spe/shape"].int64_list.value.extend(spe.shape)
+  f["segments/count"].int64_list.value.append(int(tile.segments))
   if tile.hr_size is not None:
-    feats["image/hr_size"] = np.asarray(tile.hr_size, dtype=np.int64)
-  return example.encode_example(feats)
+    f["image/hr_size"].int64_list.value.extend(int(v) for v in tile.hr_size)
+  return ex.SerializeToString(deterministic=True)
 
 
-def _png(arr: np.ndarray, level: int) -> bytes:
-  import io
-  from PIL import Image
-  buf = io.BytesIO()
-  Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint8)).save(buf, format="PNG", compress_level=level)
-  return buf.getvalue()
+def _values(feats, key: str, kind: str, where: str, required: bool = True):
+  """The values of feature `key`, which must hold a `kind` list ('bytes_list' or 'int64_list'); None when
+  an optional feature is absent."""
+  if key not in feats:  # (indexing a protobuf map would insert the key)
+    if required:
+      raise TileDecodeError(f"{where}: feature {key!r} missing")
+    return None
+  feat = feats[key]
+  if feat.WhichOneof("kind") != kind:
+    raise TileDecodeError(f"{where}: feature {key!r} holds {feat.WhichOneof('kind')}, expected {kind}")
+  return feat.bytes_list.value if kind == "bytes_list" else feat.int64_list.value
 
 
-def _one(feats, key, where):
-  v = feats.get(key)
-  if v is None or len(v) != 1:
-    raise TileDecodeError(f"{where}: feature {key!r} missing or not a single value")
+def _one(feats, key: str, kind: str, where: str):
+  v = _values(feats, key, kind, where)
+  if len(v) != 1:
+    raise TileDecodeError(f"{where}: feature {key!r} has {len(v)} values, expected one")
   return v[0]
 
 
 def decode_tile(data: bytes, where: str = "<record>", scale: int | None = None) -> Tile:
   """A Tile from a serialized record; checks shapes (and the LR/HR ratio when `scale` is given)."""
   try:
-    f = example.decode_example(data)
-  except example.ExampleDecodeError as e:
+    f = tf_example_pb2.Example.FromString(data).features.feature
+  except pb_message.DecodeError as e:
     raise TileDecodeError(f"{where}: malformed Example ({e})") from None
-  hr = images.decode_png(_one(f, "image/hr_png", where), where)
-  lr = images.decode_png(_one(f, "image/lr_png", where), where)
-  shape = f.get("spe/shape")
-  if shape is None or len(shape) != 2:
-    raise TileDecodeError(f"{where}: feature 'spe/shape' missing or not [h, w]")
-  raw = _one(f, "spe/data", where)
+  hr = images.decode_png(_one(f, "image/hr_png", "bytes_list", where), where)
+  lr = images.decode_png(_one(f, "image/lr_png", "bytes_list", where), where)
+  shape = _values(f, "spe/shape", "int64_list", where)
+  if len(shape) != 2:
+    raise TileDecodeError(f"{where}: feature 'spe/shape' is not [h, w]")
+  raw = _one(f, "spe/data", "bytes_list", where)
   h, w = int(shape[0]), int(shape[1])
   if len(raw) != 4 * h * w:
     raise TileDecodeError(f"{where}: spe/data has {len(raw)} bytes, expected {4 * h * w} for {h}x{w}")
@@ -111,9 +120,10 @@ def decode_tile(data: bytes, where: str = "<record>", scale: int | None = None) 
     raise TileDecodeError(f"{where}: HR tile {hr.shape[:2]} and SPE {h}x{w} differ")
   if scale is not None and (lr.shape[0] * scale, lr.shape[1] * scale) != hr.shape[:2]:
     raise TileDecodeError(f"{where}: LR tile {lr.shape[:2]} x{scale} does not give HR {hr.shape[:2]}")
-  size = f.get("image/hr_size")
+  segments = _values(f, "segments/count", "int64_list", where, required=False)
+  size = _values(f, "image/hr_size", "int64_list", where, required=False)
   return Tile(
-      image_id=_one(f, "image/id", where).decode("utf-8"), y=int(_one(f, "tile/y", where)),
-      x=int(_one(f, "tile/x", where)), hr=hr, lr=lr, spe=spe,
-      segments=int(f["segments/count"][0]) if len(f.get("segments/count", [])) else 0,
+      image_id=_one(f, "image/id", "bytes_list", where).decode("utf-8"),
+      y=int(_one(f, "tile/y", "int64_list", where)), x=int(_one(f, "tile/x", "int64_list", where)),
+      hr=hr, lr=lr, spe=spe, segments=int(segments[0]) if segments else 0,
       hr_size=(int(size[0]), int(size[1])) if size is not None and len(size) == 2 else None)

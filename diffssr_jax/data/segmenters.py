@@ -14,7 +14,6 @@ torch-only export tool.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import pathlib
 
@@ -127,16 +126,6 @@ def default_device() -> str:
   return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _file_sha256(path, chunk=1 << 22) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    while True:
-      b = f.read(chunk)
-      if not b:
-        return h.hexdigest()
-      h.update(b)
-
-
 def check_checkpoint_file(checkpoint) -> pathlib.Path:
   """The checkpoint path, or a SegmenterError saying where the weights come from."""
   path = pathlib.Path(checkpoint)
@@ -233,7 +222,8 @@ class SamSegmenter:
     d = {"name": self.name, "model_type": self.model_type, "params": dict(self.params)}
     if self.checkpoint is not None:
       if self._checkpoint_sha is None:
-        self._checkpoint_sha = _file_sha256(self.checkpoint)
+        from diffssr_jax.data.export import file_sha256  # at call time: export imports this module
+        self._checkpoint_sha = file_sha256(self.checkpoint)
       d["checkpoint"] = os.path.basename(self.checkpoint)
       d["checkpoint_sha256"] = self._checkpoint_sha
     return d

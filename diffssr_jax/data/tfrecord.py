@@ -4,11 +4,16 @@ Each record is framed as
 
   uint64 length (little-endian) | uint32 masked_crc32c(length bytes) | data | uint32 masked_crc32c(data)
 
-(uncompressed TFRecord, the format `tf.io.TFRecordWriter` writes). Random access works from an index of
-record offsets, built by walking the length headers (checking each header's CRC and that the record
-fits in the file), so a truncated or damaged file is reported when it is opened, and every read checks
-the data CRC. Errors are `RecordError`s naming the file, the record number and its byte offset: a
-broken record is never skipped silently.
+(uncompressed TFRecord, the format `tf.io.TFRecordWriter` writes; CRC-32C from google-crc32c). Random
+access works from an index of record offsets, built by walking the length headers (checking each header's
+CRC and that the record fits in the file), so a truncated or damaged file is reported when it is opened,
+and every read checks the data CRC. Errors are `RecordError`s naming the file, the record number and its
+byte offset: a broken record is never skipped silently.
+
+The framing and index stay hand-written (~150 lines) because grain's data source needs random access by
+record number with CRC checks: TensorFlow's reader needs TensorFlow, and grain's own
+`experimental.TFRecordIterDataset` reads sequentially and checks no CRC. The records themselves are
+`tf.train.Example` messages from tensorflow-datasets' protobuf definitions (see `records`).
 """
 from __future__ import annotations
 
@@ -17,12 +22,17 @@ import pathlib
 import struct
 import threading
 
+import google_crc32c
 import numpy as np
-
-from diffssr_jax.data.crc32c import masked_crc32c
 
 HEADER = 12  # length (8) + length CRC (4)
 FOOTER = 4  # data CRC
+
+
+def masked_crc32c(data) -> int:
+  """TFRecord's masked CRC-32C: rotated right by 15 bits plus a constant (CRCs of data holding CRCs)."""
+  c = google_crc32c.value(bytes(data))
+  return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 class RecordError(IOError):

@@ -41,8 +41,6 @@ from diffssr_jax.inference.tiling import upscale_tiled
 MODES = ("diffusion", "rrdb")
 DEFAULT_DDIM_STEPS = 25
 DEFAULT_LR_UP_DIVISOR = 256.0
-# Modes that mean "no colour" in images.load_image's source_mode: such inputs are written back as greyscale.
-GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 
 
 def hr_multiple(model: SRDiffusion) -> int:
@@ -284,7 +282,7 @@ class Upscaler:
     to_int = signed_to_uint8 if image.rgb.dtype == np.uint8 else signed_to_uint16
     if image.alpha is not None:
       return np.concatenate([to_int(sr), upscale_alpha(image.alpha, self.scale)[:, :, None]], axis=2)
-    if image.source_mode in GREY_MODES:
+    if image.grey:
       return to_int(sr.mean(axis=2))
     return to_int(sr)
 
