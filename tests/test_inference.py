@@ -123,7 +123,6 @@ def test_tiny_inputs_are_padded_to_the_unet_minimum():
   (HR >= 2 * 2 ** (levels - 1)), symmetric for a 1-pixel side, and the result is what padding by hand gives."""
   cfg, model, params = tiny_model3()
   up = Upscaler(model, params, config=cfg, sampler="ddim", steps=2)
-  assert up.lr_multiple == 1 and up.min_lr == 2  # HR multiple 4 and minimum 8 at x4
   seen = []
   original = up._fn
   up._fn = lambda p, lr, lr_up, keys: seen.append(lr.shape) or original(p, lr, lr_up, keys)
@@ -132,6 +131,7 @@ def test_tiny_inputs_are_padded_to_the_unet_minimum():
     out = up.upscale(img, seed=0)
     assert out.shape == (4 * h, 4 * w, 3) and out.dtype == np.uint8
   assert seen == [(1, 2, 2, 3)] * 3
+  assert up.lr_multiple == 1 and up.min_lr == 2  # HR multiple 4 and minimum 8 at x4
   lr = _rand((1, 1, 1, 3), seed=11)
   sr, _ = up.super_resolve_batch(lr, seed=0)
   padded = np.pad(lr, ((0, 0), (0, 1), (0, 1), (0, 0)), mode="symmetric")
