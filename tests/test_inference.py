@@ -164,7 +164,8 @@ def test_conventions_are_the_official_ones_and_shared():
   assert inference.lr_signed is conventions.to_signed
   assert metrics.signed_to_uint8 is conventions.signed_to_uint8 and validate.to_uint8 is conventions.signed_to_uint8
   assert inference.GREY_MODES is conventions.GREY_MODES
-  assert inference.DEFAULT_LR_UP_DIVISOR == pipeline.TrainTransform().lr_up_divisor == conventions.OFFICIAL_LR_UP_DIVISOR
+  assert (inference.DEFAULT_LR_UP_DIVISOR == pipeline.TrainTransform().lr_up_divisor
+          == pipeline.default_data_config().lr_up_divisor == conventions.OFFICIAL_LR_UP_DIVISOR)
 
 
 def test_validation_crop_refuses_images_below_the_unet_minimum():
