@@ -232,7 +232,8 @@ class Upscaler:
       config, model, params = load_for_inference(workdir=workdir, checkpoint=checkpoint, step=load_step,
                                                  use_ema=use_ema, config=config)
     except Exception as e:  # noqa: BLE001  (any failure to read the weights is the user's file: say which)
-      detail = " ".join(str(e).split())[:300]
+      detail = " ".join(str(e).split()).removeprefix(f"{where}: ")
+      detail = detail if len(detail) <= 300 else detail[:297].rsplit(" ", 1)[0] + " ..."
       raise ModelLoadError(f"{where}: cannot load the model ({type(e).__name__}: {detail}){hint}") from e
     log.debug("model: %s (step %s)", where, "unknown" if step is None else step)
     return cls(model, params, config=config, sampler=sampler, steps=steps, eta=eta, mode=mode,
