@@ -24,11 +24,9 @@ import cv2
 import numpy as np
 
 from diffssr_jax import fileio
+from diffssr_jax.conventions import GREY_MODES
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-# `LoadedImage.source_mode` values meaning "no colour". The loader only produces "L" and "LA"; Pillow's
-# other grey modes are accepted for LoadedImages that callers build themselves.
-GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 _EXPECTED = "truncated, corrupt, or not a PNG, JPEG, BMP, TIFF or WebP image"
 
 

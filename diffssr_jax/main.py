@@ -1,15 +1,18 @@
-"""Entry point: `python -m diffssr_jax.main --config configs/X.py --workdir DIR [--config.key=value ...]`."""
+"""Entry point: `python -m diffssr_jax.main --config configs/X.py --workdir DIR [--config.key=value ...]`.
+
+(`diffssr-train` once installed.) Library log messages (orbax, absl, jax) are hidden unless --verbosity 1
+(-v); --verbosity 2 (-vv) shows debug output.
+"""
 import os
 
 # numpy's OpenBLAS threads spin against XLA's for the same cores, slowing the input pipeline's small
 # matrix products 10-100x on a busy CPU; one BLAS thread per process is what the data path needs.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import logging  # noqa: E402
-
 from absl import app, flags  # noqa: E402
-from absl import logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from diffssr_jax import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and summary.json.")
@@ -20,12 +23,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  # Our progress at INFO; libraries (orbax logs every file it writes) at WARNING.
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  logging.getLogger("diffssr_jax").setLevel(logging.INFO)
+  # Our progress at INFO; libraries (orbax logs every file it writes) quiet unless --verbosity is given (absl's
+  # own flag, whose unset default absl turns into 0 after parsing; cli.setup_logging gives 0 our meaning).
+  cli.setup_logging(FLAGS.verbosity if FLAGS["verbosity"].present else 0)
   from diffssr_jax.training import train  # after flag parsing: keeps --help fast
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run_absl(main)  # app.run with dashed flag aliases and a --help that lists defaults

@@ -183,15 +183,45 @@ def test_cli_from_a_training_workdir(folders, tmp_path, capsys):
   assert sorted(r["image"] for r in _rows(out / "metrics.csv")) == ["b0", "b1"]
   assert results.read_summary_json(out / "summary.json")["crop_border"] == 0
   table = (work / "eval" / "table_10.md").read_text()
-  assert "| RRDB |" in table and "| Bicubic |" in table and table in capsys.readouterr().out
+  captured = capsys.readouterr()
+  assert "| RRDB |" in table and "| Bicubic |" in table and table in captured.out
+  assert f"model: {work / 'checkpoints' / '10'} (step 10)" in captured.err  # the step used is reported
+  assert results.read_summary_json(out / "summary.json")["checkpoint"] == str(work / "checkpoints" / "10")
   # The same RRDB through the Python API gives the same images.
   hr = images.read_rgb8(f"{folders['B']}/b0.png")
   rrdb = Upscaler(model, params, config=cfg, mode="rrdb").upscale(imresize(hr, 1 / 4))
   np.testing.assert_array_equal(images.read_rgb8(out / "b0.png"), rrdb)
-  # User errors: one line on stderr, exit status 1.
+  # User errors: one line on stderr, exit status 1 (bad command lines: 2), never a traceback.
   assert evaluate.cli(["evaluate", "--workdir", str(work), "--datasets", f"X={tmp_path / 'nope'}",
                        "--noprogress"]) == 1
   assert "nope" in capsys.readouterr().err
+  checkpointing.save_config(cfg, tmp_path / "nockpt")
+  images.save_png(tmp_path / "photo.png", hr)
+  data = ["--datasets", f"B={folders['B']}", "--noprogress", "--output", str(tmp_path / "o")]
+  for args, status, expect in ((["--workdir", str(tmp_path / "nowhere")], 1, "no such folder"),
+                               (["--workdir", str(tmp_path / "nockpt")], 1, "no checkpoints"),
+                               (["--workdir", str(work), "--step", "7"], 1, "no checkpoint for step 7"),
+                               (["--checkpoint", str(tmp_path / "photo.png")], 1, "cannot load the model"),
+                               (["--workdir", str(work), "--datasets", "A=/x,A=/y"], 2, "given twice"),
+                               (["--workdir", str(work), "--paired_lr", "Z=/x"], 2, "not in --datasets"),
+                               (["--workdir", str(work), "--batch-size", "x"], 2, "batch_size")):
+    assert evaluate.cli(["evaluate", *data, *args]) == status, args
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and expect in lines[0] and "Traceback" not in err, (args, err)
+
+
+def test_table_keeps_every_method_on_disk(up, folders, tmp_path):
+  """Re-running one method rewrites the step's table with the rows of the others already on disk."""
+  kw = dict(step_tag=STEP, batch_size=2, seed=1, show_progress=False)
+  evaluate.evaluate_all(up, {"B": folders["B"]}, tmp_path, methods=("rrdb", "bicubic"), **kw)
+  table = evaluate.evaluate_all(up, {"B": folders["B"]}, tmp_path, methods=("diffusion",), **kw)
+  rows = [ln.split("|")[1].strip() for ln in table.read_text().splitlines()[2:]]
+  assert rows == ["Bicubic", "RRDB", "SAM-DiffSR (ddim, 2 steps, eta 0)"]
+  # Another step's table holds that step's model rows only (bicubic is step-independent).
+  other = evaluate.evaluate_all(up, {"B": folders["B"]}, tmp_path, methods=("rrdb",), **{**kw, "step_tag": "8"})
+  assert other.name == "table_8.md"
+  assert [ln.split("|")[1].strip() for ln in other.read_text().splitlines()[2:]] == ["Bicubic", "RRDB"]
 
 
 def test_optional_lpips_column_and_fid(folders, tmp_path):

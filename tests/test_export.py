@@ -337,25 +337,32 @@ def _run_tool(args, tmp_path, env_extra=None):
 
 
 def test_tool_runs_without_jax(tmp_path):
-  d = _folder(tmp_path, {"a": _photo("rocket", 136, 136)})
+  """The tool as users run it (a fake jax that fails on import proves jax is never loaded): both flag
+  spellings, a summary that counts skipped images apart from exported ones, one-line errors (exit 1; a bad
+  command line 2)."""
+  d = _folder(tmp_path, {"a": _photo("rocket", 136, 136), "small": _photo("rocket", 24, 24)})
+  (d / "broken.png").write_bytes(b"\x89PNG not really")
   out = tmp_path / "out"
   r = _run_tool(["--images", str(d), "--out", str(out), "--segmenter", "felzenszwalb", "--num-shards", "1",
-                 "--tile-size", "64", "--tile-step", "64", "--min-tile", "32", "--no-progress"], tmp_path)
+                 "--tile-size", "64", "--tile_step", "64", "--min_tile", "32", "--no-progress", "--on-error", "skip"],
+                tmp_path)
   assert r.returncode == 0, r.stderr
-  assert "done: 4 tiles" in r.stdout
+  assert "done: 4 tiles from 1 images (1 skipped, 1 too small for a tile) in 1/1 shards" in r.stdout
   man = json.loads((out / "manifest.json").read_text())
-  assert man["splits"]["train"]["num_records"] == 4
+  assert man["splits"]["train"]["num_records"] == 4 and man["splits"]["train"]["num_images_done"] == 3
   r = _run_tool(["--images", str(d), "--out", str(tmp_path / "o2"), "--segmenter", "sam", "--checkpoint",
                  str(tmp_path / "missing.pth")], tmp_path)
-  assert r.returncode == 2 and "missing.pth not found" in r.stderr
-  r = _run_tool(["--images", "no_such_tfds_dataset", "--tfds-data-dir", str(tmp_path / "tfds"), "--out",
+  assert r.returncode == 1 and "missing.pth not found" in r.stderr and "Traceback" not in r.stderr
+  r = _run_tool(["--images", "no_such_tfds_dataset", "--tfds_data_dir", str(tmp_path / "tfds"), "--out",
                  str(tmp_path / "o3"), "--segmenter", "felzenszwalb"], tmp_path)
-  assert r.returncode == 2 and "not prepared" in r.stderr
+  assert r.returncode == 1 and "not prepared" in r.stderr
+  r = _run_tool(["--images", str(d), "--segmenter", "felzenszwalb", "--shard-index", "x"], tmp_path)
+  assert r.returncode == 2 and r.stderr.count("error:") == 1 and "--out is required" in r.stderr
   import torch
   torch.save(_tiny_sam(0).state_dict(), tmp_path / "tiny.pth")
   r = _run_tool(["--images", str(d), "--out", str(tmp_path / "o4"), "--segmenter", "sam", "--model-type", "vit_b",
                  "--checkpoint", str(tmp_path / "tiny.pth"), "--device", "cpu"], tmp_path)
-  assert r.returncode == 2 and "does not fit this SAM model" in r.stderr, r.stderr
+  assert r.returncode == 1 and "does not fit this SAM model" in r.stderr, r.stderr
   code = "import sys, runpy; runpy.run_path(sys.argv[1]); import jax"
   r = subprocess.run([sys.executable, "-c", code, str(ROOT / "tools" / "export_sam_masks.py")],
                      capture_output=True, text=True, timeout=120,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from diffssr_jax import images
+from diffssr_jax import conventions, images
 from diffssr_jax.inference import upscaler as inference
 from diffssr_jax.diffusion import sampling
 from diffssr_jax.data.pipeline import make_lr_up
@@ -38,6 +38,16 @@ def fast_params(model, seed: int = 0) -> dict:
 def tiny_model():
   """(config, model, params) of the tiny test model, one object per test session."""
   cfg = tiny_config()
+  model = build_model(cfg)
+  return cfg, model, fast_params(model)
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_model3():
+  """The tiny model with a three-level U-Net (HR multiple 4, lowest level 1/4 of the HR size): at x4 a 1-pixel
+  LR side would reach that level as a 1-pixel map, which its reflection-padded convs refuse."""
+  cfg = tiny_config()
+  cfg.model.unet_dim_mults = (1, 2, 2)
   model = build_model(cfg)
   return cfg, model, fast_params(model)
 
@@ -108,6 +118,67 @@ def test_padding_to_the_unet_multiple(tiny):
   np.testing.assert_array_equal(sr, by_hand[:, :28, :28])
 
 
+def test_tiny_inputs_are_padded_to_the_unet_minimum():
+  """Images down to 1x1 are super-resolved: the LR is padded until the U-Net's lowest level is at least 2x2
+  (HR >= 2 * 2 ** (levels - 1)), symmetric for a 1-pixel side, and the result is what padding by hand gives."""
+  cfg, model, params = tiny_model3()
+  up = Upscaler(model, params, config=cfg, sampler="ddim", steps=2)
+  seen = []
+  original = up._fn
+  up._fn = lambda p, lr, lr_up, keys: seen.append(lr.shape) or original(p, lr, lr_up, keys)
+  for h, w in ((1, 1), (2, 1), (1, 2)):
+    img = _rand((h, w, 3), seed=h * 10 + w)
+    out = up.upscale(img, seed=0)
+    assert out.shape == (4 * h, 4 * w, 3) and out.dtype == np.uint8
+  assert seen == [(1, 2, 2, 3)] * 3
+  assert up.lr_multiple == 1 and up.min_lr == 2  # HR multiple 4 and minimum 8 at x4
+  lr = _rand((1, 1, 1, 3), seed=11)
+  sr, _ = up.super_resolve_batch(lr, seed=0)
+  padded = np.pad(lr, ((0, 0), (0, 1), (0, 1), (0, 0)), mode="symmetric")
+  lr_up = np.pad(make_lr_up(lr[0], 4)[None], ((0, 0), (0, 4), (0, 4), (0, 0)), mode="symmetric")
+  by_hand, _ = up.super_resolve_batch(padded, seed=0, lr_up=lr_up)
+  np.testing.assert_array_equal(sr, by_hand[:, :4, :4])
+  assert np.isfinite(sr).all()
+
+
+def test_conventions_are_the_official_ones_and_shared():
+  """One home for pixel conventions: the official formulas, and every user imports that one copy."""
+  from diffssr_jax.data import pipeline
+  from diffssr_jax.evaluation import metrics
+  from diffssr_jax.training import validate
+  u8 = np.array([0, 1, 127, 128, 255], np.uint8)
+  np.testing.assert_array_equal(conventions.to_signed(u8), (u8.astype(np.float32) / 255 - 0.5) / 0.5)
+  u16 = np.array([0, 257, 65535], np.uint16)
+  np.testing.assert_allclose(conventions.to_signed(u16), [-1.0, 257 / 65535 * 2 - 1, 1.0], rtol=1e-6)
+  np.testing.assert_array_equal(conventions.to_signed(u8.astype(np.float32)), conventions.to_signed(u8))
+  # round((x + 1) * 127.5) clipped, half to even (0 -> 127.5 -> 128), in float32 for float32 input.
+  x = np.array([-1.5, -1.0, 0.0, 1.0, 2.0, -1 + 1.6 / 127.5], np.float32)
+  np.testing.assert_array_equal(conventions.signed_to_uint8(x), [0, 0, 128, 255, 255, 2])
+  np.testing.assert_array_equal(conventions.signed_to_uint16(np.array([-1.0, 0.0, 1.0])), [0, 32768, 65535])
+  assert conventions.signed_to_pixels(x, np.uint16).dtype == np.uint16
+  assert [conventions.unet_multiple(n) for n in (1, 2, 4)] == [1, 2, 8]
+  assert conventions.min_hr_size(4) == 16 and conventions.OFFICIAL_LR_UP_DIVISOR == 256.0
+  assert inference.hr_multiple(build_model(base.get_config())) == conventions.unet_multiple(4)
+  assert validate.UNET_MULTIPLE == conventions.unet_multiple(4)
+  assert pipeline.normalize_uint8 is conventions.to_signed and validate.normalise is conventions.to_signed
+  assert inference.lr_signed is conventions.to_signed
+  assert metrics.signed_to_uint8 is conventions.signed_to_uint8 and validate.to_uint8 is conventions.signed_to_uint8
+  assert inference.GREY_MODES is conventions.GREY_MODES
+  assert (inference.DEFAULT_LR_UP_DIVISOR == pipeline.TrainTransform().lr_up_divisor
+          == pipeline.default_data_config().lr_up_divisor == conventions.OFFICIAL_LR_UP_DIVISOR)
+
+
+def test_validation_crop_refuses_images_below_the_unet_minimum():
+  from diffssr_jax.data.eval_sources import EvalImage
+  from diffssr_jax.training import validate
+  hr = _rand((12, 40, 3))
+  img = EvalImage("x", hr, hr[::4, ::4], None)
+  with pytest.raises(ValueError, match="minimum 16"):
+    validate.centre_crop(img, None, 4, 256.0)  # 8 x 40 after cropping to multiples of 8: the lowest level 1 px
+  ok = validate.centre_crop(EvalImage("y", _rand((16, 40, 3)), _rand((4, 10, 3)), None), None, 4, 256.0)
+  assert ok.hr.shape == (16, 40, 3) and ok.lr.shape == (4, 10, 3)
+
+
 def test_upscale_round_trips_arrays_files_and_16_bit(tiny, tmp_path):
   cfg, model, params, up = tiny
   img = _rand((8, 8, 3), seed=2)
@@ -171,6 +242,14 @@ def test_diffusion_tiling_and_one_piece(tiny):
                                 signed_to_uint8(up.super_resolve_batch(small[None], seed=1)[0][0]))
 
 
+def test_default_sampler_is_the_official_ddpm(tiny):
+  cfg, model, params, _ = tiny
+  assert conventions.DEFAULT_SAMPLER == "ddpm"
+  up = Upscaler(model, params, config=cfg)
+  assert up.sampler == "ddpm" and up.num_steps == model.num_timesteps
+  assert "ddpm" in up.describe()
+
+
 def test_load_from_workdir(tiny, tmp_path):
   checkpointing = pytest.importorskip("diffssr_jax.training.checkpointing")
   cfg, model, params, _ = tiny
@@ -184,6 +263,32 @@ def test_load_from_workdir(tiny, tmp_path):
   loaded = inference.load_model(workdir=tmp_path, mode="rrdb")
   assert loaded.scale == 4 and loaded.lr_up_divisor == 256.0
   np.testing.assert_array_equal(loaded.upscale(img), direct)
+  # The step loaded is reported (the latest by default), with where it came from.
+  assert loaded.step == 3 and loaded.source == str(tmp_path / "checkpoints" / "3")
+  assert "step 3" in loaded.describe_source()
+
+
+def test_load_errors_name_the_path(tiny, tmp_path):
+  """Missing workdirs, workdirs without checkpoints, unknown steps and files that are not checkpoints raise
+  ModelLoadError (a one-line CLI error) naming the path."""
+  checkpointing = pytest.importorskip("diffssr_jax.training.checkpointing")
+  cfg, _, _, _ = tiny
+  with pytest.raises(inference.ModelLoadError, match="nowhere: no such folder"):
+    Upscaler.load(workdir=tmp_path / "nowhere")
+  (tmp_path / "nocfg").mkdir()
+  with pytest.raises(inference.ModelLoadError, match="no config.json"):
+    Upscaler.load(workdir=tmp_path / "nocfg")
+  checkpointing.save_config(cfg, tmp_path / "empty")
+  with pytest.raises(inference.ModelLoadError, match="no checkpoints"):
+    Upscaler.load(workdir=tmp_path / "empty")
+  with pytest.raises(inference.ModelLoadError, match="no such file"):
+    Upscaler.load(checkpoint=tmp_path / "missing.ckpt")
+  not_a_ckpt = tmp_path / "photo.png"
+  images.save_png(not_a_ckpt, _rand((4, 4, 3)))
+  with pytest.raises(inference.ModelLoadError, match="photo.png: cannot load the model"):
+    Upscaler.load(checkpoint=not_a_ckpt)
+  assert inference.step_from_checkpoint_name("model_ckpt_steps_400000.ckpt") == 400000
+  assert inference.step_from_checkpoint_name("weights.ckpt") is None
 
 
 def test_load_official_checkpoint(tiny, tmp_path):

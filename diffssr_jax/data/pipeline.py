@@ -29,6 +29,7 @@ import dataclasses
 
 import numpy as np
 
+from diffssr_jax import conventions
 from diffssr_jax.data import spe as spe_lib
 from diffssr_jax.data.source import TileSource, manifest_for
 from diffssr_jax.data.imresize import imresize
@@ -40,7 +41,7 @@ _DEFAULTS = dict(
     hflip=False,  # random horizontal flip (p = 0.5)
     rot90=False,  # random rotation by k * 90 degrees, k uniform in 0..3
     reduce_constant_spe=True,  # constant SPE patch -> zeros
-    lr_up_divisor=256.0,  # lr_up = imresize(lr / divisor, scale); official: 256
+    lr_up_divisor=conventions.OFFICIAL_LR_UP_DIVISOR,  # lr_up = imresize(lr / divisor, scale)
     shuffle=True,  # seeded global shuffle, new order each epoch
     num_epochs=None,  # None: repeat forever
     num_workers=4,  # grain worker processes (0: decode in the calling process)
@@ -80,12 +81,10 @@ def _as_dict(data_cfg) -> dict:
   return cfg
 
 
-def normalize_uint8(x: np.ndarray) -> np.ndarray:
-  """uint8 image -> float32 in [-1, 1] as ToTensor + Normalize(0.5, 0.5): (x/255 - 0.5)/0.5."""
-  return ((x.astype(np.float32) / np.float32(255.0)) - np.float32(0.5)) / np.float32(0.5)
+normalize_uint8 = conventions.to_signed  # uint8 -> float32 (x/255 - 0.5)/0.5, as ToTensor + Normalize
 
 
-def make_lr_up(lr: np.ndarray, scale: int, divisor: float = 256.0) -> np.ndarray:
+def make_lr_up(lr: np.ndarray, scale: int, divisor: float = conventions.OFFICIAL_LR_UP_DIVISOR) -> np.ndarray:
   """Bicubic up-scaled LR in [-1, 1]-ish: (imresize(lr / divisor, scale) - 0.5) / 0.5, float32.
 
   Computed in float64 and cast at the end, as the official dataset does (`.float()` after Normalize).
@@ -130,7 +129,7 @@ class TrainTransform:
   hflip: bool = False
   rot90: bool = False
   reduce_constant_spe: bool = True
-  lr_up_divisor: float = 256.0
+  lr_up_divisor: float = conventions.OFFICIAL_LR_UP_DIVISOR
   with_metadata: bool = False
 
   def __call__(self, tile: dict, rng: np.random.Generator) -> dict:

@@ -9,15 +9,20 @@ For each dataset and method, under WORKDIR/eval/<dataset>/<tag>/ (or --output in
   summary.json   the means, FID when asked for, and the settings (sampler, steps, seed, crop_border, step, ...)
   <name>.png     the SR images, named as the inputs (subfolders kept)
   run.json       the settings the results were made with; a resumed run must use the same ones
-and WORKDIR/eval/table_<step>.md, a Markdown table over every dataset evaluated at that step with one row per
-method, laid out like the paper's Table 2.
+and WORKDIR/eval/table_<step>.md, a Markdown table laid out like the paper's Table 2 over every dataset with
+results for that step, one row per method found on disk (bicubic, the step's RRDB and diffusion results),
+whichever of them this run made: re-running without --rrdb --bicubic keeps their rows.
 
 An interrupted evaluation resumes: images with a row in metrics.csv and their PNG are skipped, rows are
 appended durably one by one (results.MetricsCSV) after their PNG is written, so earlier results are never
 rewritten. Every image's noise comes from the seed and a hash of its name, so the resumed images are those
 the uninterrupted run would have produced. Images of equal size are batched together (one compiled
 sampler per size and batch). PSNR/SSIM are on the BT.601 Y channel with `--crop_border` pixels cropped per
-side (default: the scale, as BasicSR; the official evaluation used 0).
+side (default: the scale, as BasicSR; the official evaluation used 0). The sampler defaults to the official
+DDPM, as in `upscale` (`conventions.DEFAULT_SAMPLER`).
+
+Errors the user can fix (a missing folder, workdir or checkpoint, an unreadable image, results made with other
+settings) print one line and exit with status 1; a bad command line exits with 2.
 """
 from __future__ import annotations
 
@@ -30,13 +35,12 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
-
-from diffssr_jax import fileio
 from absl import app, flags
 from PIL import Image
 from tqdm import tqdm
 
-from diffssr_jax import images
+from diffssr_jax import cli as shared_cli
+from diffssr_jax import conventions, fileio, images
 from diffssr_jax.evaluation import results
 from diffssr_jax.data.eval_sources import EvalImage, EvalSourceError, PairedFolders, open_eval_source
 from diffssr_jax.data.imresize import imresize
@@ -44,6 +48,20 @@ from diffssr_jax.evaluation.metrics import signed_to_uint8, sr_metrics
 
 TABLE_METRICS = ("psnr_y", "ssim_y", "lpips", "fid")
 METHODS = ("bicubic", "rrdb", "diffusion")  # also the order of the table's rows
+
+
+def method_tag(kind: str, step_tag: str | None) -> str:
+  """The results folder of a method: `bicubic`, `<step>_rrdb` or `<step>`."""
+  if kind == "bicubic":
+    return "bicubic"
+  if step_tag is None:
+    raise ValueError(f"the {kind} method needs a checkpoint step tag")
+  return f"{step_tag}_rrdb" if kind == "rrdb" else str(step_tag)
+
+
+def table_tags(step_tag: str | None) -> list[str]:
+  """The results folders a step's table reads, in row order: every method, whether or not this run made it."""
+  return [method_tag(k, step_tag) for k in METHODS if step_tag is not None or k == "bicubic"]
 
 
 class SettingsMismatchError(ValueError):
@@ -172,12 +190,13 @@ def make_methods(kinds: Sequence[str], upscaler, step_tag: str | None, seed: int
       up = Upscaler(upscaler.model, upscaler.params, config=upscaler.config, mode="rrdb",
                     lr_up_divisor=upscaler.lr_up_divisor)
       settings = {"method": kind, **common, "step": step_tag}
-      out.append(Method(kind, f"{step_tag}_rrdb", model_label(up), model_sr_fn(up, seed), settings))
+      out.append(Method(kind, method_tag(kind, step_tag), model_label(up), model_sr_fn(up, seed), settings))
     else:
       settings = {"method": kind, **common, "step": step_tag, "sampler": upscaler.sampler,
                   "steps": upscaler.num_steps, "eta": upscaler.eta, "seed": seed,
                   "lr_up_divisor": upscaler.lr_up_divisor}
-      out.append(Method(kind, str(step_tag), model_label(upscaler), model_sr_fn(upscaler, seed), settings))
+      out.append(Method(kind, method_tag(kind, step_tag), model_label(upscaler), model_sr_fn(upscaler, seed),
+                        settings))
   return out
 
 
@@ -302,15 +321,16 @@ def evaluate_all(upscaler, datasets: Mapping[str, str], root, *, step_tag: str |
                  extra_summary: Mapping | None = None, on_image: Callable[[str], None] | None = None,
                  show_progress: bool = True) -> pathlib.Path:
   """Evaluates `methods` on every dataset ({name: HR folder}, LR by MATLAB bicubic unless `paired_lr` names
-  an LR folder) into root/<dataset>/<tag>/, then writes the table; returns the table's path. All sources are
-  opened and checked (folders, headers, HR/LR sizes) before the first image is super-resolved.
+  an LR folder) into root/<dataset>/<tag>/, then writes the table (every method's results on disk for the
+  step, not only this run's); returns the table's path. All sources are opened and checked (folders, headers,
+  HR/LR sizes) before the first image is super-resolved.
   `run_settings` join the settings a resumed run must match; `extra_summary` only goes into summary.json."""
   paired_lr = dict(paired_lr or {})
   unknown = set(paired_lr) - set(datasets)
   if unknown:
     raise ValueError(f"--paired_lr names datasets not in --datasets: {sorted(unknown)}")
   scale = upscaler.scale if upscaler is not None else (scale or 4)
-  divisor = upscaler.lr_up_divisor if upscaler is not None else 256.0
+  divisor = upscaler.lr_up_divisor if upscaler is not None else conventions.OFFICIAL_LR_UP_DIVISOR
   sources = {}
   for name, hr_dir in datasets.items():
     if not pathlib.Path(hr_dir).is_dir():
@@ -320,45 +340,39 @@ def evaluate_all(upscaler, datasets: Mapping[str, str], root, *, step_tag: str |
     sources[name] = open_eval_source(hr_dir, paired_lr.get(name), scale, divisor)
     lr_shapes(sources[name])
   crop = scale if crop_border is None else int(crop_border)
-  tags, root = [], pathlib.Path(root)
+  root = pathlib.Path(root)
   for name, source in sources.items():
     # Setting names must differ from metric names: the table reads metrics from the same summary.
     common = {"scale": scale, "crop_border": crop, "lr_source": "paired" if name in paired_lr else "bicubic",
               "lpips_net": lpips_net if lpips_fn is not None else None, **(run_settings or {})}
     for method in make_methods(methods, upscaler, step_tag, seed, common):
-      tags += [method.tag] if method.tag not in tags else []
       evaluate_dataset(source, root / name / method.tag, method, crop_border=crop, batch_size=batch_size,
                        lpips_fn=lpips_fn, fid_fn=fid_fn, extra_summary=extra_summary, on_image=on_image,
                        show_progress=show_progress)
-  return write_table(root, step_tag if step_tag is not None else "bicubic", tags, list(datasets))
-
-
-def latest_step(workdir) -> int:
-  """The newest finished checkpoint step under WORKDIR/checkpoints (orbax's temporary folders are not
-  numbers, so an unfinished save is never picked)."""
-  directory = pathlib.Path(workdir) / "checkpoints"
-  steps = [int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()] if directory.is_dir() else []
-  if not steps:
-    raise FileNotFoundError(f"{directory}: no checkpoints (is {workdir} a training workdir?)")
-  return max(steps)
+  return write_table(root, step_tag if step_tag is not None else "bicubic", table_tags(step_tag), list(datasets))
 
 
 # ---------------------------------------------------------------- CLI
 def define_flags(fv: flags.FlagValues) -> None:
-  """Defines the CLI's flags in `fv`: the global FLAGS when run as a script, a private FlagValues in `cli`.
-  Nothing is defined at import, so other CLIs' flags of the same names never clash in one process."""
+  """Defines the CLI's flags in `fv` (a private FlagValues: see `cli`). Nothing is defined at import, so other
+  CLIs' flags of the same names never clash in one process."""
   d = dict(flag_values=fv)
-  flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/<step>).", **d)
+  flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/<step>) (default: none; "
+                      "needed unless --checkpoint, or only --bicubic with --output).", **d)
   flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).", **d)
-  flags.DEFINE_string("checkpoint", None, "An official SAM-DiffSR PyTorch .ckpt instead of a workdir.", **d)
-  flags.DEFINE_list("datasets", [], "Benchmarks as NAME=HR_FOLDER,... (LR made by MATLAB bicubic).", **d)
+  flags.DEFINE_string("checkpoint", None, "An official SAM-DiffSR PyTorch .ckpt instead of a workdir (default: "
+                      "none).", **d)
+  flags.DEFINE_list("datasets", [], "Benchmarks as NAME=HR_FOLDER,... (LR made by MATLAB bicubic); required.", **d)
   flags.DEFINE_list("paired_lr", [], "Given LR folders as NAME=LR_FOLDER,... for datasets of --datasets.", **d)
-  flags.DEFINE_enum("sampler", "ddpm", ["ddpm", "ddim"], "Reverse process (ddpm: the official, all T steps).", **d)
-  flags.DEFINE_integer("steps", None, "Denoising steps for ddim (default 25).", **d)
-  flags.DEFINE_float("eta", 0.0, "DDIM eta (0: deterministic given the initial noise).", **d)
+  flags.DEFINE_enum("sampler", conventions.DEFAULT_SAMPLER, list(conventions.SAMPLERS), conventions.SAMPLER_HELP,
+                    **d)
+  flags.DEFINE_integer("steps", None, f"Denoising steps for ddim (default: {conventions.DEFAULT_DDIM_STEPS}; ddpm "
+                       "always runs all T).", **d)
+  flags.DEFINE_float("eta", conventions.DEFAULT_ETA, "DDIM eta (0: deterministic given the initial noise; 1: "
+                     "ancestral, what matches ddpm).", **d)
   flags.DEFINE_integer("crop_border", None, "Pixels cropped per side for PSNR/SSIM (default: the scale; the "
                        "official evaluation used 0).", **d)
-  flags.DEFINE_string("output", None, "Results root (default WORKDIR/eval).", **d)
+  flags.DEFINE_string("output", None, "Results root (default: WORKDIR/eval).", **d)
   flags.DEFINE_integer("batch_size", 4, "Images of equal size super-resolved together.", **d)
   flags.DEFINE_integer("seed", 0, "Noise seed (each image's noise also depends on its name).", **d)
   flags.DEFINE_bool("diffusion", True, "Evaluate the diffusion model (--nodiffusion: baselines only).", **d)
@@ -366,14 +380,17 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_bool("bicubic", False, "Also evaluate MATLAB bicubic up-scaling.", **d)
   flags.DEFINE_integer("scale", 4, "Scale when only --bicubic runs (otherwise the model's).", **d)
   flags.DEFINE_bool("use_ema", True, "Use the EMA weights when the checkpoint has them.", **d)
-  flags.DEFINE_string("lpips_backbone", None, "torchvision AlexNet/VGG16 weights (.pth) for LPIPS.", **d)
-  flags.DEFINE_string("lpips_lin", None, "LPIPS v0.1 linear-layer weights (.pth).", **d)
+  flags.DEFINE_string("lpips_backbone", None, "torchvision AlexNet/VGG16 weights (.pth) for LPIPS (default: none, "
+                      "no LPIPS).", **d)
+  flags.DEFINE_string("lpips_lin", None, "LPIPS v0.1 linear-layer weights (.pth) (default: none).", **d)
   flags.DEFINE_enum("lpips_net", "alex", ["alex", "vgg"], "LPIPS backbone.", **d)
-  flags.DEFINE_string("fid_inception", None, "pytorch-fid Inception weights (pt_inception-*.pth) for FID.", **d)
+  flags.DEFINE_string("fid_inception", None, "pytorch-fid Inception weights (pt_inception-*.pth) for FID (default: "
+                      "none, no FID).", **d)
   flags.DEFINE_bool("progress", True, "Show progress bars.", **d)
 
 
-USER_ERRORS = (EvalSourceError, images.ImageReadError, FileNotFoundError, SettingsMismatchError,
+# Errors the user can fix, printed as one line (exit status 1); the model loader's are `cli.UserError`s.
+USER_ERRORS = (EvalSourceError, images.ImageReadError, FileNotFoundError, NotADirectoryError, SettingsMismatchError,
                results.CorruptResultsError)
 
 
@@ -399,19 +416,23 @@ def run_from_flags(fv: flags.FlagValues) -> pathlib.Path:
     raise app.UsageError("--steps is for --sampler ddim (ddpm runs all T steps)")
   if bool(fv.lpips_backbone) != bool(fv.lpips_lin):
     raise app.UsageError("LPIPS needs both --lpips_backbone and --lpips_lin")
-  datasets = parse_named_paths(fv.datasets, "datasets")
-  paired = parse_named_paths(fv.paired_lr, "paired_lr")
+  try:
+    datasets = parse_named_paths(fv.datasets, "datasets")
+    paired = parse_named_paths(fv.paired_lr, "paired_lr")
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  unknown = set(paired) - set(datasets)
+  if unknown:
+    raise app.UsageError(f"--paired_lr names datasets not in --datasets: {sorted(unknown)}")
   root = pathlib.Path(fv.output) if fv.output else pathlib.Path(fv.workdir) / "eval"
   upscaler, step_tag, extra, settings = None, None, {}, {}
   if needs_model:
-    step = fv.step
-    if fv.checkpoint is None and step is None:
-      step = latest_step(fv.workdir)
     workdir = fv.workdir if fv.checkpoint is None else None
-    upscaler = Upscaler.load(workdir=workdir, checkpoint=fv.checkpoint, step=step, sampler=fv.sampler,
+    upscaler = Upscaler.load(workdir=workdir, checkpoint=fv.checkpoint, step=fv.step, sampler=fv.sampler,
                              steps=fv.steps, eta=fv.eta, use_ema=fv.use_ema)
-    step_tag = _checkpoint_tag(step, fv.checkpoint)
-    extra = {"checkpoint": str(fv.checkpoint or pathlib.Path(fv.workdir) / "checkpoints" / str(step))}
+    print(f"model: {upscaler.describe_source()}; {upscaler.describe()}", file=sys.stderr)
+    step_tag = _checkpoint_tag(upscaler.step, fv.checkpoint)
+    extra = {"checkpoint": upscaler.source}
     settings = {"use_ema": fv.use_ema}
   lpips_fn = fid_fn = None
   if fv.lpips_backbone:
@@ -426,27 +447,21 @@ def run_from_flags(fv: flags.FlagValues) -> pathlib.Path:
                       extra_summary=extra, show_progress=fv.progress)
 
 
-def main(argv, fv: flags.FlagValues = flags.FLAGS) -> int:
-  """Runs the evaluation; user errors (missing folders, unreadable images, ...) print one line and give 1."""
+def main(argv, fv: flags.FlagValues) -> int:
+  """Runs the evaluation and prints the table; returns the exit status (user errors are handled by `cli`)."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  try:
-    table = run_from_flags(fv)
-  except USER_ERRORS as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  table = run_from_flags(fv)
   print(table.read_text(encoding="utf-8"))
   print(f"table written to {table}")
-  return 0
+  return shared_cli.EXIT_OK
 
 
 def cli(argv: Sequence[str]) -> int:
-  """The command line in-process, with its own flag values: `cli(["evaluate", "--workdir", ...])`."""
-  fv = flags.FlagValues()
-  define_flags(fv)
-  return main(fv(list(argv)), fv)
+  """The command line in-process, with its own flag values: `cli(["evaluate", "--workdir", ...])`; returns the
+  exit status (user errors print one line and give 1, a bad command line 2)."""
+  return shared_cli.run(argv, define_flags=define_flags, main=main, doc=__doc__, user_errors=USER_ERRORS)
 
 
 if __name__ == "__main__":
-  define_flags(flags.FLAGS)
-  app.run(lambda argv: sys.exit(main(argv)))
+  sys.exit(cli(sys.argv))

@@ -18,6 +18,8 @@ import math
 import numpy as np
 from scipy import ndimage
 
+from diffssr_jax.conventions import signed_to_uint8  # noqa: F401  (the official [-1, 1] -> uint8; re-exported)
+
 # ITU-R BT.601 luma for studio-swing output, as MATLAB's rgb2ycbcr: Y = 16 + (65.481 R + 128.553 G + 24.966 B)
 # with R, G, B in [0, 1]; Y spans [16, 235].
 _BT601_Y = np.array([65.481, 128.553, 24.966]) / 255.0
@@ -29,19 +31,6 @@ SSIM_K2 = 0.03
 def _check_pair(a: np.ndarray, b: np.ndarray) -> None:
   if a.shape != b.shape:
     raise ValueError(f"images differ in shape: {a.shape} vs {b.shape}")
-
-
-def signed_to_uint8(x) -> np.ndarray:
-  """Maps values in [-1, 1] to uint8 as the official `Measure.measure` does: round((x + 1) * 127.5), clipped.
-
-  Computed in the input's own float dtype (float32 for tensors, as the official code does), because
-  rounding (x + 1) * 127.5 in float64 instead can flip values that sit on a half step. np.round rounds halves
-  to even.
-  """
-  x = np.asarray(x)
-  if x.dtype.kind != "f":
-    x = x.astype(np.float64)
-  return np.round((x + 1) * 127.5).clip(0, 255).astype(np.uint8)
 
 
 def rgb2y(img: np.ndarray) -> np.ndarray:

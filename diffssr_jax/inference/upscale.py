@@ -2,29 +2,48 @@ r"""Super-resolve image files and folder trees of any size.
 
   python -m diffssr_jax.inference.upscale --workdir runs/x4 photos/ extra.jpg --output out/
   python -m diffssr_jax.inference.upscale --checkpoint model_ckpt_steps_400000.ckpt big.tif --output out/ --tile 128
+  (or diffssr-upscale ... once installed)
 
 A folder input is mirrored under --output (its subfolders kept), a file input goes to --output/<stem>.png;
 outputs are PNG. Images larger than --tile LR pixels on a side are super-resolved in overlapping tiles blended
 without seams (tiling.upscale_tiled), --batch_size tiles at a time, so memory is bounded by the tile size;
-smaller images go through in one piece. Inputs keep their layout and depth: 16-bit images give 16-bit PNGs
-(quantised from the float SR), an alpha channel is up-scaled by MATLAB bicubic and re-attached (RGBA
-output), greyscale without alpha stays greyscale. Existing outputs are skipped unless --overwrite. An unreadable file is reported by path
-and the rest are still done; the exit status is then 1 (--fail_fast stops at the first one).
+smaller images go through in one piece, and images down to 1x1 are padded to what the U-Net needs. Inputs keep
+their layout and depth: 16-bit images give 16-bit PNGs (quantised from the float SR), an alpha channel is
+up-scaled by MATLAB bicubic and re-attached (RGBA output), greyscale without alpha stays greyscale.
+
+Inputs are never replaced: an --output inside an input folder, or one that would map an output onto an input
+file, is refused. Existing outputs are skipped unless --overwrite, which only replaces PNGs an earlier upscale
+wrote (recognised by the metadata below); any other existing file is left alone and reported. Every output
+PNG carries tEXt metadata: Software "diffssr-jax upscale", diffssr:checkpoint, diffssr:step (the checkpoint's
+training step), diffssr:sampler, diffssr:seed and diffssr:source (the input's file name); the model's
+checkpoint and step are also printed when it loads.
+
+One bad image never stops the rest: whatever goes wrong with one file (unreadable, too odd to process, a
+failed write) is reported by path, the others are still done, and the summary line is always printed. Exit
+status: 0 when everything was written or already there, 1 when some file failed or no image was found, 2 for
+a refused command line, 130 when interrupted (--fail_fast stops at the first failure).
 """
 from __future__ import annotations
 
 import pathlib
+import struct
 import sys
-from collections.abc import Callable, Sequence
+import zlib
+from collections.abc import Callable, Mapping, Sequence
 
 from absl import app, flags
+from PIL import Image
 from tqdm import tqdm
 
-from diffssr_jax import images
+from diffssr_jax import cli as shared_cli
+from diffssr_jax import conventions, fileio, images
+
+SOFTWARE = "diffssr-jax upscale"  # the PNG `Software` text that marks our outputs (replaceable by --overwrite)
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class JobError(ValueError):
-  """The inputs cannot be mapped to outputs unambiguously."""
+  """The inputs cannot be mapped to outputs safely (an output onto an input, two inputs onto one output)."""
 
 
 def _is_within(path: pathlib.Path, folder: pathlib.Path) -> bool:
@@ -36,16 +55,22 @@ def _is_within(path: pathlib.Path, folder: pathlib.Path) -> bool:
 
 
 def collect_jobs(inputs: Sequence[str], output) -> tuple[list[tuple[pathlib.Path, pathlib.Path]], list[str]]:
-  """(source, destination) pairs for the inputs, and errors for inputs that do not exist. Folders are mirrored
-  under `output` (files already under `output` skipped, so an output folder inside an input is not re-read);
-  files map to output/<stem>.png. Two inputs mapping to one output raise `JobError`."""
+  """(source, destination) pairs for the inputs, and errors for inputs that do not exist or hold no images.
+  Folders are mirrored under `output`; files map to output/<stem>.png. Raises `JobError` when `output` is
+  inside (or is) an input folder, when an output would be an input file, or when two inputs map to one
+  output."""
   output = pathlib.Path(output)
   jobs, errors, owner = [], [], {}
   for item in inputs:
     p = pathlib.Path(item)
     if p.is_dir():
-      pairs = [(f, output / f.relative_to(p).with_suffix(".png")) for f in images.list_images(p)
-               if not _is_within(f, output)]
+      if _is_within(output, p):
+        raise JobError(f"--output {output} is inside the input folder {p}: outputs would be written among the "
+                       f"inputs; give an --output outside {p}")
+      found = images.list_images(p)
+      if not found:
+        errors.append(f"{p}: no images found (looked for {', '.join(images.IMAGE_EXTENSIONS)})")
+      pairs = [(f, output / f.relative_to(p).with_suffix(".png")) for f in found]
     elif p.is_file():
       pairs = [(p, output / f"{p.stem}.png")]
     else:
@@ -58,14 +83,85 @@ def collect_jobs(inputs: Sequence[str], output) -> tuple[list[tuple[pathlib.Path
       if key not in owner:
         owner[key] = src.resolve()
         jobs.append((src, dst))
+  inputs_by_path = {src.resolve(): src for src, _ in jobs}
+  for src, dst in jobs:
+    if dst.resolve() in inputs_by_path:
+      raise JobError(f"the output for {src} would be {dst}, which is the input {inputs_by_path[dst.resolve()]}; "
+                     f"give another --output (inputs are never replaced)")
   return jobs, errors
+
+
+# ---------------------------------------------------------------- output files and their metadata
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+  return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+
+def png_with_text(data: bytes, text: Mapping[str, object]) -> bytes:
+  """PNG bytes with `text` added as tEXt chunks (iTXt, UTF-8, for values outside Latin-1) right after the
+  header (PNG spec 11.3.4); the pixels are untouched. Keys are 1-79 printable Latin-1 characters."""
+  if data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
+    raise ValueError("not a PNG (bad signature or no IHDR chunk)")
+  end_of_ihdr = 8 + 12 + struct.unpack(">I", data[8:12])[0]
+  chunks = []
+  for key, value in text.items():
+    k, v = str(key).encode("latin-1"), str(value)
+    if not 1 <= len(k) <= 79:
+      raise ValueError(f"PNG text key {key!r} must be 1-79 characters")
+    try:
+      chunks.append(_png_chunk(b"tEXt", k + b"\0" + v.encode("latin-1")))
+    except UnicodeEncodeError:
+      chunks.append(_png_chunk(b"iTXt", k + b"\0\0\0\0\0" + v.encode("utf-8")))
+  return data[:end_of_ihdr] + b"".join(chunks) + data[end_of_ihdr:]
+
+
+def save_output(path, arr, text: Mapping[str, object]) -> None:
+  """Writes an SR image as PNG with `text` metadata, atomically (an interrupted write never leaves a
+  truncated file where an output was expected)."""
+  with fileio.atomic_path(path) as tmp:
+    images.save_png(tmp, arr)
+    tmp = pathlib.Path(tmp)
+    tmp.write_bytes(png_with_text(tmp.read_bytes(), text))
+
+
+def png_text(path) -> dict[str, str]:
+  """The tEXt/iTXt metadata of a PNG file ({} for other or unreadable files)."""
+  try:
+    with Image.open(path) as im:
+      return dict(getattr(im, "text", {}) or {}) if im.format == "PNG" else {}
+  except Exception:  # noqa: BLE001  (anything unreadable is simply not one of our outputs)
+    return {}
+
+
+def is_upscale_output(path) -> bool:
+  """Whether `path` is a PNG written by this command (its `Software` text says so)."""
+  return png_text(path).get("Software") == SOFTWARE
+
+
+def output_text(upscaler, src, seed: int) -> dict[str, str]:
+  """The metadata of one output: where the model came from, its step, the sampler, seed and input name."""
+  step = getattr(upscaler, "step", None)
+  return {"Software": SOFTWARE, "diffssr:checkpoint": str(getattr(upscaler, "source", None) or "in memory"),
+          "diffssr:step": "unknown" if step is None else str(step), "diffssr:sampler": upscaler.describe(),
+          "diffssr:seed": str(seed), "diffssr:source": pathlib.Path(src).name}
+
+
+# ---------------------------------------------------------------- running the jobs
+def _failure(src, e: Exception) -> str:
+  """One line naming the file and what went wrong."""
+  text = " ".join(str(e).split())
+  if isinstance(e, images.ImageReadError) and str(src) in text:
+    return text
+  return f"{src}: {type(e).__name__}: {text}" if text else f"{src}: {type(e).__name__}"
 
 
 def upscale_files(make_upscaler: Callable[[], object], jobs, *, overwrite: bool = False, fail_fast: bool = False,
                   seed: int = 0, tile: int = 256, overlap: int = 32, batch_size: int = 4, margin: int | None = None,
                   show_progress: bool = True, log: Callable[[str], None] | None = None) -> dict[str, list]:
-  """Runs the jobs; returns {"written": [dst...], "skipped": [dst...], "failed": [message...]}. The model is
-  made by `make_upscaler()` only when some output is to be written."""
+  """Runs the jobs; returns {"written": [dst...], "skipped": [dst...], "failed": [message...]} and, when
+  Ctrl-C stopped it, "interrupted": True. The model is made by `make_upscaler()` only when some output is to
+  be written. Existing outputs are skipped, or with `overwrite` replaced when an earlier upscale wrote them
+  (any other existing file fails instead). An exception while doing one image is recorded as that image's
+  failure and the next image is done (unless `fail_fast`)."""
   log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
   done = {"written": [], "skipped": [], "failed": []}
   todo = []
@@ -73,6 +169,13 @@ def upscale_files(make_upscaler: Callable[[], object], jobs, *, overwrite: bool 
     if dst.exists() and not overwrite:
       log(f"skip {dst}: exists (pass --overwrite to replace it)")
       done["skipped"].append(dst)
+    elif dst.exists() and not is_upscale_output(dst):
+      msg = (f"{dst}: exists and was not written by diffssr upscale (no '{SOFTWARE}' PNG metadata); not replacing "
+             f"it: delete it or give another --output")
+      log(f"error: {msg}")
+      done["failed"].append(msg)
+      if fail_fast:
+        return done
     else:
       todo.append((src, dst))
   if not todo:
@@ -84,49 +187,62 @@ def upscale_files(make_upscaler: Callable[[], object], jobs, *, overwrite: bool 
       bar.set_postfix_str(src.name)
       try:
         image = images.load_image(src)
-      except images.ImageReadError as e:
-        log(f"error: {e}")
-        done["failed"].append(str(e))
+        tiles = lambda k, n: bar.set_postfix_str(f"{src.name} tile {k}/{n}")  # noqa: E731
+        out = upscaler.upscale_like_input(image, seed=seed, tile=tile, overlap=overlap, batch_size=batch_size,
+                                          margin=margin, progress=tiles)
+        save_output(dst, out, output_text(upscaler, src, seed))
+      except Exception as e:  # noqa: BLE001  (one bad image must not stop the others; reported by path)
+        msg = _failure(src, e)
+        log(f"error: {msg}")
+        done["failed"].append(msg)
         if fail_fast:
           break
         continue
-      tiles = lambda k, n: bar.set_postfix_str(f"{src.name} tile {k}/{n}")  # noqa: E731
-      out = upscaler.upscale_like_input(image, seed=seed, tile=tile, overlap=overlap, batch_size=batch_size,
-                                        margin=margin, progress=tiles)
-      images.save_png(dst, out)
       done["written"].append(dst)
+  except KeyboardInterrupt:
+    done["interrupted"] = True
   finally:
     bar.close()
   return done
 
 
+def summary_line(done: Mapping[str, list], errors: Sequence[str] = ()) -> str:
+  n_failed = len(errors) + len(done.get("failed", ()))
+  return f"{len(done.get('written', ()))} written, {len(done.get('skipped', ()))} skipped (existing), {n_failed} failed"
+
+
 # ---------------------------------------------------------------- CLI
 def define_flags(fv: flags.FlagValues) -> None:
-  """Defines the CLI's flags in `fv`: the global FLAGS when run as a script, a private FlagValues in `cli`.
-  Nothing is defined at import, so other CLIs' flags of the same names never clash in one process."""
+  """Defines the CLI's flags in `fv` (a private FlagValues: see `cli`)."""
   d = dict(flag_values=fv)
-  flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/<step>).", **d)
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", **d)
-  flags.DEFINE_string("checkpoint", None, "An official SAM-DiffSR PyTorch .ckpt instead of a workdir.", **d)
-  flags.DEFINE_string("output", None, "Output folder (required).", **d)
-  flags.DEFINE_enum("sampler", "ddim", ["ddpm", "ddim"], "Reverse process.", **d)
-  flags.DEFINE_integer("steps", None, "Denoising steps for ddim (default 25).", **d)
-  flags.DEFINE_float("eta", 0.0, "DDIM eta.", **d)
+  flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/<step>); this or "
+                      "--checkpoint is required.", **d)
+  flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: the latest).", **d)
+  flags.DEFINE_string("checkpoint", None, "An official SAM-DiffSR PyTorch .ckpt instead of a workdir (default: "
+                      "none).", **d)
+  flags.DEFINE_string("output", None, "Output folder (required; must not be inside an input folder).", **d)
+  flags.DEFINE_enum("sampler", conventions.DEFAULT_SAMPLER, list(conventions.SAMPLERS), conventions.SAMPLER_HELP,
+                    **d)
+  flags.DEFINE_integer("steps", None, f"Denoising steps for ddim (default: {conventions.DEFAULT_DDIM_STEPS}; ddpm "
+                       "always runs all T).", **d)
+  flags.DEFINE_float("eta", conventions.DEFAULT_ETA, "DDIM eta (0: deterministic given the initial noise; 1: "
+                     "ancestral, what matches ddpm).", **d)
   flags.DEFINE_bool("rrdb", False, "Use the RRDB encoder's output alone (fast, deterministic, less detail).", **d)
   flags.DEFINE_integer("tile", 256, "Tile size in LR pixels; larger images are tiled.", **d)
-  flags.DEFINE_integer("overlap", 32, "Overlap between tiles in LR pixels.", **d)
-  flags.DEFINE_integer("margin", None, "LR pixels at each shared tile edge given no weight (default overlap/4).",
+  flags.DEFINE_integer("overlap", 32, "Overlap between tiles in LR pixels (at most half the tile).", **d)
+  flags.DEFINE_integer("margin", None, "LR pixels at each shared tile edge given no weight (default: overlap/4).",
                        **d)
   flags.DEFINE_integer("batch_size", 4, "Tiles super-resolved together.", **d)
   flags.DEFINE_integer("seed", 0, "Noise seed.", **d)
-  flags.DEFINE_bool("overwrite", False, "Replace existing outputs (default: skip them).", **d)
-  flags.DEFINE_bool("fail_fast", False, "Stop at the first unreadable file.", **d)
+  flags.DEFINE_bool("overwrite", False, "Replace outputs an earlier upscale wrote (inputs and other files are "
+                    "never replaced; without it existing outputs are skipped).", **d)
+  flags.DEFINE_bool("fail_fast", False, "Stop at the first file that fails.", **d)
   flags.DEFINE_bool("use_ema", True, "Use the EMA weights when the checkpoint has them.", **d)
   flags.DEFINE_bool("progress", True, "Show a progress bar.", **d)
 
 
-def main(argv, fv: flags.FlagValues = flags.FLAGS) -> int:
-  """Upscales argv[1:] (files and folders); returns the exit status: 0, or 1 when some file failed."""
+def main(argv, fv: flags.FlagValues) -> int:
+  """Upscales argv[1:] (files and folders); returns the exit status (see the module docstring)."""
   from diffssr_jax.inference.upscaler import Upscaler
   inputs = argv[1:]
   if not inputs:
@@ -137,38 +253,49 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS) -> int:
     raise app.UsageError("give exactly one of --workdir or --checkpoint")
   if fv.sampler == "ddpm" and fv.steps is not None:
     raise app.UsageError("--steps is for --sampler ddim (ddpm runs all T steps)")
+  if fv.tile < 1 or fv.overlap < 0 or 2 * fv.overlap > fv.tile or fv.batch_size < 1:
+    raise app.UsageError(f"need --tile >= 1, 0 <= --overlap <= tile/2 and --batch_size >= 1 (got tile {fv.tile}, "
+                         f"overlap {fv.overlap}, batch_size {fv.batch_size})")
   try:
     jobs, errors = collect_jobs(inputs, fv.output)
   except JobError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    shared_cli.error(str(e))
+    return shared_cli.EXIT_USAGE
   for msg in errors:
-    print(f"error: {msg}", file=sys.stderr)
-  if errors and fv.fail_fast:
-    return 1
+    shared_cli.error(msg)
+  if not jobs or (errors and fv.fail_fast):
+    if not jobs:
+      print("nothing to do: no images found in the inputs given", file=sys.stderr)
+    print(summary_line({}, errors), file=sys.stderr)
+    return shared_cli.EXIT_ERROR
 
   def make_upscaler():
-    return Upscaler.load(workdir=fv.workdir, checkpoint=fv.checkpoint, step=fv.step, sampler=fv.sampler,
-                         steps=fv.steps, eta=fv.eta, use_ema=fv.use_ema, mode="rrdb" if fv.rrdb else "diffusion")
+    up = Upscaler.load(workdir=fv.workdir, checkpoint=fv.checkpoint, step=fv.step, sampler=fv.sampler,
+                       steps=fv.steps, eta=fv.eta, use_ema=fv.use_ema, mode="rrdb" if fv.rrdb else "diffusion")
+    print(f"model: {up.describe_source()}; {up.describe()}", file=sys.stderr)
+    return up
 
   done = upscale_files(make_upscaler, jobs, overwrite=fv.overwrite, fail_fast=fv.fail_fast, seed=fv.seed,
                        tile=fv.tile, overlap=fv.overlap, batch_size=fv.batch_size, margin=fv.margin,
                        show_progress=fv.progress)
   failed = errors + done["failed"]
-  print(f"{len(done['written'])} written, {len(done['skipped'])} skipped (existing), {len(failed)} failed",
-        file=sys.stderr)
+  if not done["written"] and not failed and not done.get("interrupted"):
+    print(f"nothing to do: all {len(done['skipped'])} outputs exist (pass --overwrite to replace them)",
+          file=sys.stderr)
+  print(summary_line(done, errors), file=sys.stderr)
   for msg in failed:
     print(f"  failed: {msg}", file=sys.stderr)
-  return 1 if failed else 0
+  if done.get("interrupted"):
+    print("interrupted", file=sys.stderr)
+    return shared_cli.EXIT_INTERRUPTED
+  return shared_cli.EXIT_ERROR if failed else shared_cli.EXIT_OK
 
 
 def cli(argv: Sequence[str]) -> int:
-  """The command line in-process, with its own flag values: `cli(["upscale", "in/", "--output", "out"])`."""
-  fv = flags.FlagValues()
-  define_flags(fv)
-  return main(fv(list(argv)), fv)
+  """The command line in-process, with its own flag values: `cli(["upscale", "in/", "--output", "out"])`;
+  returns the exit status."""
+  return shared_cli.run(argv, define_flags=define_flags, main=main, doc=__doc__)
 
 
 if __name__ == "__main__":
-  define_flags(flags.FLAGS)
-  app.run(lambda argv: sys.exit(main(argv)))
+  sys.exit(cli(sys.argv))

@@ -4,13 +4,16 @@
   sr = up.upscale("photo.png", seed=0)                    # (4H, 4W, 3) uint8 (uint16 for 16-bit input)
   sr, rrdb = up.super_resolve_batch(lr_batch)             # equal-size LR images, float in [-1, 1] space
 
-Conventions (those of the official `tasks/infer.py` and dataset code):
+Conventions (those of the official `tasks/infer.py` and dataset code; `diffssr_jax.conventions`):
   * LR network input  = (v / maxval - 0.5) / 0.5, maxval 255 (or 65535 for 16-bit images);
   * lr_up             = (imresize(v8 / divisor, scale) - 0.5) / 0.5 with v8 the 8-bit value and divisor 256
                         (the official quirk; `config.data.lr_up_divisor` when the config has it);
   * output            = round((x + 1) * 127.5) clipped to [0, 255] (or the 16-bit equivalent).
-The U-Net halves the resolution len(dim_mults) - 1 times, so the HR size must be a multiple of 2 ** that:
-inputs are reflect-padded at the bottom/right to such a size and the outputs cropped back.
+The U-Net halves the resolution len(dim_mults) - 1 times, so the HR size must be a multiple of 2 ** that, and
+at least twice that so its lowest level is at least 2x2: inputs are reflect-padded at the bottom/right to
+such a size (any input down to 1x1 works) and the outputs cropped back.
+
+The sampler defaults to the official DDPM (`conventions.DEFAULT_SAMPLER`), as in `evaluate` and `upscale`.
 
 Noise: image i of a batch gets the key fold_in(key(seed), index_i), so its result does not depend on which
 other images share its batch (the evaluation names each image's index by a hash of its name, so a resumed run
@@ -21,8 +24,10 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 import math
 import pathlib
+import re
 import zlib
 from collections.abc import Callable, Sequence
 
@@ -30,28 +35,46 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffssr_jax import images
+from diffssr_jax import conventions, images
+from diffssr_jax.cli import UserError
+from diffssr_jax.conventions import GREY_MODES, signed_to_uint8, signed_to_uint16  # noqa: F401  (re-exported)
 from diffssr_jax.diffusion import sampling
 from diffssr_jax.data.pipeline import make_lr_up
 from diffssr_jax.data.imresize import imresize
-from diffssr_jax.evaluation.metrics import signed_to_uint8
 from diffssr_jax.diffusion.model import SRDiffusion
 from diffssr_jax.inference.tiling import upscale_tiled
 
+log = logging.getLogger(__name__)
+
 MODES = ("diffusion", "rrdb")
-DEFAULT_DDIM_STEPS = 25
-DEFAULT_LR_UP_DIVISOR = 256.0
+DEFAULT_SAMPLER = conventions.DEFAULT_SAMPLER
+DEFAULT_DDIM_STEPS = conventions.DEFAULT_DDIM_STEPS
+DEFAULT_LR_UP_DIVISOR = conventions.OFFICIAL_LR_UP_DIVISOR
+
+
+class ModelLoadError(UserError, ValueError):
+  """A workdir or checkpoint could not be loaded; the message names it and says why."""
+
+
+def unet_levels(model: SRDiffusion) -> int:
+  """The number of resolutions of the model's U-Net (len(dim_mults))."""
+  return len(model.unet.dim_mults)
 
 
 def hr_multiple(model: SRDiffusion) -> int:
-  """The multiple the HR height and width must be: the U-Net halves the resolution once per level but the
-  last, so 2 ** (levels - 1) (8 for the paper's four levels)."""
-  return 2 ** (len(model.unet.dim_mults) - 1)
+  """The multiple the HR height and width must be (`conventions.unet_multiple`; 8 for the paper's U-Net)."""
+  return conventions.unet_multiple(unet_levels(model))
 
 
 def lr_multiple(hr_mult: int, scale: int) -> int:
   """The smallest LR multiple m such that m * scale is a multiple of hr_mult."""
   return hr_mult // math.gcd(hr_mult, scale)
+
+
+def padded_lr_size(n: int, multiple: int, minimum: int) -> int:
+  """The LR size an axis of `n` pixels is padded to: at least `minimum`, rounded up to `multiple`."""
+  n = max(n, minimum)
+  return -(-n // multiple) * multiple
 
 
 def pad_bottom_right(x: np.ndarray, ph: int, pw: int) -> np.ndarray:
@@ -76,30 +99,31 @@ def image_keys(seed: int, indices: Sequence[int]) -> jax.Array:
   return jax.vmap(lambda i: jax.random.fold_in(base, i))(idx)
 
 
-def signed_to_uint16(x) -> np.ndarray:
-  """[-1, 1] float -> uint16, the 16-bit analogue of the official 8-bit conversion."""
-  x = np.asarray(x, np.float64)
-  return np.round((x + 1.0) * 32767.5).clip(0, 65535).astype(np.uint16)
-
-
 def _maxval(dtype) -> float:
-  if dtype == np.uint8:
-    return 255.0
-  if dtype == np.uint16:
-    return 65535.0
-  raise TypeError(f"expected uint8 or uint16 pixels, got {dtype}")
+  """The white level of integer pixels (uint8 or uint16 only)."""
+  if np.dtype(dtype).kind == "f":
+    raise TypeError(f"expected uint8 or uint16 pixels, got {dtype}")
+  return conventions.white_level(dtype)
 
 
-def _maxval_of(batch: np.ndarray) -> float:
-  """The white level of a batch: 255 for uint8 and for floats (which hold 8-bit values), 65535 for uint16."""
-  return 255.0 if batch.dtype.kind == "f" else _maxval(batch.dtype)
+lr_signed = conventions.to_signed  # LR pixels -> the network's [-1, 1] input (float32, as ToTensor + Normalize)
 
 
-def lr_signed(lr_batch: np.ndarray) -> np.ndarray:
-  """LR pixels -> the network's [-1, 1] input, in float32 arithmetic as torchvision's ToTensor + Normalize."""
-  lr_batch = np.asarray(lr_batch)
-  maxval = np.float32(_maxval_of(lr_batch))
-  return (lr_batch.astype(np.float32) / maxval - np.float32(0.5)) / np.float32(0.5)
+def latest_step(workdir) -> int:
+  """The newest finished checkpoint step under WORKDIR/checkpoints (orbax's temporary folders are not
+  numbers, so an unfinished save is never picked)."""
+  workdir = pathlib.Path(workdir)
+  directory = workdir / "checkpoints"
+  steps = [int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()] if directory.is_dir() else []
+  if not steps:
+    raise ModelLoadError(f"{directory}: no checkpoints (is {workdir} a training workdir that has saved one?)")
+  return max(steps)
+
+
+def step_from_checkpoint_name(path) -> int | None:
+  """The training step in an official checkpoint's file name (`model_ckpt_steps_400000.ckpt`), or None."""
+  m = re.search(r"steps?_(\d+)", pathlib.Path(path).stem)
+  return int(m.group(1)) if m else None
 
 
 def _as_rgb(arr: np.ndarray) -> np.ndarray:
@@ -138,15 +162,22 @@ def _make_batch_fn(model: SRDiffusion, mode: str, sampler: str, steps: int | Non
   return jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0)))
 
 
+def _saved_steps(workdir) -> list[int]:
+  directory = pathlib.Path(workdir) / "checkpoints"
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+
+
 class Upscaler:
   """A model, its params and a sampler setting, ready to super-resolve images of any size."""
 
-  def __init__(self, model: SRDiffusion, params, *, config=None, sampler: str = "ddim", steps: int | None = None,
-               eta: float = 0.0, mode: str = "diffusion", lr_up_divisor: float | None = None,
-               multiple: int | None = None):
+  def __init__(self, model: SRDiffusion, params, *, config=None, sampler: str = DEFAULT_SAMPLER,
+               steps: int | None = None, eta: float = conventions.DEFAULT_ETA, mode: str = "diffusion",
+               lr_up_divisor: float | None = None, multiple: int | None = None, step: int | None = None,
+               source: str | None = None):
     """`steps` defaults to 25 for ddim and to all T steps for ddpm. `lr_up_divisor` defaults to
     `config.data.lr_up_divisor` when present, else 256. `multiple` (the HR size multiple) defaults to what the
-    U-Net needs; only the diffusion mode pads."""
+    U-Net needs, and the HR size to at least twice it; only the diffusion mode pads. `step` and `source` (the
+    checkpoint's training step and where the weights came from) are recorded for reporting (`load` sets them)."""
     if mode not in MODES:
       raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if sampler == "ddim" and steps is None:
@@ -160,21 +191,53 @@ class Upscaler:
       data = config.get("data", None) if config is not None else None
       lr_up_divisor = (data.get("lr_up_divisor", None) if data is not None else None) or DEFAULT_LR_UP_DIVISOR
     self.lr_up_divisor = float(lr_up_divisor)
+    self.step, self.source = step, source
     hr_mult = (multiple or hr_multiple(model)) if mode == "diffusion" else 1
     self.lr_multiple = lr_multiple(hr_mult, self.scale)
+    # The U-Net's lowest level must be at least 2x2 (its reflection-padded convs need two pixels).
+    min_hr = 2 * hr_mult if mode == "diffusion" else 1
+    self.min_lr = -(-min_hr // self.scale)
     setting = (sampler, steps, self.eta) if mode == "diffusion" else ("", None, 0.0)  # rrdb: one per model
     self._fn = _make_batch_fn(model, mode, *setting)
 
   @classmethod
-  def load(cls, workdir=None, checkpoint=None, step: int | None = None, sampler: str = "ddim",
-           steps: int | None = None, eta: float = 0.0, use_ema: bool = True, mode: str = "diffusion", config=None,
-           lr_up_divisor: float | None = None) -> "Upscaler":
-    """From a training workdir (latest or `step` checkpoint) or an official PyTorch `.ckpt`."""
+  def load(cls, workdir=None, checkpoint=None, step: int | None = None, sampler: str = DEFAULT_SAMPLER,
+           steps: int | None = None, eta: float = conventions.DEFAULT_ETA, use_ema: bool = True,
+           mode: str = "diffusion", config=None, lr_up_divisor: float | None = None) -> "Upscaler":
+    """From a training workdir (latest or `step` checkpoint) or an official PyTorch `.ckpt`. The checkpoint's
+    step and path are kept in `.step` / `.source` (an official file's step is read from its name). Anything
+    that stops the weights from loading (missing folder or file, no checkpoint, a file that is not a
+    checkpoint, weights of another shape) raises `ModelLoadError` naming the path."""
     from diffssr_jax.training.checkpointing import load_for_inference  # lazy: orbax is only needed for loading
-    config, model, params = load_for_inference(workdir=workdir, checkpoint=checkpoint, step=step,
-                                               use_ema=use_ema, config=config)
+    if (workdir is None) == (checkpoint is None):
+      raise ValueError("give exactly one of workdir or checkpoint")
+    if workdir is not None:
+      workdir = pathlib.Path(workdir)
+      if not workdir.is_dir():
+        raise ModelLoadError(f"{workdir}: no such folder (a training workdir holds config.json and checkpoints/)")
+      if not (workdir / "config.json").is_file():
+        raise ModelLoadError(f"{workdir}: no config.json (is it a training workdir?)")
+      if step is None:
+        step = latest_step(workdir)  # named explicitly, so the step reported is the step loaded
+      elif step not in _saved_steps(workdir):
+        raise ModelLoadError(f"{workdir}: no checkpoint for step {step} (saved steps: {_saved_steps(workdir)})")
+      where, hint = workdir / "checkpoints" / str(step), f" (saved steps: {_saved_steps(workdir)})"
+      load_step = step
+    else:
+      where, hint, load_step = pathlib.Path(checkpoint), "", None
+      if not where.is_file():
+        raise ModelLoadError(f"{where}: no such file (--checkpoint takes an official SAM-DiffSR .ckpt)")
+      step = step_from_checkpoint_name(where)
+    try:
+      config, model, params = load_for_inference(workdir=workdir, checkpoint=checkpoint, step=load_step,
+                                                 use_ema=use_ema, config=config)
+    except Exception as e:  # noqa: BLE001  (any failure to read the weights is the user's file: say which)
+      detail = " ".join(str(e).split()).removeprefix(f"{where}: ")
+      detail = detail if len(detail) <= 300 else detail[:297].rsplit(" ", 1)[0] + " ..."
+      raise ModelLoadError(f"{where}: cannot load the model ({type(e).__name__}: {detail}){hint}") from e
+    log.debug("model: %s (step %s)", where, "unknown" if step is None else step)
     return cls(model, params, config=config, sampler=sampler, steps=steps, eta=eta, mode=mode,
-               lr_up_divisor=lr_up_divisor)
+               lr_up_divisor=lr_up_divisor, step=step, source=str(where))
 
   @property
   def scale(self) -> int:
@@ -193,11 +256,16 @@ class Upscaler:
     eta = f", eta {self.eta:g}" if self.sampler == "ddim" else ""
     return f"{self.sampler}, {self.num_steps} steps{eta}"
 
+  def describe_source(self) -> str:
+    """Where the weights came from and their training step, e.g. 'runs/x4/checkpoints/40000 (step 40000)'."""
+    step = "step unknown" if self.step is None else f"step {self.step}"
+    return f"{self.source or 'weights given in memory'} ({step})"
+
   # ------------------------------------------------------------------ batches
   def lr_up_batch(self, lr_batch: np.ndarray) -> np.ndarray:
     """The bicubic-upscaled conditions (N, h*s, w*s, 3) in [-1, 1] space of an LR batch (see `lr_signed`)."""
     lr_batch = np.asarray(lr_batch)
-    maxval = _maxval_of(lr_batch)
+    maxval = conventions.white_level(lr_batch.dtype)
     v8 = lr_batch if maxval == 255.0 else lr_batch.astype(np.float64) * (255.0 / maxval)
     return np.stack([make_lr_up(v, self.scale, self.lr_up_divisor) for v in v8])
 
@@ -228,7 +296,7 @@ class Upscaler:
     if len(indices) != n:
       raise ValueError(f"{len(indices)} indices for {n} images")
     m = self.lr_multiple
-    ph, pw = -h % m, -w % m
+    ph, pw = padded_lr_size(h, m, self.min_lr) - h, padded_lr_size(w, m, self.min_lr) - w
     # lr_up is computed from the unpadded LR (exactly the official values inside the image) and padded in
     # HR space, rather than up-scaled from the padded LR.
     lr = pad_bottom_right(lr, ph, pw)
@@ -271,7 +339,7 @@ class Upscaler:
       image = images.load_image(image)
     rgb = image.rgb if isinstance(image, images.LoadedImage) else _as_rgb(image)
     sr = self.upscale_signed(rgb, seed, tile, overlap, batch_size, margin, progress)
-    return signed_to_uint8(sr) if rgb.dtype == np.uint8 else signed_to_uint16(sr)
+    return conventions.signed_to_pixels(sr, rgb.dtype)
 
   def upscale_like_input(self, image: images.LoadedImage, seed: int = 0, tile: int = 256, overlap: int = 32,
                          batch_size: int = 4, margin: int | None = None,
@@ -279,7 +347,7 @@ class Upscaler:
     """The SR of a loaded image in the input's layout and bit depth: greyscale (mean of the SR channels,
     since the model always makes colour), RGB, or with the alpha channel up-scaled by MATLAB bicubic."""
     sr = self.upscale_signed(image.rgb, seed, tile, overlap, batch_size, margin, progress)
-    to_int = signed_to_uint8 if image.rgb.dtype == np.uint8 else signed_to_uint16
+    to_int = functools.partial(conventions.signed_to_pixels, dtype=image.rgb.dtype)
     if image.alpha is not None:
       return np.concatenate([to_int(sr), upscale_alpha(image.alpha, self.scale)[:, :, None]], axis=2)
     if image.grey:
@@ -287,8 +355,9 @@ class Upscaler:
     return to_int(sr)
 
 
-def load_model(workdir=None, checkpoint=None, step: int | None = None, sampler: str = "ddim",
-               steps: int | None = None, eta: float = 0.0, use_ema: bool = True, mode: str = "diffusion") -> Upscaler:
+def load_model(workdir=None, checkpoint=None, step: int | None = None, sampler: str = DEFAULT_SAMPLER,
+               steps: int | None = None, eta: float = conventions.DEFAULT_ETA, use_ema: bool = True,
+               mode: str = "diffusion") -> Upscaler:
   """`Upscaler.load` under a function name."""
   return Upscaler.load(workdir=workdir, checkpoint=checkpoint, step=step, sampler=sampler, steps=steps, eta=eta,
                        use_ema=use_ema, mode=mode)

@@ -1,8 +1,9 @@
 """Validation during training: bicubic, RRDB and diffusion outputs on held-out images, PSNR-Y/SSIM-Y,
 and side-by-side PNGs (LR | bicubic | SR | HR).
 
-Images are centre-cropped to `eval.crop_size` (rounded down to a multiple of 8 and of the scale, what
-the U-Net accepts) so every validation batch has one shape and the sampler compiles once per run.
+Images are centre-cropped to `eval.crop_size` (rounded down to a multiple of the U-Net's size multiple and
+of the scale, what the U-Net accepts; `conventions`) so every validation batch has one shape and the sampler
+compiles once per run.
 """
 from __future__ import annotations
 
@@ -11,32 +12,31 @@ import pathlib
 import jax
 import numpy as np
 
+from diffssr_jax import conventions
 from diffssr_jax import images as image_io
 from diffssr_jax.evaluation import metrics
 from diffssr_jax.data.eval_sources import EvalImage, open_eval_source
 from diffssr_jax.data.pipeline import make_lr_up
 from diffssr_jax.data.imresize import imresize
 
-UNET_MULTIPLE = 8  # three stride-2 downsamplings in the U-Net
+PAPER_UNET_LEVELS = 4  # dim_mults (1, 2, 3, 4); pass the config's len(model.unet_dim_mults) for others
+UNET_MULTIPLE = conventions.unet_multiple(PAPER_UNET_LEVELS)
+
+to_uint8 = conventions.signed_to_uint8  # [-1, 1] float -> uint8, the official rounding
+normalise = conventions.to_signed  # uint8 -> [-1, 1] float32
 
 
-def to_uint8(x) -> np.ndarray:
-  """[-1, 1] float -> uint8 with the official rounding: round((x + 1) * 127.5), clipped."""
-  return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
-def normalise(u8) -> np.ndarray:
-  return (np.asarray(u8, np.float32) / 255.0 - 0.5) / 0.5
-
-
-def centre_crop(img: EvalImage, crop: int | None, scale: int, divisor: float) -> EvalImage:
-  """Crops HR to at most `crop` pixels per side (a multiple of 8 and of the scale), LR to match."""
+def centre_crop(img: EvalImage, crop: int | None, scale: int, divisor: float,
+                unet_levels: int = PAPER_UNET_LEVELS) -> EvalImage:
+  """Crops HR to at most `crop` pixels per side (a multiple of the U-Net's multiple and of the scale), LR to
+  match."""
   h, w = img.hr.shape[:2]
-  unit = np.lcm(UNET_MULTIPLE, scale)
+  unit = int(np.lcm(conventions.unet_multiple(unet_levels), scale))
   ch = (min(h, crop or h) // unit) * unit
   cw = (min(w, crop or w) // unit) * unit
-  if ch == 0 or cw == 0:
-    raise ValueError(f"{img.name}: {h}x{w} is smaller than {unit} px")
+  if min(ch, cw) < conventions.min_hr_size(unet_levels):
+    raise ValueError(f"{img.name}: a {h}x{w} image cropped to multiples of {unit} px is {ch}x{cw}, smaller than "
+                     f"the U-Net's minimum {conventions.min_hr_size(unet_levels)} px")
   y0 = ((h - ch) // 2) // scale * scale
   x0 = ((w - cw) // 2) // scale * scale
   hr = img.hr[y0:y0 + ch, x0:x0 + cw]
@@ -44,10 +44,11 @@ def centre_crop(img: EvalImage, crop: int | None, scale: int, divisor: float) ->
   return EvalImage(img.name, hr, lr, make_lr_up(lr, scale, divisor))
 
 
-def load_validation_images(eval_cfg, scale: int, lr_up_divisor: float = 256.0) -> list[EvalImage]:
+def load_validation_images(eval_cfg, scale: int, lr_up_divisor: float = conventions.OFFICIAL_LR_UP_DIVISOR,
+                           unet_levels: int = PAPER_UNET_LEVELS) -> list[EvalImage]:
   src = open_eval_source(eval_cfg.hr_dir, eval_cfg.get("lr_dir") or None, scale=scale, lr_up_divisor=lr_up_divisor)
   n = min(len(src), eval_cfg.get("max_images", len(src)) or len(src))
-  return [centre_crop(src[i], eval_cfg.get("crop_size"), scale, lr_up_divisor) for i in range(n)]
+  return [centre_crop(src[i], eval_cfg.get("crop_size"), scale, lr_up_divisor, unet_levels) for i in range(n)]
 
 
 def _batches(items, size):
