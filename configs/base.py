@@ -10,6 +10,7 @@ def get_config():
   c = ml_collections.ConfigDict()
   c.seed = 1234                                  # [O:seed]
   c.task = "diffusion"                           # "diffusion" | "rrdb" (encoder pre-training)
+  c.compilation_cache = "auto"                   # JAX persistent compilation cache: auto | a folder | "" (off)
   c.distributed = False                          # jax.distributed.initialize() for multi-host runs
 
   c.model = m = ml_collections.ConfigDict()

@@ -170,6 +170,18 @@ def define_common_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer("verbosity", 0, _VERBOSITY_HELP, short_name="v", flag_values=fv)
 
 
+def define_compilation_cache_flag(fv: flags.FlagValues) -> None:
+  """--compilation_cache, for the commands that compile with jax (see `diffssr_jax.compilation_cache`)."""
+  flags.DEFINE_string("compilation_cache", "auto", 'JAX persistent compilation cache folder: "auto" is '
+                      "$JAX_COMPILATION_CACHE_DIR or ~/.cache/diffssr_jax/xla; \"\" turns it off.", flag_values=fv)
+
+
+def enable_compilation_cache(setting: str) -> None:
+  """`compilation_cache.enable`, imported only when called (the export tool never imports jax)."""
+  from diffssr_jax import compilation_cache
+  compilation_cache.enable(setting)
+
+
 # ---------------------------------------------------------------- help
 def _is_required(flag) -> bool:
   # absl's mark_flag_as_required registers a validator with this message; there is no public accessor.

@@ -222,7 +222,7 @@ def bench_sample(args) -> dict:
   import jax.numpy as jnp
   import numpy as np
   from diffssr_jax.diffusion import sampling
-  from diffssr_jax.inference.upscaler import lr_multiple, pad_bottom_right
+  from diffssr_jax.inference.upscaler import Upscaler, pad_bottom_right
 
   config, model, params, init_s = _setup(args)
   s, b = model.scale, args.batch_size
@@ -232,10 +232,10 @@ def bench_sample(args) -> dict:
   ts = sampling.timesteps_for(model, args.sampler, args.steps)
   n_steps = len(ts)
   # The LR is padded to the multiple the U-Net needs, exactly as the Upscaler pads user images.
-  m = lr_multiple(model.unet.size_multiple, s)
   rng = np.random.default_rng(0)
   lr_np = rng.uniform(-1, 1, (b, h // s, w // s, 3)).astype(np.float32)
-  lr_np = pad_bottom_right(lr_np, -(h // s) % m, -(w // s) % m)
+  lr_np = pad_bottom_right(lr_np, *Upscaler(model, params, sampler=args.sampler, steps=args.steps).lr_padding(
+      h // s, w // s))
   up_np = np.repeat(np.repeat(lr_np, s, 1), s, 2)
   lr, lr_up = jnp.asarray(lr_np), jnp.asarray(up_np)
   key = jax.random.key(0)

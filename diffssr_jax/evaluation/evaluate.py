@@ -357,6 +357,7 @@ def define_flags(fv: flags.FlagValues) -> None:
   """Defines the CLI's flags in `fv` (a private FlagValues: see `cli`). Nothing is defined at import, so other
   CLIs' flags of the same names never clash in one process."""
   d = dict(flag_values=fv)
+  shared_cli.define_compilation_cache_flag(fv)
   flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/<step>) (default: none; "
                       "needed unless --checkpoint, or only --bicubic with --output).", **d)
   flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).", **d)
@@ -451,6 +452,7 @@ def main(argv, fv: flags.FlagValues) -> int:
   """Runs the evaluation and prints the table; returns the exit status (user errors are handled by `cli`)."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  shared_cli.enable_compilation_cache(fv.compilation_cache)
   table = run_from_flags(fv)
   print(table.read_text(encoding="utf-8"))
   print(f"table written to {table}")

@@ -215,6 +215,7 @@ def summary_line(done: Mapping[str, list], errors: Sequence[str] = ()) -> str:
 def define_flags(fv: flags.FlagValues) -> None:
   """Defines the CLI's flags in `fv` (a private FlagValues: see `cli`)."""
   d = dict(flag_values=fv)
+  shared_cli.define_compilation_cache_flag(fv)
   flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/<step>); this or "
                       "--checkpoint is required.", **d)
   flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: the latest).", **d)
@@ -270,6 +271,7 @@ def main(argv, fv: flags.FlagValues) -> int:
     return shared_cli.EXIT_ERROR
 
   def make_upscaler():
+    shared_cli.enable_compilation_cache(fv.compilation_cache)
     up = Upscaler.load(workdir=fv.workdir, checkpoint=fv.checkpoint, step=fv.step, sampler=fv.sampler,
                        steps=fv.steps, eta=fv.eta, use_ema=fv.use_ema, mode="rrdb" if fv.rrdb else "diffusion")
     print(f"model: {up.describe_source()}; {up.describe()}", file=sys.stderr)

@@ -269,6 +269,10 @@ class Upscaler:
     v8 = lr_batch if maxval == 255.0 else lr_batch.astype(np.float64) * (255.0 / maxval)
     return np.stack([make_lr_up(v, self.scale, self.lr_up_divisor) for v in v8])
 
+  def lr_padding(self, h: int, w: int) -> tuple[int, int]:
+    """LR pixels added at the bottom and right of an h x w LR image before the networks see it."""
+    return padded_lr_size(h, self.lr_multiple, self.min_lr) - h, padded_lr_size(w, self.lr_multiple, self.min_lr) - w
+
   def super_resolve_batch(self, lr_batch, seed: int = 0, indices: Sequence[int] | None = None,
                           lr_up: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Super-resolves N equal-size LR images: (sr, rrdb), float32 (N, h*s, w*s, 3) in [-1, 1] space (SR is
@@ -295,8 +299,7 @@ class Upscaler:
     indices = list(range(n) if indices is None else indices)
     if len(indices) != n:
       raise ValueError(f"{len(indices)} indices for {n} images")
-    m = self.lr_multiple
-    ph, pw = padded_lr_size(h, m, self.min_lr) - h, padded_lr_size(w, m, self.min_lr) - w
+    ph, pw = self.lr_padding(h, w)
     # lr_up is computed from the unpadded LR (exactly the official values inside the image) and padded in
     # HR space, rather than up-scaled from the padded LR.
     lr = pad_bottom_right(lr, ph, pw)

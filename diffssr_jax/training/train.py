@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from diffssr_jax import fileio
+from diffssr_jax import compilation_cache, fileio
 from diffssr_jax.training import checkpointing, train_step, validate
 from diffssr_jax.diffusion import sampling
 from diffssr_jax.data import pipeline
@@ -383,6 +383,7 @@ def write_summary(workdir, summary: dict, step: int, config) -> pathlib.Path:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """Runs the configured task in `workdir` (resuming from its latest checkpoint)."""
+  compilation_cache.enable(config.compilation_cache)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   if config.get("distributed", False):
