@@ -5,8 +5,9 @@ One home for what used to be written in each of those modules:
 * pixels <-> the network's [-1, 1] space: `to_signed` is torchvision's ToTensor + Normalize(0.5, 0.5)
   ((v / white - 0.5) / 0.5 in float32), `signed_to_uint8` the official `Measure.measure` rounding
   round((x + 1) * 127.5) clipped, `signed_to_uint16` its 16-bit analogue;
-* the official lr_up divisor (imresize(lr / 256, scale): the official code divides by 256, not 255), used
-  where no config says otherwise (a config's `data.lr_up_divisor` is the configured value);
+* the bicubic condition lr_up = (imresize(lr / divisor, scale) - 0.5) / 0.5 (`make_lr_up`) and the official
+  divisor 256 (the official code divides by 256, not 255), used where no config says otherwise (a config's
+  `data.lr_up_divisor` is the configured value); HR images trimmed to a multiple of the scale (`trim_to_scale`);
 * the U-Net's size rules: the HR size must be a multiple of 2 ** (levels - 1), and at least twice that, so
   the lowest level's maps are at least 2x2 (its reflection-padded convs need two pixels to reflect);
 * which Pillow modes mean "greyscale" (outputs of such inputs are written back as greyscale);
@@ -18,9 +19,27 @@ from __future__ import annotations
 
 import numpy as np
 
+from diffssr_jax.data.imresize import imresize
+
 # lr_up = (imresize(lr_uint8 / divisor, scale) - 0.5) / 0.5: the official dataset divides by 256 (a quirk kept
 # so converted official weights see their training inputs).
 OFFICIAL_LR_UP_DIVISOR = 256.0
+
+
+def make_lr_up(lr: np.ndarray, scale: int, divisor: float = OFFICIAL_LR_UP_DIVISOR) -> np.ndarray:
+  """Bicubic up-scaled LR in [-1, 1]-ish: (imresize(lr / divisor, scale) - 0.5) / 0.5, float32.
+
+  Computed in float64 and cast at the end, as the official dataset does (`.float()` after Normalize).
+  """
+  up = imresize(lr.astype(np.float64) / divisor, scale)
+  return ((up - 0.5) / 0.5).astype(np.float32)
+
+
+def trim_to_scale(img: np.ndarray, scale: int) -> np.ndarray:
+  """The top-left part of `img` whose height and width are multiples of `scale` (HR images are trimmed so
+  their LR has an integer size, as the official dataset code does)."""
+  h, w = img.shape[:2]
+  return img[:h - h % scale, :w - w % scale]
 
 # `images.LoadedImage.source_mode` values that hold no colour. The loader produces "L" and "LA" (bit depth is
 # in `LoadedImage.bits`); Pillow's other grey modes are accepted for LoadedImages that callers build themselves.

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffssr_jax import images
+from diffssr_jax import conventions, images
 from diffssr_jax.data import spe as spe_lib
 from diffssr_jax.data import export, hr_sources, records, rle, segmenters, tfrecord
 from diffssr_jax.data.imresize import imresize
@@ -85,7 +85,7 @@ def test_tiles_align_hr_lr_spe(tmp_path):
   tiles = _tiles(tmp_path / "out")
   seen = {}
   for t in tiles:
-    full = export.trim_to_scale(imgs[t.image_id], 4)
+    full = conventions.trim_to_scale(imgs[t.image_id], 4)
     whole_spe = spe_lib.compute_spe_labels(ColorSegmenter()(full).labels, "rope")
     whole_lr = imresize(full, 0.25)
     np.testing.assert_array_equal(t.hr, full[t.y:t.y + 64, t.x:t.x + 64])

@@ -13,7 +13,7 @@ from configs import base
 from diffssr_jax import conventions, images
 from diffssr_jax.inference import upscaler as inference
 from diffssr_jax.diffusion import sampling
-from diffssr_jax.data.pipeline import make_lr_up
+from diffssr_jax.conventions import make_lr_up
 from diffssr_jax.inference.upscaler import Upscaler
 from diffssr_jax.evaluation.metrics import signed_to_uint8
 from diffssr_jax.diffusion.model import build_model

@@ -4,6 +4,7 @@ import shutil
 import numpy as np
 import pytest
 
+from diffssr_jax import conventions
 from diffssr_jax.data import export, hr_sources, pipeline, segmenters, tfrecord
 from diffssr_jax.data.source import TileSource
 from diffssr_jax.data.imresize import imresize
@@ -44,7 +45,7 @@ def _cfg(files, **kw):
 
 
 def _whole(name):
-  hr = export.trim_to_scale(_photo(name), S)
+  hr = conventions.trim_to_scale(_photo(name), S)
   spe = segmenters.compute_segmentation_spe(SEG(hr), "rope")
   return hr, imresize(hr, 1 / S), spe
 
@@ -79,8 +80,8 @@ def test_batches_shapes_ranges_and_alignment(shards):
 
 def test_lr_up_divisor_quirk():
   lr = np.full((4, 4, 3), 255, np.uint8)
-  np.testing.assert_allclose(pipeline.make_lr_up(lr, 4), (255 / 256 - 0.5) / 0.5, atol=1e-6)
-  np.testing.assert_allclose(pipeline.make_lr_up(lr, 4, 255.0), 1.0, atol=1e-6)
+  np.testing.assert_allclose(conventions.make_lr_up(lr, 4), (255 / 256 - 0.5) / 0.5, atol=1e-6)
+  np.testing.assert_allclose(conventions.make_lr_up(lr, 4, 255.0), 1.0, atol=1e-6)
 
 
 def test_reduce_constant_spe_patch():
@@ -205,4 +206,4 @@ def test_normalisation_matches_official_dataset():
                                                     "in/img_lr_up")
   np.testing.assert_allclose(pipeline.normalize_uint8(hr_u8), img_hr[0].transpose(1, 2, 0), atol=1e-7)
   np.testing.assert_allclose(pipeline.normalize_uint8(lr_u8), img_lr[0].transpose(1, 2, 0), atol=1e-7)
-  np.testing.assert_allclose(pipeline.make_lr_up(lr_u8, 4), img_lr_up[0].transpose(1, 2, 0), atol=1e-6)
+  np.testing.assert_allclose(conventions.make_lr_up(lr_u8, 4), img_lr_up[0].transpose(1, 2, 0), atol=1e-6)

@@ -44,6 +44,7 @@ def bench_pipeline(files, batch_size: int, num_workers: int, steps: int, warmup:
 
 
 def bench_export(images_dir, segmenter_name: str, workers: int, scale: int) -> dict:
+  from diffssr_jax import conventions
   from diffssr_jax.data import export, hr_sources, segmenters
   src = hr_sources.FolderSource(images_dir)
   seg = segmenters.make_segmenter(segmenter_name)
@@ -60,7 +61,7 @@ def bench_export(images_dir, segmenter_name: str, workers: int, scale: int) -> d
   pixels = 0
   for image_id in src.ids:
     t = time.perf_counter()
-    hr = export.trim_to_scale(src.load(image_id), scale)
+    hr = conventions.trim_to_scale(src.load(image_id), scale)
     stages["read"] += time.perf_counter() - t
     pixels += hr.shape[0] * hr.shape[1]
     t = time.perf_counter()

@@ -20,8 +20,7 @@ import re
 import numpy as np
 
 from diffssr_jax import images
-from diffssr_jax.data.export import trim_to_scale
-from diffssr_jax.data.pipeline import make_lr_up
+from diffssr_jax.conventions import make_lr_up, trim_to_scale
 from diffssr_jax.data.imresize import imresize
 
 

@@ -41,7 +41,7 @@ import time
 
 import numpy as np
 
-from diffssr_jax import fileio, images
+from diffssr_jax import conventions, fileio, images
 from diffssr_jax.data import spe as spe_lib
 from diffssr_jax.data import records, rle, tfrecord
 from diffssr_jax.data.segmenters import Segmentation, compute_segmentation_spe
@@ -89,12 +89,6 @@ class ExportConfig:
 
 
 # --- pure per-image functions ---
-
-def trim_to_scale(img: np.ndarray, scale: int) -> np.ndarray:
-  """The top-left part of `img` whose height and width are multiples of `scale`."""
-  h, w = img.shape[:2]
-  return img[:h - h % scale, :w - w % scale]
-
 
 def tile_starts(n: int, step: int, min_tile: int) -> list[int]:
   """Tile starts along one axis of length n: 0, step, ... while start < n - min_tile."""
@@ -238,7 +232,7 @@ def _process_one(ctx: RunContext, image_id: str):
   cfg = ctx.cfg
   try:
     full = ctx.source.load(image_id)
-    hr = trim_to_scale(full, cfg.scale)
+    hr = conventions.trim_to_scale(full, cfg.scale)
     if not tile_origins(hr.shape[0], hr.shape[1], cfg.tile_step, cfg.min_tile):
       return "no_tiles", [], 0, None, None
     seg = ctx.provider(image_id, hr, full.shape)

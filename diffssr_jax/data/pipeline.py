@@ -84,15 +84,6 @@ def _as_dict(data_cfg) -> dict:
 normalize_uint8 = conventions.to_signed  # uint8 -> float32 (x/255 - 0.5)/0.5, as ToTensor + Normalize
 
 
-def make_lr_up(lr: np.ndarray, scale: int, divisor: float = conventions.OFFICIAL_LR_UP_DIVISOR) -> np.ndarray:
-  """Bicubic up-scaled LR in [-1, 1]-ish: (imresize(lr / divisor, scale) - 0.5) / 0.5, float32.
-
-  Computed in float64 and cast at the end, as the official dataset does (`.float()` after Normalize).
-  """
-  up = imresize(lr.astype(np.float64) / divisor, scale)
-  return ((up - 0.5) / 0.5).astype(np.float32)
-
-
 def random_patch_origin(h: int, w: int, patch: int, scale: int, rng: np.random.Generator) -> tuple[int, int]:
   """Top-left (y, x) of a random patch in an (h, w) tile, multiples of the scale."""
   if h < patch or w < patch:
@@ -145,7 +136,7 @@ class TrainTransform:
     out = {
         "hr": normalize_uint8(hr),
         "lr": normalize_uint8(lr),
-        "lr_up": make_lr_up(lr, self.scale, self.lr_up_divisor),
+        "lr_up": conventions.make_lr_up(lr, self.scale, self.lr_up_divisor),
         "spe": np.ascontiguousarray(spe, dtype=np.float32)[:, :, None],
     }
     if self.with_metadata:

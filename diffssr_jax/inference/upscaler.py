@@ -39,7 +39,6 @@ from diffssr_jax import conventions, images
 from diffssr_jax.cli import UserError
 from diffssr_jax.conventions import GREY_MODES, signed_to_uint8, signed_to_uint16  # noqa: F401  (re-exported)
 from diffssr_jax.diffusion import sampling
-from diffssr_jax.data.pipeline import make_lr_up
 from diffssr_jax.data.imresize import imresize
 from diffssr_jax.diffusion.model import SRDiffusion
 from diffssr_jax.inference.tiling import upscale_tiled
@@ -267,7 +266,7 @@ class Upscaler:
     lr_batch = np.asarray(lr_batch)
     maxval = conventions.white_level(lr_batch.dtype)
     v8 = lr_batch if maxval == 255.0 else lr_batch.astype(np.float64) * (255.0 / maxval)
-    return np.stack([make_lr_up(v, self.scale, self.lr_up_divisor) for v in v8])
+    return np.stack([conventions.make_lr_up(v, self.scale, self.lr_up_divisor) for v in v8])
 
   def lr_padding(self, h: int, w: int) -> tuple[int, int]:
     """LR pixels added at the bottom and right of an h x w LR image before the networks see it."""

@@ -16,7 +16,6 @@ from diffssr_jax import conventions
 from diffssr_jax import images as image_io
 from diffssr_jax.evaluation import metrics
 from diffssr_jax.data.eval_sources import EvalImage, open_eval_source
-from diffssr_jax.data.pipeline import make_lr_up
 from diffssr_jax.data.imresize import imresize
 
 PAPER_UNET_LEVELS = 4  # dim_mults (1, 2, 3, 4); pass the config's len(model.unet_dim_mults) for others
@@ -41,7 +40,7 @@ def centre_crop(img: EvalImage, crop: int | None, scale: int, divisor: float,
   x0 = ((w - cw) // 2) // scale * scale
   hr = img.hr[y0:y0 + ch, x0:x0 + cw]
   lr = img.lr[y0 // scale:(y0 + ch) // scale, x0 // scale:(x0 + cw) // scale]
-  return EvalImage(img.name, hr, lr, make_lr_up(lr, scale, divisor))
+  return EvalImage(img.name, hr, lr, conventions.make_lr_up(lr, scale, divisor))
 
 
 def load_validation_images(eval_cfg, scale: int, lr_up_divisor: float = conventions.OFFICIAL_LR_UP_DIVISOR,
