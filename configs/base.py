@@ -37,6 +37,7 @@ def get_config():
 
   c.optim = o = ml_collections.ConfigDict()
   o.lr = 2e-4                                    # [O:lr] [P:4.1]
+  o.b1, o.b2, o.eps = 0.9, 0.999, 1e-8           # Adam, torch defaults (the official trainer sets none)
   o.schedule = "step"                            # official StepLR
   o.decay_steps = 200_000                        # [O:decay_steps]
   o.decay_rate = 0.5                             # StepLR gamma in the official SRDiffTrainer
@@ -47,16 +48,23 @@ def get_config():
   o.train_rrdb = False                           # [O:fix_rrdb] true
   o.aux_l1_weight = 1.0                          # [O:aux_l1_loss], used only when the RRDB is trained
 
-  c.data = dt = ml_collections.ConfigDict()      # see diffssr_jax/data/pipeline.py for every field
-  dt.train_files = ""                            # TFRecord shards from tools/export_sam_masks.py
+  c.data = dt = ml_collections.ConfigDict()      # the training input (diffssr_jax/data/pipeline.py)
+  dt.train_files = ""                            # TFRecord shards from tools/export_sam_masks.py (glob, folder, file)
   dt.demo_dir = ""                               # if set, the demo shards are built there when missing
-  dt.patch_size = 160                            # [O:patch_size]
+  dt.patch_size = 160                            # [O:patch_size] HR patch side, a multiple of the scale
   dt.hflip = False                               # [O:data_augmentation] false
   dt.rot90 = False
   dt.reduce_constant_spe = True                  # [O:sam_data_config.all_same_mask_to_zero] is false; [P:4.3] ablation prefers reduce
   dt.lr_up_divisor = 256.0                       # official quirk: imresize(lr / 256, 4)
-  dt.num_workers = 8                             # [O:num_workers]
-  dt.prefetch_buffer = 2
+  dt.shuffle = True                              # seeded global shuffle, a new order each epoch
+  dt.num_epochs = 0                              # 0: repeat forever
+  dt.num_workers = 8                             # [O:num_workers] grain worker processes (0: in-process)
+  dt.prefetch_buffer = 2                         # batches buffered per worker process
+  dt.read_threads = 2                            # threads per process reading/decoding records
+  dt.read_buffer = 32                            # records prefetched by those threads
+  dt.verify_crc = True                           # check each record's CRC when reading it
+  dt.with_metadata = False                       # add record_index and patch_yx to batches (tests, debugging)
+  dt.check_manifest = True                       # refuse shards whose export manifest has another scale
 
   c.eval = e = ml_collections.ConfigDict()       # validation during training
   e.hr_dir = ""                                  # folder of held-out HR images ("" = no validation)

@@ -15,7 +15,7 @@ from diffssr_jax.inference import upscaler as inference
 from diffssr_jax.diffusion import sampling
 from diffssr_jax.conventions import make_lr_up
 from diffssr_jax.inference.upscaler import Upscaler
-from diffssr_jax.evaluation.metrics import signed_to_uint8
+from diffssr_jax.conventions import signed_to_uint8
 from diffssr_jax.diffusion.model import build_model
 from helpers import tiny_config
 
@@ -142,10 +142,8 @@ def test_tiny_inputs_are_padded_to_the_unet_minimum():
 
 
 def test_conventions_are_the_official_ones_and_shared():
-  """One home for pixel conventions: the official formulas, and every user imports that one copy."""
+  """One home for pixel conventions: the official formulas, and the defaults agree with it."""
   from diffssr_jax.data import pipeline
-  from diffssr_jax.evaluation import metrics
-  from diffssr_jax.training import validate
   u8 = np.array([0, 1, 127, 128, 255], np.uint8)
   np.testing.assert_array_equal(conventions.to_signed(u8), (u8.astype(np.float32) / 255 - 0.5) / 0.5)
   u16 = np.array([0, 257, 65535], np.uint16)
@@ -159,13 +157,8 @@ def test_conventions_are_the_official_ones_and_shared():
   assert [conventions.unet_multiple(n) for n in (1, 2, 4)] == [1, 2, 8]
   assert conventions.min_hr_size(4) == 16 and conventions.OFFICIAL_LR_UP_DIVISOR == 256.0
   assert inference.hr_multiple(build_model(base.get_config())) == conventions.unet_multiple(4)
-  assert validate.UNET_MULTIPLE == conventions.unet_multiple(4)
-  assert pipeline.normalize_uint8 is conventions.to_signed and validate.normalise is conventions.to_signed
-  assert inference.lr_signed is conventions.to_signed
-  assert metrics.signed_to_uint8 is conventions.signed_to_uint8 and validate.to_uint8 is conventions.signed_to_uint8
-  assert inference.GREY_MODES is conventions.GREY_MODES
-  assert (inference.DEFAULT_LR_UP_DIVISOR == pipeline.TrainTransform().lr_up_divisor
-          == pipeline.default_data_config().lr_up_divisor == conventions.OFFICIAL_LR_UP_DIVISOR)
+  assert (pipeline.TrainTransform().lr_up_divisor == pipeline.default_data_config().lr_up_divisor
+          == conventions.OFFICIAL_LR_UP_DIVISOR)
 
 
 def test_validation_crop_refuses_images_below_the_unet_minimum():
@@ -174,8 +167,8 @@ def test_validation_crop_refuses_images_below_the_unet_minimum():
   hr = _rand((12, 40, 3))
   img = EvalImage("x", hr, hr[::4, ::4], None)
   with pytest.raises(ValueError, match="minimum 16"):
-    validate.centre_crop(img, None, 4, 256.0)  # 8 x 40 after cropping to multiples of 8: the lowest level 1 px
-  ok = validate.centre_crop(EvalImage("y", _rand((16, 40, 3)), _rand((4, 10, 3)), None), None, 4, 256.0)
+    validate.centre_crop(img, None, 4, 256.0, unet_levels=4)  # 8 x 40 after cropping to multiples of 8: the lowest level 1 px
+  ok = validate.centre_crop(EvalImage("y", _rand((16, 40, 3)), _rand((4, 10, 3)), None), None, 4, 256.0, unet_levels=4)
   assert ok.hr.shape == (16, 40, 3) and ok.lr.shape == (4, 10, 3)
 
 

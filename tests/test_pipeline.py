@@ -56,7 +56,7 @@ def _to_u8(x):
 
 def test_batches_shapes_ranges_and_alignment(shards):
   src = TileSource(shards, scale=S)
-  it = pipeline.make_train_iterator(_cfg(shards, reduce_constant_spe=False), seed=3, batch_size=5)
+  it = pipeline.make_train_iterator(_cfg(shards, reduce_constant_spe=False), scale=4, seed=3, batch_size=5)
   wholes = {n: _whole(n) for n in PHOTOS}
   for _ in range(3):
     b = next(it)
@@ -100,7 +100,7 @@ def test_reduce_constant_spe_patch():
 def test_flips_and_rotations_apply_to_all_three(shards):
   src = TileSource(shards, scale=S)
   it = pipeline.make_train_iterator(_cfg(shards, hflip=True, rot90=True, reduce_constant_spe=False),
-                                    seed=1, batch_size=8)
+                                    scale=4, seed=1, batch_size=8)
   b = next(it)
   wholes = {}
   used = set()
@@ -122,25 +122,25 @@ def test_flips_and_rotations_apply_to_all_three(shards):
 
 def test_state_restore_reproduces_batches(shards):
   cfg = _cfg(shards, hflip=True)
-  it = pipeline.make_train_iterator(cfg, seed=7, batch_size=3)
+  it = pipeline.make_train_iterator(cfg, scale=4, seed=7, batch_size=3)
   for _ in range(4):  # past the first epoch (14 records)
     next(it)
   state = it.get_state()
   want = [next(it) for _ in range(3)]
-  fresh = pipeline.make_train_iterator(cfg, seed=7, batch_size=3)
+  fresh = pipeline.make_train_iterator(cfg, scale=4, seed=7, batch_size=3)
   fresh.set_state(state)
   for w in want:
     g = next(fresh)
     for k in w:
       np.testing.assert_array_equal(g[k], w[k])
-  other = next(pipeline.make_train_iterator(cfg, seed=8, batch_size=3))
-  first = next(pipeline.make_train_iterator(cfg, seed=7, batch_size=3))
+  other = next(pipeline.make_train_iterator(cfg, scale=4, seed=8, batch_size=3))
+  first = next(pipeline.make_train_iterator(cfg, scale=4, seed=7, batch_size=3))
   assert not np.array_equal(other["hr"], first["hr"])
 
 
 def test_epochs_cover_all_records_and_reshuffle(shards):
   n = len(TileSource(shards))
-  it = pipeline.make_train_iterator(_cfg(shards, num_epochs=2), seed=0, batch_size=1)
+  it = pipeline.make_train_iterator(_cfg(shards, num_epochs=2), scale=4, seed=0, batch_size=1)
   seq = [int(b["record_index"][0]) for b in it]
   assert len(seq) == 2 * n
   assert sorted(seq[:n]) == list(range(n)) == sorted(seq[n:])
@@ -151,7 +151,7 @@ def test_process_sharding_is_disjoint(shards):
   n = len(TileSource(shards))
   parts = []
   for p in range(2):
-    it = pipeline.make_train_iterator(_cfg(shards, num_epochs=1), seed=5, batch_size=1, process_index=p,
+    it = pipeline.make_train_iterator(_cfg(shards, num_epochs=1), scale=4, seed=5, batch_size=1, process_index=p,
                                       process_count=2)
     parts.append([int(b["record_index"][0]) for b in it])
   assert not set(parts[0]) & set(parts[1])
@@ -159,8 +159,8 @@ def test_process_sharding_is_disjoint(shards):
 
 
 def test_worker_processes_give_the_same_batches(shards):
-  a = pipeline.make_train_iterator(_cfg(shards), seed=2, batch_size=2)
-  b = pipeline.make_train_iterator(_cfg(shards, num_workers=2), seed=2, batch_size=2)
+  a = pipeline.make_train_iterator(_cfg(shards), scale=4, seed=2, batch_size=2)
+  b = pipeline.make_train_iterator(_cfg(shards, num_workers=2), scale=4, seed=2, batch_size=2)
   try:
     for _ in range(3):
       x, y = next(a), next(b)
@@ -178,7 +178,7 @@ def test_corrupt_shard_is_reported_with_file_and_offset(shards, tmp_path):
   raw = bytearray(f.read_bytes())
   raw[int(offs[1]) + 12 + int(lens[1]) // 2] ^= 0xFF
   f.write_bytes(bytes(raw))
-  it = pipeline.make_train_iterator(_cfg(bad, shuffle=False, num_epochs=1), seed=0, batch_size=1)
+  it = pipeline.make_train_iterator(_cfg(bad, shuffle=False, num_epochs=1), scale=4, seed=0, batch_size=1)
   with pytest.raises(Exception) as ei:
     for _ in it:
       pass
@@ -186,24 +186,24 @@ def test_corrupt_shard_is_reported_with_file_and_offset(shards, tmp_path):
   assert "train-00001-of-00002.tfrecord: record 1 at offset" in msg and str(int(offs[1])) in msg
   f.write_bytes(bytes(raw[:-100]))
   with pytest.raises(tfrecord.RecordError, match=r"train-00001-of-00002\.tfrecord: record \d+ at offset \d+: trunc"):
-    pipeline.make_train_iterator(_cfg(bad), seed=0, batch_size=1)
+    pipeline.make_train_iterator(_cfg(bad), scale=4, seed=0, batch_size=1)
 
 
 def test_config_validation(shards):
   with pytest.raises(ValueError, match="unknown data config"):
-    pipeline.make_train_iterator({"train_files": str(shards), "patchsize": 3}, seed=0, batch_size=1)
+    pipeline.make_train_iterator({"train_files": str(shards), "patchsize": 3}, scale=4, seed=0, batch_size=1)
   with pytest.raises(ValueError, match="train_files"):
-    pipeline.make_train_iterator(pipeline.default_data_config(), seed=0, batch_size=1)
+    pipeline.make_train_iterator(pipeline.default_data_config(), scale=4, seed=0, batch_size=1)
   with pytest.raises(ValueError, match="scale"):
-    pipeline.make_train_iterator(_cfg(shards, scale=2, patch_size=64), seed=0, batch_size=1)
+    pipeline.make_train_iterator(_cfg(shards, patch_size=64), scale=2, seed=0, batch_size=1)
   with pytest.raises(ValueError, match="smaller than"):
-    next(pipeline.make_train_iterator(_cfg(shards, patch_size=128, check_manifest=False), seed=0, batch_size=1))
+    next(pipeline.make_train_iterator(_cfg(shards, patch_size=128, check_manifest=False), scale=4, seed=0, batch_size=1))
 
 
 @reference
 def test_normalisation_matches_official_dataset():
   hr_u8, lr_u8, img_hr, img_lr, img_lr_up = require("in/hr_u8", "in/lr_u8", "in/img_hr", "in/img_lr",
                                                     "in/img_lr_up")
-  np.testing.assert_allclose(pipeline.normalize_uint8(hr_u8), img_hr[0].transpose(1, 2, 0), atol=1e-7)
-  np.testing.assert_allclose(pipeline.normalize_uint8(lr_u8), img_lr[0].transpose(1, 2, 0), atol=1e-7)
+  np.testing.assert_allclose(conventions.to_signed(hr_u8), img_hr[0].transpose(1, 2, 0), atol=1e-7)
+  np.testing.assert_allclose(conventions.to_signed(lr_u8), img_lr[0].transpose(1, 2, 0), atol=1e-7)
   np.testing.assert_allclose(conventions.make_lr_up(lr_u8, 4), img_lr_up[0].transpose(1, 2, 0), atol=1e-6)

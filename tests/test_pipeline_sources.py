@@ -66,7 +66,7 @@ def test_demo_dataset_builds_trains_and_is_reused(tmp_path):
   cfg.train_files = r["train_files"]
   cfg.patch_size = 64
   cfg.num_workers = 0
-  b = next(pipeline.make_train_iterator(cfg, seed=0, batch_size=2))
+  b = next(pipeline.make_train_iterator(cfg, scale=4, seed=0, batch_size=2))
   assert b["hr"].shape == (2, 64, 64, 3)
   before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tfrecord")}
   demo.build_demo_dataset(out, tile_size=160)

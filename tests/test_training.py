@@ -145,7 +145,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path, s
   from diffssr_jax.data import pipeline
   dc = pipeline.default_data_config()
   dc.update(data_cfg)
-  it = pipeline.make_train_iterator(dc, seed=0, batch_size=2)
+  it = pipeline.make_train_iterator(dc, scale=4, seed=0, batch_size=2)
   ck = checkpointing.Checkpointer(tmp_path, keep=5, use_async=False)
   with pytest.raises(train.NonFiniteLossError, match="at step 3"):
     train.run_loop(workdir=tmp_path, state=state, step_fn=poisoned, data_iter=it, mesh=mesh, train_cfg=cfg.train,

@@ -1,6 +1,6 @@
 """Throughput of the data half, printed as JSON (a measurement tool, not a test).
 
-  python -m diffssr_jax.benchmarks.data pipeline [--files GLOB_OR_DIR] [--batch-size 16] [--num-workers 2]
+  python -m diffssr_jax.benchmarks.data pipeline [--files GLOB_OR_DIR] [--batch_size 16] [--num_workers 2]
   python -m diffssr_jax.benchmarks.data export [--images DIR] [--segmenter felzenszwalb] [--workers 0]
 
 Without --files / --images the scikit-image demo photographs are used (built into a temporary folder).
@@ -16,10 +16,12 @@ import pathlib
 import tempfile
 import time
 
+from diffssr_jax import cli
+
 
 
 def bench_pipeline(files, batch_size: int, num_workers: int, steps: int, warmup: int, patch_size: int,
-                   read_threads: int, augment: bool) -> dict:
+                   read_threads: int, augment: bool, scale: int = 4) -> dict:
   from diffssr_jax.data import pipeline
   cfg = pipeline.default_data_config()
   cfg.train_files = files
@@ -27,7 +29,7 @@ def bench_pipeline(files, batch_size: int, num_workers: int, steps: int, warmup:
   cfg.patch_size = patch_size
   cfg.read_threads = read_threads
   cfg.hflip = cfg.rot90 = augment
-  it = pipeline.make_train_iterator(cfg, seed=0, batch_size=batch_size)
+  it = pipeline.make_train_iterator(cfg, scale=scale, seed=0, batch_size=batch_size)
   t_first = time.perf_counter()
   for _ in range(warmup):
     next(it)
@@ -86,23 +88,24 @@ def bench_export(images_dir, segmenter_name: str, workers: int, scale: int) -> d
 
 
 def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.ArgparseHelpFormatter)
   sub = p.add_subparsers(dest="what", required=True)
-  pp = sub.add_parser("pipeline")
-  pp.add_argument("--files", default=None)
-  pp.add_argument("--batch-size", type=int, default=16)
-  pp.add_argument("--num-workers", type=int, default=2)
-  pp.add_argument("--read-threads", type=int, default=2)
-  pp.add_argument("--steps", type=int, default=30)
-  pp.add_argument("--warmup", type=int, default=3)
-  pp.add_argument("--patch-size", type=int, default=160)
-  pp.add_argument("--augment", action="store_true")
-  pe = sub.add_parser("export")
-  pe.add_argument("--images", default=None)
-  pe.add_argument("--segmenter", default="felzenszwalb", choices=["felzenszwalb", "slic"])
-  pe.add_argument("--workers", type=int, default=0)
-  pe.add_argument("--scale", type=int, default=4)
-  args = p.parse_args(argv)
+  pp = sub.add_parser("pipeline", formatter_class=cli.ArgparseHelpFormatter)
+  pp.add_argument("--files", default=None, help="shards (glob, folder, file); default: the demo shards")
+  pp.add_argument("--batch_size", type=int, default=16, help="examples per batch")
+  pp.add_argument("--num_workers", type=int, default=2, help="grain worker processes")
+  pp.add_argument("--read_threads", type=int, default=2, help="reader threads per process")
+  pp.add_argument("--steps", type=int, default=30, help="timed batches")
+  pp.add_argument("--warmup", type=int, default=3, help="untimed batches first")
+  pp.add_argument("--patch_size", type=int, default=160, help="HR patch side")
+  pp.add_argument("--augment", action="store_true", help="random flips and rotations")
+  pp.add_argument("--scale", type=int, default=4, help="the shards' scale")
+  pe = sub.add_parser("export", formatter_class=cli.ArgparseHelpFormatter)
+  pe.add_argument("--images", default=None, help="folder of HR images; default: the demo photographs")
+  pe.add_argument("--segmenter", default="felzenszwalb", choices=["felzenszwalb", "slic"], help="classical segmenter")
+  pe.add_argument("--workers", type=int, default=0, help="export worker processes")
+  pe.add_argument("--scale", type=int, default=4, help="super-resolution factor")
+  args = cli.parse_argparse(p, argv)
   with tempfile.TemporaryDirectory() as tmp:
     if args.what == "pipeline":
       files = args.files
@@ -110,7 +113,7 @@ def main(argv=None) -> None:
         from diffssr_jax.data import demo
         files = demo.build_demo_dataset(pathlib.Path(tmp) / "demo")["train_files"]
       res = bench_pipeline(files, args.batch_size, args.num_workers, args.steps, args.warmup, args.patch_size,
-                           args.read_threads, args.augment)
+                           args.read_threads, args.augment, args.scale)
     else:
       images_dir = args.images
       if images_dir is None:

@@ -8,7 +8,7 @@
 The network is the paper's (configs/base.py) unless `--config` names another config file; `--dtype` overrides
 `model.dtype` ("auto": bfloat16 on GPU/TPU, float32 on CPU). Params are random (speed does not depend on them)
 and inputs are random arrays already on the device: the numbers are the model's, without the data pipeline.
-Flags take underscores; the dashed spellings (--batch-size) are accepted too.
+Flags take underscores; the dashed spellings (--batch-size) are accepted too, as in every command.
 
 Every function is lowered and compiled once, explicitly, and the compiled executable is what gets timed, so a
 recompilation cannot hide inside the timings. Times are medians over `--repeats` calls after one warm-up call.
@@ -42,6 +42,8 @@ import resource
 import statistics
 import sys
 import time
+
+from diffssr_jax import cli  # noqa: E402  (numpy/absl only: --help stays fast)
 
 _DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "base.py"
 
@@ -292,42 +294,36 @@ def bench_sample(args) -> dict:
 
 
 # ----------------------------------------------------------------------------- CLI
-def _flag(p, name, **kw):
-  """--name_with_underscores, also accepted as --name-with-dashes."""
-  names = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-  p.add_argument(*names, **kw)
-
-
 def parse_args(argv=None):
-  fmt = argparse.ArgumentDefaultsHelpFormatter
+  fmt = cli.ArgparseHelpFormatter
   parser = argparse.ArgumentParser(prog="python -m diffssr_jax.benchmarks.model", description=__doc__.split("\n")[0],
                                    formatter_class=fmt)
   sub = parser.add_subparsers(dest="command", required=True)
 
   def common(p):
-    _flag(p, "config", default=None, help="config file with get_config() (default: configs/base.py)")
-    _flag(p, "dtype", default="config", choices=["config", "auto", "float32", "bfloat16"],
+    p.add_argument("--config", default=None, help="config file with get_config() (default: configs/base.py)")
+    p.add_argument("--dtype", default="config", choices=["config", "auto", "float32", "bfloat16"],
           help="compute dtype (config: the config's model.dtype)")
-    _flag(p, "repeats", type=int, default=5, help="timed calls after one warm-up call (median)")
-    _flag(p, "compilation_cache", default="auto",
+    p.add_argument("--repeats", type=int, default=5, help="timed calls after one warm-up call (median)")
+    p.add_argument("--compilation_cache", default="auto",
           help='persistent compilation cache folder; "auto": ~/.cache/diffssr_jax/xla; "": off (cold compiles)')
-    _flag(p, "remat", action="store_true", help="recompute activations in the backward pass (model.remat_*)")
+    p.add_argument("--remat", action="store_true", help="recompute activations in the backward pass (model.remat_*)")
 
   tr = sub.add_parser("train", help="one data-parallel optimizer step", formatter_class=fmt)
   common(tr)
-  _flag(tr, "batch_size", type=int, default=4, help="global batch (split over devices)")
-  _flag(tr, "patch_size", type=int, default=160, help="HR patch size")
-  _flag(tr, "grad_accum_steps", type=int, default=0, help="micro-batches per step (0: the config's)")
+  tr.add_argument("--batch_size", type=int, default=4, help="global batch (split over devices)")
+  tr.add_argument("--patch_size", type=int, default=160, help="HR patch size")
+  tr.add_argument("--grad_accum_steps", type=int, default=0, help="micro-batches per step (0: the config's)")
   sa = sub.add_parser("sample", help="reverse steps and whole sampling runs", formatter_class=fmt)
   common(sa)
-  _flag(sa, "size", type=parse_size, default=(256, 256), help="HR output size, SIZE or HxW (e.g. 1356x2040)")
-  _flag(sa, "batch_size", type=int, default=1, help="images per sampling run")
-  _flag(sa, "sampler", default="ddpm", choices=["ddpm", "ddim"], help="reverse process")
-  _flag(sa, "steps", type=int, default=None, help="reverse steps (ddpm: all T; ddim: default T)")
-  _flag(sa, "eta", type=float, default=0.0, help="DDIM eta")
-  _flag(sa, "runs", type=int, default=1,
+  sa.add_argument("--size", type=parse_size, default=(256, 256), help="HR output size, SIZE or HxW (e.g. 1356x2040)")
+  sa.add_argument("--batch_size", type=int, default=1, help="images per sampling run")
+  sa.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="reverse process")
+  sa.add_argument("--steps", type=int, default=None, help="reverse steps (ddpm: all T; ddim: default T)")
+  sa.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+  sa.add_argument("--runs", type=int, default=1,
         help="timed whole sampling runs after a warm-up run; 0 skips them (estimate from the parts)")
-  args = parser.parse_args(argv)
+  args = cli.parse_argparse(parser, argv)
   if args.repeats < 1:
     parser.error("--repeats must be at least 1")
   return args

@@ -34,54 +34,32 @@ from diffssr_jax.data import spe as spe_lib
 from diffssr_jax.data.source import TileSource, manifest_for
 from diffssr_jax.data.imresize import imresize
 
-_DEFAULTS = dict(
-    train_files=None,  # glob, folder of shards, file or list of those (required)
-    scale=4,  # super-resolution factor of the export
-    patch_size=160,  # HR patch side (a multiple of scale)
-    hflip=False,  # random horizontal flip (p = 0.5)
-    rot90=False,  # random rotation by k * 90 degrees, k uniform in 0..3
-    reduce_constant_spe=True,  # constant SPE patch -> zeros
-    lr_up_divisor=conventions.OFFICIAL_LR_UP_DIVISOR,  # lr_up = imresize(lr / divisor, scale)
-    shuffle=True,  # seeded global shuffle, new order each epoch
-    num_epochs=None,  # None: repeat forever
-    num_workers=4,  # grain worker processes (0: decode in the calling process)
-    prefetch_buffer=2,  # batches buffered per worker process
-    read_threads=2,  # threads per process reading/decoding elements
-    read_buffer=32,  # elements prefetched by those threads
-    verify_crc=True,  # check each record's CRC when reading it
-    with_metadata=False,  # add record_index and patch_yx to batches
-    check_manifest=True,  # compare scale with the export manifest next to the shards
-)
-
-
 def default_data_config():
-  """The data config with its defaults (an `ml_collections.ConfigDict`); set `train_files`."""
-  import ml_collections
-  return ml_collections.ConfigDict(dict(_DEFAULTS))
+  """The `data` section of configs/base.py, the single source of its defaults; set `train_files`."""
+  from configs import base
+  return base.get_config().data
 
 
-def _as_dict(data_cfg) -> dict:
-  if data_cfg is None:
-    d = {}
-  elif dataclasses.is_dataclass(data_cfg):
+def _as_dict(data_cfg, scale: int) -> dict:
+  """`data_cfg` (a ConfigDict, dataclass or dict, possibly partial) over the defaults; unknown fields are an
+  error naming them."""
+  defaults = default_data_config().to_dict()
+  if dataclasses.is_dataclass(data_cfg):
     d = dataclasses.asdict(data_cfg)
   elif hasattr(data_cfg, "to_dict"):
     d = data_cfg.to_dict()
   else:
-    d = dict(data_cfg)
-  unknown = set(d) - set(_DEFAULTS)
+    d = dict(data_cfg or {})
+  unknown = set(d) - set(defaults)
   if unknown:
-    raise ValueError(f"unknown data config fields {sorted(unknown)}; known: {sorted(_DEFAULTS)}")
-  cfg = {**_DEFAULTS, **d}
+    raise ValueError(f"unknown data config fields {sorted(unknown)}; known: {sorted(defaults)}")
+  cfg = {**defaults, **d, "scale": int(scale)}
   if not cfg["train_files"]:
     raise ValueError("data config: train_files is required (glob, folder or list of TFRecord shards)")
-  s, p = int(cfg["scale"]), int(cfg["patch_size"])
+  s, p = cfg["scale"], int(cfg["patch_size"])
   if s < 1 or p <= 0 or p % s:
     raise ValueError(f"patch_size {p} must be a positive multiple of scale {s}")
   return cfg
-
-
-normalize_uint8 = conventions.to_signed  # uint8 -> float32 (x/255 - 0.5)/0.5, as ToTensor + Normalize
 
 
 def random_patch_origin(h: int, w: int, patch: int, scale: int, rng: np.random.Generator) -> tuple[int, int]:
@@ -134,8 +112,8 @@ class TrainTransform:
     if self.reduce_constant_spe:
       spe = spe_lib.reduce_constant(spe)
     out = {
-        "hr": normalize_uint8(hr),
-        "lr": normalize_uint8(lr),
+        "hr": conventions.to_signed(hr),
+        "lr": conventions.to_signed(lr),
         "lr_up": conventions.make_lr_up(lr, self.scale, self.lr_up_divisor),
         "spe": np.ascontiguousarray(spe, dtype=np.float32)[:, :, None],
     }
@@ -167,11 +145,12 @@ def _ensure_absl_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
-def make_train_dataset(data_cfg, *, seed: int, batch_size: int, process_index: int = 0,
+def make_train_dataset(data_cfg, *, scale: int, seed: int, batch_size: int, process_index: int = 0,
                        process_count: int = 1):
-  """The grain IterDataset of training batches for this process (see module docstring)."""
+  """The grain IterDataset of training batches for this process (see module docstring). `data_cfg` is the
+  config's `data` section (or a partial dict of it); `scale` the model's."""
   import grain
-  cfg = _as_dict(data_cfg)
+  cfg = _as_dict(data_cfg, scale)
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
   if batch_size < 1:
@@ -181,7 +160,7 @@ def make_train_dataset(data_cfg, *, seed: int, batch_size: int, process_index: i
   ds = grain.MapDataset.source(src)
   if cfg["shuffle"]:
     ds = ds.shuffle(seed=seed)
-  ds = ds.repeat(cfg["num_epochs"])
+  ds = ds.repeat(int(cfg["num_epochs"]) or None)
   if process_count > 1:
     ds = ds[process_index::process_count]
   transform = TrainTransform(
@@ -199,12 +178,12 @@ def make_train_dataset(data_cfg, *, seed: int, batch_size: int, process_index: i
   return it
 
 
-def make_train_iterator(data_cfg, *, seed: int, batch_size: int, process_index: int = 0,
+def make_train_iterator(data_cfg, *, scale: int, seed: int, batch_size: int, process_index: int = 0,
                         process_count: int = 1):
   """A checkpointable iterator (`get_state()` / `set_state()`) over this process' training batches.
 
   `batch_size` is the per-process batch size; pass `jax.process_index()` / `jax.process_count()` on
   multi-host runs. See the module docstring for the batch layout and `default_data_config` for fields.
   """
-  return iter(make_train_dataset(data_cfg, seed=seed, batch_size=batch_size, process_index=process_index,
-                                 process_count=process_count))
+  return iter(make_train_dataset(data_cfg, scale=scale, seed=seed, batch_size=batch_size,
+                                 process_index=process_index, process_count=process_count))

@@ -120,10 +120,10 @@ def schedule_from_config(diffusion_cfg) -> Schedule:
   beta_start, beta_end."""
   kind = diffusion_cfg.beta_schedule
   if kind == "cosine":
-    betas = cosine_betas(diffusion_cfg.timesteps, s=diffusion_cfg.get("beta_s", 0.008))
+    betas = cosine_betas(diffusion_cfg.timesteps, s=diffusion_cfg.beta_s)
   elif kind == "linear":
-    betas = linear_betas(diffusion_cfg.timesteps, diffusion_cfg.get("beta_start", 1e-4),
-                         diffusion_cfg.get("beta_end", 0.02))
+    betas = linear_betas(diffusion_cfg.timesteps, diffusion_cfg.beta_start,
+                         diffusion_cfg.beta_end)
   else:
     raise ValueError(f"unknown beta_schedule {kind!r} (expected 'cosine' or 'linear')")
   return make_schedule(betas)

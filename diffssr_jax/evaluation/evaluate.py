@@ -44,7 +44,8 @@ from diffssr_jax import conventions, fileio, images
 from diffssr_jax.evaluation import results
 from diffssr_jax.data.eval_sources import EvalImage, EvalSourceError, PairedFolders, open_eval_source
 from diffssr_jax.data.imresize import imresize
-from diffssr_jax.evaluation.metrics import signed_to_uint8, sr_metrics
+from diffssr_jax.conventions import signed_to_uint8
+from diffssr_jax.evaluation.metrics import sr_metrics
 
 TABLE_METRICS = ("psnr_y", "ssim_y", "lpips", "fid")
 METHODS = ("bicubic", "rrdb", "diffusion")  # also the order of the table's rows

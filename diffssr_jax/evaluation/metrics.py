@@ -18,7 +18,7 @@ import math
 import numpy as np
 from scipy import ndimage
 
-from diffssr_jax.conventions import signed_to_uint8  # noqa: F401  (the official [-1, 1] -> uint8; re-exported)
+from diffssr_jax.conventions import signed_to_uint8
 
 # ITU-R BT.601 luma for studio-swing output, as MATLAB's rgb2ycbcr: Y = 16 + (65.481 R + 128.553 G + 24.966 B)
 # with R, G, B in [0, 1]; Y spans [16, 235].

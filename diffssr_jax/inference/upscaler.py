@@ -37,7 +37,6 @@ import numpy as np
 
 from diffssr_jax import conventions, images
 from diffssr_jax.cli import UserError
-from diffssr_jax.conventions import GREY_MODES, signed_to_uint8, signed_to_uint16  # noqa: F401  (re-exported)
 from diffssr_jax.diffusion import sampling
 from diffssr_jax.data.imresize import imresize
 from diffssr_jax.diffusion.model import SRDiffusion
@@ -46,9 +45,6 @@ from diffssr_jax.inference.tiling import upscale_tiled
 log = logging.getLogger(__name__)
 
 MODES = ("diffusion", "rrdb")
-DEFAULT_SAMPLER = conventions.DEFAULT_SAMPLER
-DEFAULT_DDIM_STEPS = conventions.DEFAULT_DDIM_STEPS
-DEFAULT_LR_UP_DIVISOR = conventions.OFFICIAL_LR_UP_DIVISOR
 
 
 class ModelLoadError(UserError, ValueError):
@@ -105,7 +101,6 @@ def _maxval(dtype) -> float:
   return conventions.white_level(dtype)
 
 
-lr_signed = conventions.to_signed  # LR pixels -> the network's [-1, 1] input (float32, as ToTensor + Normalize)
 
 
 def latest_step(workdir) -> int:
@@ -169,7 +164,7 @@ def _saved_steps(workdir) -> list[int]:
 class Upscaler:
   """A model, its params and a sampler setting, ready to super-resolve images of any size."""
 
-  def __init__(self, model: SRDiffusion, params, *, config=None, sampler: str = DEFAULT_SAMPLER,
+  def __init__(self, model: SRDiffusion, params, *, config=None, sampler: str = conventions.DEFAULT_SAMPLER,
                steps: int | None = None, eta: float = conventions.DEFAULT_ETA, mode: str = "diffusion",
                lr_up_divisor: float | None = None, multiple: int | None = None, step: int | None = None,
                source: str | None = None):
@@ -180,15 +175,14 @@ class Upscaler:
     if mode not in MODES:
       raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if sampler == "ddim" and steps is None:
-      steps = min(DEFAULT_DDIM_STEPS, model.num_timesteps)
+      steps = min(conventions.DEFAULT_DDIM_STEPS, model.num_timesteps)
     if sampler == "ddpm" and steps == model.num_timesteps:
       steps = None
     sampling.timesteps_for(model, sampler, steps)  # validates sampler and steps now, not at the first image
     self.model, self.params, self.config = model, params, config
     self.sampler, self.steps, self.eta, self.mode = sampler, steps, float(eta), mode
     if lr_up_divisor is None:
-      data = config.get("data", None) if config is not None else None
-      lr_up_divisor = (data.get("lr_up_divisor", None) if data is not None else None) or DEFAULT_LR_UP_DIVISOR
+      lr_up_divisor = config.data.lr_up_divisor if config is not None else conventions.OFFICIAL_LR_UP_DIVISOR
     self.lr_up_divisor = float(lr_up_divisor)
     self.step, self.source = step, source
     hr_mult = (multiple or hr_multiple(model)) if mode == "diffusion" else 1
@@ -200,7 +194,7 @@ class Upscaler:
     self._fn = _make_batch_fn(model, mode, *setting)
 
   @classmethod
-  def load(cls, workdir=None, checkpoint=None, step: int | None = None, sampler: str = DEFAULT_SAMPLER,
+  def load(cls, workdir=None, checkpoint=None, step: int | None = None, sampler: str = conventions.DEFAULT_SAMPLER,
            steps: int | None = None, eta: float = conventions.DEFAULT_ETA, use_ema: bool = True,
            mode: str = "diffusion", config=None, lr_up_divisor: float | None = None) -> "Upscaler":
     """From a training workdir (latest or `step` checkpoint) or an official PyTorch `.ckpt`. The checkpoint's
@@ -262,7 +256,7 @@ class Upscaler:
 
   # ------------------------------------------------------------------ batches
   def lr_up_batch(self, lr_batch: np.ndarray) -> np.ndarray:
-    """The bicubic-upscaled conditions (N, h*s, w*s, 3) in [-1, 1] space of an LR batch (see `lr_signed`)."""
+    """The bicubic-upscaled conditions (N, h*s, w*s, 3) in [-1, 1] space of an LR batch (see `conventions.to_signed`)."""
     lr_batch = np.asarray(lr_batch)
     maxval = conventions.white_level(lr_batch.dtype)
     v8 = lr_batch if maxval == 255.0 else lr_batch.astype(np.float64) * (255.0 / maxval)
@@ -285,7 +279,7 @@ class Upscaler:
       raise ValueError(f"expected an (N, h, w, 3) LR batch, got shape {lr_batch.shape}")
     n, h, w, _ = lr_batch.shape
     s = self.scale
-    lr = lr_signed(lr_batch)
+    lr = conventions.to_signed(lr_batch)
     if self.mode == "rrdb":
       lr_up = np.zeros((n, h * s, w * s, 0), np.float32)  # unused by the RRDB: skip the bicubic
     elif lr_up is None:
@@ -357,7 +351,7 @@ class Upscaler:
     return to_int(sr)
 
 
-def load_model(workdir=None, checkpoint=None, step: int | None = None, sampler: str = DEFAULT_SAMPLER,
+def load_model(workdir=None, checkpoint=None, step: int | None = None, sampler: str = conventions.DEFAULT_SAMPLER,
                steps: int | None = None, eta: float = conventions.DEFAULT_ETA, use_ema: bool = True,
                mode: str = "diffusion") -> Upscaler:
   """`Upscaler.load` under a function name."""

@@ -236,15 +236,9 @@ def _mesh_and_batch(config):
 
 
 def _data_iterator(config, per_process_batch):
-  data_cfg = pipeline.default_data_config()
-  data_cfg.update({k: v for k, v in config.data.items() if k in data_cfg})
-  data_cfg.scale = config.model.scale
-  return pipeline.make_train_iterator(data_cfg, seed=config.seed, batch_size=per_process_batch,
-                                      process_index=jax.process_index(), process_count=jax.process_count())
-
-
-def _lr_up_divisor(config):
-  return float(config.data.get("lr_up_divisor", 256.0))
+  return pipeline.make_train_iterator(config.data, scale=config.model.scale, seed=config.seed,
+                                      batch_size=per_process_batch, process_index=jax.process_index(),
+                                      process_count=jax.process_count())
 
 
 def _restore_or_start(state, config, workdir, mesh):
@@ -297,7 +291,8 @@ def train_rrdb(config, workdir, stop_after=None):
 def _validation_images(config):
   if not config.eval.get("hr_dir"):
     return []
-  return validate.load_validation_images(config.eval, config.model.scale, _lr_up_divisor(config))
+  return validate.load_validation_images(config.eval, config.model.scale, config.data.lr_up_divisor,
+                                        unet_levels=len(config.model.unet_dim_mults))
 
 
 def _rrdb_params(config, workdir, stop_after=None):

@@ -43,12 +43,12 @@ class TrainState:
 def learning_rate_schedule(optim_cfg, total_steps: int):
   """'step': lr * 0.5 ** floor(step / decay_steps) (the official StepLR); 'cosine': cosine decay to
   lr * min_lr_ratio over total_steps; 'constant'."""
-  kind = optim_cfg.get("schedule", "step")
+  kind = optim_cfg.schedule
   lr = optim_cfg.lr
   if kind == "step":
-    return optax.exponential_decay(lr, optim_cfg.decay_steps, optim_cfg.get("decay_rate", 0.5), staircase=True)
+    return optax.exponential_decay(lr, optim_cfg.decay_steps, optim_cfg.decay_rate, staircase=True)
   if kind == "cosine":
-    return optax.cosine_decay_schedule(lr, max(1, total_steps), alpha=optim_cfg.get("min_lr_ratio", 0.0))
+    return optax.cosine_decay_schedule(lr, max(1, total_steps), alpha=optim_cfg.min_lr_ratio)
   if kind == "constant":
     return optax.constant_schedule(lr)
   raise ValueError(f"unknown optim.schedule {kind!r} (expected step, cosine or constant)")
@@ -57,10 +57,10 @@ def learning_rate_schedule(optim_cfg, total_steps: int):
 def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
   """Adam (torch defaults b1 .9, b2 .999, eps 1e-8) after global-norm clipping, as the official trainer."""
   parts = []
-  if optim_cfg.get("grad_clip", 0) > 0:
+  if optim_cfg.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(optim_cfg.grad_clip))
   parts.append(optax.adam(learning_rate_schedule(optim_cfg, total_steps),
-                          b1=optim_cfg.get("b1", 0.9), b2=optim_cfg.get("b2", 0.999), eps=optim_cfg.get("eps", 1e-8)))
+                          b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps))
   return optax.chain(*parts)
 
 

@@ -18,15 +18,8 @@ from diffssr_jax.evaluation import metrics
 from diffssr_jax.data.eval_sources import EvalImage, open_eval_source
 from diffssr_jax.data.imresize import imresize
 
-PAPER_UNET_LEVELS = 4  # dim_mults (1, 2, 3, 4); pass the config's len(model.unet_dim_mults) for others
-UNET_MULTIPLE = conventions.unet_multiple(PAPER_UNET_LEVELS)
-
-to_uint8 = conventions.signed_to_uint8  # [-1, 1] float -> uint8, the official rounding
-normalise = conventions.to_signed  # uint8 -> [-1, 1] float32
-
-
 def centre_crop(img: EvalImage, crop: int | None, scale: int, divisor: float,
-                unet_levels: int = PAPER_UNET_LEVELS) -> EvalImage:
+                unet_levels: int) -> EvalImage:
   """Crops HR to at most `crop` pixels per side (a multiple of the U-Net's multiple and of the scale), LR to
   match."""
   h, w = img.hr.shape[:2]
@@ -43,11 +36,11 @@ def centre_crop(img: EvalImage, crop: int | None, scale: int, divisor: float,
   return EvalImage(img.name, hr, lr, conventions.make_lr_up(lr, scale, divisor))
 
 
-def load_validation_images(eval_cfg, scale: int, lr_up_divisor: float = conventions.OFFICIAL_LR_UP_DIVISOR,
-                           unet_levels: int = PAPER_UNET_LEVELS) -> list[EvalImage]:
-  src = open_eval_source(eval_cfg.hr_dir, eval_cfg.get("lr_dir") or None, scale=scale, lr_up_divisor=lr_up_divisor)
-  n = min(len(src), eval_cfg.get("max_images", len(src)) or len(src))
-  return [centre_crop(src[i], eval_cfg.get("crop_size"), scale, lr_up_divisor, unet_levels) for i in range(n)]
+def load_validation_images(eval_cfg, scale: int, lr_up_divisor: float, unet_levels: int) -> list[EvalImage]:
+  """The config's `eval` section's held-out images (max_images of them, 0 = all), centre-cropped."""
+  src = open_eval_source(eval_cfg.hr_dir, eval_cfg.lr_dir or None, scale=scale, lr_up_divisor=lr_up_divisor)
+  n = min(len(src), eval_cfg.max_images or len(src))
+  return [centre_crop(src[i], eval_cfg.crop_size, scale, lr_up_divisor, unet_levels) for i in range(n)]
 
 
 def _batches(items, size):
@@ -68,7 +61,7 @@ def run_validation(val_images, scale: int, *, sr_fn=None, rrdb_fn=None, batch_si
   for chunk in _batches(val_images, batch_size):
     pad = batch_size - len(chunk)
     full = chunk + [chunk[-1]] * pad
-    lr = np.stack([normalise(im.lr) for im in full])
+    lr = np.stack([conventions.to_signed(im.lr) for im in full])
     lr_up = np.stack([im.lr_up for im in full])
     sr = rr = None
     if sr_fn is not None:
@@ -78,9 +71,9 @@ def run_validation(val_images, scale: int, *, sr_fn=None, rrdb_fn=None, batch_si
     for i, im in enumerate(chunk):
       outs = {"bicubic": imresize(im.lr, scale)}
       if rr is not None:
-        outs["rrdb"] = to_uint8(rr[i])
+        outs["rrdb"] = conventions.signed_to_uint8(rr[i])
       if sr is not None:
-        outs["diffusion"] = to_uint8(sr[i])
+        outs["diffusion"] = conventions.signed_to_uint8(sr[i])
       for name, out in outs.items():
         rows[name].append({"psnr_y": metrics.psnr_y(out, im.hr, crop), "ssim_y": metrics.ssim_y(out, im.hr, crop),
                            "psnr_rgb": metrics.psnr_rgb(out, im.hr, crop)})
