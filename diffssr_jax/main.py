@@ -14,6 +14,9 @@ from ml_collections import config_flags  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and summary.json.")
 config_flags.DEFINE_config_file("config", None, "Training configuration file (configs/*.py).", lock_config=True)
+flags.DEFINE_bool("allow_config_change", False, "Resume a workdir whose config.json differs in safe settings only "
+                  "(steps, learning rate, intervals, data paths; see diffssr_jax/training/workdir.py). Model, "
+                  "diffusion and data-layout settings can never change in a workdir.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -23,8 +26,13 @@ def main(argv):
   # Our progress at INFO; libraries (orbax logs every file it writes) at WARNING.
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger("diffssr_jax").setLevel(logging.INFO)
-  from diffssr_jax.training import train  # after flag parsing: keeps --help fast
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  from diffssr_jax.training import checkpointing, train, workdir  # after flag parsing: keeps --help fast
+  refusals = (workdir.ConfigMismatchError, checkpointing.CheckpointMismatchError,
+              checkpointing.UnverifiedCheckpointError)
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
+  except refusals as e:  # the workdir is protected, nothing crashed: the message without a traceback
+    raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

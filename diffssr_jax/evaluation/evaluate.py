@@ -334,13 +334,11 @@ def evaluate_all(upscaler, datasets: Mapping[str, str], root, *, step_tag: str |
 
 
 def latest_step(workdir) -> int:
-  """The newest finished checkpoint step under WORKDIR/checkpoints (orbax's temporary folders are not
-  numbers, so an unfinished save is never picked)."""
-  directory = pathlib.Path(workdir) / "checkpoints"
-  steps = [int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()] if directory.is_dir() else []
-  if not steps:
-    raise FileNotFoundError(f"{directory}: no checkpoints (is {workdir} a training workdir?)")
-  return max(steps)
+  """The newest checkpoint step under WORKDIR/checkpoints that verifies (its files match their checksums,
+  it restores and its arrays are finite; training.checkpointing): a damaged step is skipped with one
+  warning line, as resuming and upscaling do. Its weights are restored again by the Upscaler."""
+  from diffssr_jax.training import checkpointing
+  return checkpointing.latest_verified_step(workdir)
 
 
 # ---------------------------------------------------------------- CLI
