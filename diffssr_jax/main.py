@@ -17,6 +17,9 @@ from diffssr_jax import cli  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and summary.json.")
 config_flags.DEFINE_config_file("config", None, "Training configuration file (configs/*.py).", lock_config=True)
+flags.DEFINE_bool("allow_config_change", False, "Resume a workdir whose config.json differs in safe settings only "
+                  "(steps, learning rate, intervals, data paths; see diffssr_jax/training/workdir.py). Model, "
+                  "diffusion and data-layout settings can never change in a workdir.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -26,8 +29,13 @@ def main(argv):
   # Our progress at INFO; libraries (orbax logs every file it writes) quiet unless --verbosity is given (absl's
   # own flag, whose unset default absl turns into 0 after parsing; cli.setup_logging gives 0 our meaning).
   cli.setup_logging(FLAGS.verbosity if FLAGS["verbosity"].present else 0)
-  from diffssr_jax.training import train  # after flag parsing: keeps --help fast
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  from diffssr_jax.training import checkpointing, train, workdir  # after flag parsing: keeps --help fast
+  refusals = (workdir.ConfigMismatchError, checkpointing.CheckpointMismatchError,
+              checkpointing.UnverifiedCheckpointError)
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
+  except refusals as e:  # the workdir is protected, nothing crashed: the message without a traceback
+    raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The training job: exact resume after a kill, SIGTERM save, corrupt checkpoints, NaN stop, RRDB loading."""
 import json
+import logging
 import os
 import pathlib
 import signal
@@ -102,7 +103,7 @@ def _tiny_state(cfg):
   return model, tx, train_step.create_train_state(model, params, tx, seed=0)
 
 
-def test_corrupt_checkpoint_is_skipped_not_deleted(tmp_path):
+def test_corrupt_checkpoint_is_skipped_not_deleted(tmp_path, caplog):
   from helpers import tiny_config
   cfg = tiny_config()
   _, _, state = _tiny_state(cfg)
@@ -119,9 +120,11 @@ def test_corrupt_checkpoint_is_skipped_not_deleted(tmp_path):
       damaged += 1
   assert damaged
   ck = checkpointing.Checkpointer(tmp_path, keep=5, use_async=False)
-  with pytest.warns(UserWarning, match="could not be restored"):
-    restored, data_state, meta = ck.restore_latest(state)
+  caplog.set_level(logging.WARNING)
+  restored, data_state, meta = ck.restore_latest(state)
   assert meta["step"] == 2 and data_state == {"pos": 2} and int(restored.step) == 0
+  (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+  assert "checkpoints/4" in warning and "skipping" in warning
   assert (tmp_path / "checkpoints" / "4").is_dir(), "the damaged checkpoint is kept for inspection"
   ck.close()
 
@@ -152,6 +155,40 @@ def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path, s
                    num_steps=6, lr_schedule=train_step.learning_rate_schedule(cfg.optim, 6), checkpointer=ck)
   ck.close()
   assert sorted(int(d.name) for d in (tmp_path / "checkpoints").iterdir()) == [2]
+
+
+def test_nan_after_an_unverified_restore_names_the_checkpoint(tmp_path, shards, monkeypatch):
+  """A checkpoint without manifest (older code) accepted through the trust variable, whose weights were
+  damaged into huge finite values (flipped bytes gave 2.3e38), passes the finite check but makes the loss
+  non-finite right after the restore; the error points at the checkpoint, not at the learning rate."""
+  import orbax.checkpoint as ocp
+  from helpers import tiny_config
+  cfg = tiny_config()
+  cfg.train.checkpoint_every = 100
+  cfg.train.log_every = 1
+  cfg.train.keep_checkpoints = 5
+  model, tx, state = _tiny_state(cfg)
+  mesh = train_step.make_mesh(jax.devices()[:1])
+  damaged = state.replace(step=jnp.int32(2), params=jax.tree.map(lambda x: jnp.full_like(x, 2.3e38), state.params))
+  m = ocp.CheckpointManager((tmp_path / "checkpoints").absolute())  # as the code before manifests wrote it
+  m.save(2, args=checkpointing.Checkpointer._args(checkpointing._state_to_tree(damaged), None, {"step": 2}))
+  m.wait_until_finished()
+  m.close()
+  monkeypatch.setenv(checkpointing.TRUST_ENV, "1")
+  restored, _, ck = train._restore_or_start(state, cfg, tmp_path, mesh)
+  assert int(restored.step) == 2
+  from diffssr_jax.data import pipeline
+  dc = pipeline.default_data_config()
+  dc.update({"train_files": str(shards / "shards"), "patch_size": 16, "num_workers": 0})
+  it = pipeline.make_train_iterator(dc, scale=4, seed=0, batch_size=2)
+  with pytest.raises(train.NonFiniteLossError) as e:
+    train.run_loop(workdir=tmp_path, state=restored, step_fn=train_step.make_train_step(model, tx, mesh),
+                   data_iter=it, mesh=mesh, train_cfg=cfg.train, num_steps=8,
+                   lr_schedule=train_step.learning_rate_schedule(cfg.optim, 8), checkpointer=ck)
+  ck.close()
+  msg = str(e.value)
+  assert "resumed at step 2" in msg and "damaged checkpoint" in msg and checkpointing.TRUST_ENV in msg
+  assert "lower the learning rate" not in msg
 
 
 def test_rrdb_weights_load_from_workdir_and_official_checkpoint(tmp_path):

@@ -103,17 +103,6 @@ def _maxval(dtype) -> float:
 
 
 
-def latest_step(workdir) -> int:
-  """The newest finished checkpoint step under WORKDIR/checkpoints (orbax's temporary folders are not
-  numbers, so an unfinished save is never picked)."""
-  workdir = pathlib.Path(workdir)
-  directory = workdir / "checkpoints"
-  steps = [int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()] if directory.is_dir() else []
-  if not steps:
-    raise ModelLoadError(f"{directory}: no checkpoints (is {workdir} a training workdir that has saved one?)")
-  return max(steps)
-
-
 def step_from_checkpoint_name(path) -> int | None:
   """The training step in an official checkpoint's file name (`model_ckpt_steps_400000.ckpt`), or None."""
   m = re.search(r"steps?_(\d+)", pathlib.Path(path).stem)
@@ -210,24 +199,29 @@ class Upscaler:
         raise ModelLoadError(f"{workdir}: no such folder (a training workdir holds config.json and checkpoints/)")
       if not (workdir / "config.json").is_file():
         raise ModelLoadError(f"{workdir}: no config.json (is it a training workdir?)")
-      if step is None:
-        step = latest_step(workdir)  # named explicitly, so the step reported is the step loaded
-      elif step not in _saved_steps(workdir):
+      if step is not None and step not in _saved_steps(workdir):
         raise ModelLoadError(f"{workdir}: no checkpoint for step {step} (saved steps: {_saved_steps(workdir)})")
-      where, hint = workdir / "checkpoints" / str(step), f" (saved steps: {_saved_steps(workdir)})"
-      load_step = step
+      if not _saved_steps(workdir):
+        raise ModelLoadError(f"{workdir / 'checkpoints'}: no checkpoints (is {workdir} a training workdir that has "
+                             "saved one?)")
+      # No step: the newest verified one (damaged steps are skipped with a warning); the step loaded is reported.
+      where = workdir / "checkpoints" / (str(step) if step is not None else "")
+      hint, load_step = f" (saved steps: {_saved_steps(workdir)})", step
     else:
       where, hint, load_step = pathlib.Path(checkpoint), "", None
       if not where.is_file():
         raise ModelLoadError(f"{where}: no such file (--checkpoint takes an official SAM-DiffSR .ckpt)")
       step = step_from_checkpoint_name(where)
     try:
-      config, model, params = load_for_inference(workdir=workdir, checkpoint=checkpoint, step=load_step,
-                                                 use_ema=use_ema, config=config)
+      config, model, params, loaded = load_for_inference(workdir=workdir, checkpoint=checkpoint, step=load_step,
+                                                         use_ema=use_ema, config=config)
     except Exception as e:  # noqa: BLE001  (any failure to read the weights is the user's file: say which)
       detail = " ".join(str(e).split()).removeprefix(f"{where}: ")
       detail = detail if len(detail) <= 300 else detail[:297].rsplit(" ", 1)[0] + " ..."
       raise ModelLoadError(f"{where}: cannot load the model ({type(e).__name__}: {detail}){hint}") from e
+    if workdir is not None:
+      step = loaded
+      where = workdir / "checkpoints" / str(step)
     log.debug("model: %s (step %s)", where, "unknown" if step is None else step)
     return cls(model, params, config=config, sampler=sampler, steps=steps, eta=eta, mode=mode,
                lr_up_divisor=lr_up_divisor, step=step, source=str(where))

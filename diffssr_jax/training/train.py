@@ -22,6 +22,7 @@ import tqdm
 
 from diffssr_jax import compilation_cache, fileio
 from diffssr_jax.training import checkpointing, train_step, validate
+from diffssr_jax.training import workdir as workdir_lib
 from diffssr_jax.diffusion import sampling
 from diffssr_jax.data import pipeline
 from diffssr_jax.diffusion.model import build_model, compute_dtype
@@ -33,6 +34,10 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(FloatingPointError):
   pass
+
+
+# The checkpoint this process last resumed from (set by _restore_or_start), for _check_finite's message.
+_RESUMED_FROM: dict = {}
 
 
 # ----------------------------------------------------------------------------- input
@@ -130,13 +135,24 @@ def preemption_guard():
 
 # ----------------------------------------------------------------------------- the loop
 def _check_finite(history, first_step):
-  """Raises NonFiniteLossError naming the first step whose loss is NaN or infinite."""
+  """Raises NonFiniteLossError naming the first step whose loss is NaN or infinite (and, when this process
+  resumed from a checkpoint, which one and whether its bytes were verified)."""
   losses = np.asarray(jax.device_get([m["loss"] for m in history]))
   bad = np.nonzero(~np.isfinite(losses))[0]
   if bad.size:
     step = first_step + int(bad[0]) + 1
-    raise NonFiniteLossError(f"loss is {losses[bad[0]]} at step {step}: stopping; the last good checkpoint is "
-                             "kept (lower the learning rate or check the data)")
+    msg = f"loss is {losses[bad[0]]} at step {step}: stopping; the last good checkpoint is kept"
+    resumed = _RESUMED_FROM.get("step")
+    if resumed is not None and not _RESUMED_FROM["verified"]:
+      msg += (f". This run resumed at step {resumed} from {_RESUMED_FROM['path']}, which had no checksum "
+              f"manifest (accepted through {checkpointing.TRUST_ENV}): a NaN {step - resumed} step(s) after "
+              "such a restore points to a damaged checkpoint; move that folder aside and run again to resume "
+              "from the previous step")
+    else:
+      if resumed is not None:
+        msg += f" (resumed at step {resumed} from {_RESUMED_FROM['path']}, whose checksums matched)"
+      msg += " (lower the learning rate or check the data)"
+    raise NonFiniteLossError(msg)
 
 
 def run_loop(*, workdir, state, step_fn, data_iter, mesh, train_cfg, num_steps, lr_schedule, evaluate_fn=None,
@@ -242,14 +258,20 @@ def _data_iterator(config, per_process_batch):
 
 
 def _restore_or_start(state, config, workdir, mesh):
-  """(state, data iterator state, checkpointer): the newest restorable checkpoint of the workdir, or the
-  fresh `state`; replicated over the mesh either way."""
+  """(state, data iterator state, checkpointer): the newest verified checkpoint of the workdir (damaged
+  steps skipped, see checkpointing), or the fresh `state`; replicated over the mesh either way."""
   ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   restored = ckpt.restore_latest(state)
   data_state = None
+  _RESUMED_FROM.clear()
   if restored is not None:
     state, data_state, meta = restored
+    _RESUMED_FROM.update(step=int(meta["step"]), verified=ckpt.restored.verified,
+                         path=str(ckpt.last.directory / str(ckpt.restored.step)))
     log.info("resuming %s from step %d", workdir, int(meta["step"]))
+  elif ckpt.last.all_steps():
+    log.warning("%s: no checkpoint could be verified; starting from step 0 (the damaged steps stay on disk and "
+                "are moved aside when their step is saved again)", ckpt.last.directory)
   return train_step.replicate(state, mesh), data_state, ckpt
 
 
@@ -376,13 +398,22 @@ def write_summary(workdir, summary: dict, step: int, config) -> pathlib.Path:
   return path
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
-  """Runs the configured task in `workdir` (resuming from its latest checkpoint)."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False):
+  """Runs the configured task in `workdir` (resuming from its latest verified checkpoint).
+
+  A workdir whose checkpoints were made with other settings is refused before anything is written
+  (workdir.check_config); `allow_config_change` lets the safe ones (steps, learning rate, intervals, ...)
+  differ.
+  """
   compilation_cache.enable(config.compilation_cache)
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   if config.get("distributed", False):
     jax.distributed.initialize()
+  allowed = workdir_lib.check_config(config, workdir, allow_config_change=allow_config_change)
+  if allowed:
+    log.warning("%s: continuing with changed settings (--allow_config_change): %s", workdir,
+                ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in allowed.items()))
+  workdir.mkdir(parents=True, exist_ok=True)
   if config.data.get("demo_dir"):
     from diffssr_jax.data.demo import build_demo_dataset
     build_demo_dataset(config.data.demo_dir, scale=config.model.scale)

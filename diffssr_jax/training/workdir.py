@@ -1,0 +1,136 @@
+"""One workdir, one model: the check run before training writes anything into a workdir.
+
+A workdir's checkpoints only make sense with the config that made them. Restarting with a config that
+builds another model used to fail the restore, train from step 0, rewrite config.json and let checkpoint
+retention delete the good steps; `check_config` refuses such a start before anything is written.
+
+Settings are compared with WORKDIR/config.json (flattened to dotted keys) and fall in two groups:
+
+* Identity settings, never changeable in a workdir (a new workdir is the way):
+  - `task`, `model.*`: the networks and the scale; the checkpoint's arrays have their shapes;
+  - `diffusion.*`: schedule, timesteps, modulation and loss define what the U-Net predicts;
+  - `data.patch_size`, `data.scale`, `data.lr_up_divisor`, `data.reduce_constant_spe`: the layout of the
+    training inputs and targets the model has learnt (patch size, LR/lr_up and SPE definitions);
+  - `optim.train_rrdb`, `train.rrdb_checkpoint`, `rrdb_pretrain.*`: which encoder the U-Net is trained on
+    and whether it is part of the trained parameters (the checkpoint layout changes with it);
+  - `optim.ema_decay` and `optim.grad_clip` switched between 0 and non-zero: the optimizer/EMA state in
+    the checkpoint changes structure (other values of them are safe);
+  - any other key not named below (default deny: an unknown setting is treated as identity).
+* Safe settings, changeable with `allow_config_change` (`--allow_config_change`): they change how
+  training proceeds, not what is trained: `seed`, `distributed`, `train.*` (steps, batch size, log /
+  eval / checkpoint intervals, retention), `optim.*` (learning rate and schedule, Adam settings,
+  clipping and EMA values), `eval.*` (validation), and the data source and augmentation
+  (`data.train_files`, `data.demo_dir`, `data.hflip`, `data.rot90`, shuffling and reader settings).
+
+Without the flag any difference is refused; with it only safe ones may differ, and config.json then
+records the new config (the old one is kept as config.<time>.json, see checkpointing.save_config).
+A key present in only one of the two (a setting added to or removed from the code since the run started)
+counts as a safe difference: refused without the flag, so it is seen, but never locking a workdir out of
+newer code.
+A workdir without any checkpoint has nothing to protect: its config.json is replaced (and kept).
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+
+IDENTITY_KEYS = ("optim.train_rrdb", "train.rrdb_checkpoint")
+SAFE_PREFIXES = ("train.", "optim.", "eval.")
+SAFE_KEYS = frozenset({
+    "seed", "distributed", "data.train_files", "data.demo_dir", "data.hflip", "data.rot90", "data.shuffle",
+    "data.num_epochs", "data.num_workers", "data.prefetch_buffer", "data.read_threads", "data.read_buffer",
+    "data.verify_crc", "data.check_manifest"})
+# Safe as values, but 0 <-> non-zero changes the structure of the train state in the checkpoints.
+ON_OFF_KEYS = ("optim.ema_decay", "optim.grad_clip")
+_MISSING = "<absent>"
+
+
+class ConfigMismatchError(ValueError):
+  """The config given differs from the one the workdir's checkpoints were made with."""
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+  """{"a": {"b": 1}} -> {"a.b": 1} (lists and tuples are leaves)."""
+  out = {}
+  for k, v in tree.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(flatten(v, key + "."))
+    else:
+      out[key] = v
+  return out
+
+
+def is_safe(key: str, before, after) -> bool:
+  """Whether `key` may change from `before` to `after` in a workdir that holds checkpoints."""
+  if _MISSING in (before, after):
+    return True
+  if key in IDENTITY_KEYS:
+    return False
+  if key in ON_OFF_KEYS:
+    on = [v not in (None, _MISSING) and float(v) > 0 for v in (before, after)]
+    return on[0] == on[1]
+  return key in SAFE_KEYS or key.startswith(SAFE_PREFIXES)
+
+
+def has_checkpoints(workdir) -> bool:
+  """Whether anything in the workdir looks like a checkpoint step (finished, damaged or in progress),
+  including the RRDB pre-training stage's (WORKDIR/rrdb/)."""
+  workdir = pathlib.Path(workdir)
+  for sub in ("checkpoints", "best", "rrdb/checkpoints", "rrdb/best"):
+    d = workdir / sub
+    if d.is_dir() and any(p.name[:1].isdigit() for p in d.iterdir()):
+      return True
+  return False
+
+
+def config_differences(saved: dict, config: dict) -> dict:
+  """{key: (saved value, new value)} for every dotted key whose values differ (absent counts)."""
+  a, b = flatten(saved), flatten(config)
+  return {k: (a.get(k, _MISSING), b.get(k, _MISSING)) for k in sorted(set(a) | set(b))
+          if a.get(k, _MISSING) != b.get(k, _MISSING)}
+
+
+def check_config(config, workdir, allow_config_change: bool = False) -> dict:
+  """Refuses (ConfigMismatchError) to train `config` in a workdir whose checkpoints were made with other
+  settings; returns the differences let through by `allow_config_change` (empty when the configs are equal
+  or the workdir holds no checkpoint).
+
+  Reads only: config.json is written afterwards by the training job (checkpointing.save_config keeps the
+  previous version).
+  """
+  workdir = pathlib.Path(workdir)
+  path = workdir / "config.json"
+  protected = has_checkpoints(workdir)
+  if not path.is_file():
+    if protected:
+      raise ConfigMismatchError(
+          f"{workdir} holds checkpoints but no config.json, so there is no telling which model they belong "
+          "to; put the run's config.json back or train in a new --workdir")
+    return {}
+  try:
+    saved = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    if protected:
+      raise ConfigMismatchError(f"{path} is not valid JSON ({e}); put the run's config.json back or train in "
+                                "a new --workdir") from None
+    return {}
+  diff = config_differences(saved, json.loads(config.to_json()))
+  if not diff or not protected:
+    return {}
+  identity = {k: v for k, v in diff.items() if not is_safe(k, *v)}
+  shown = identity if allow_config_change else diff
+  lines = [f"  {k}: {a!r} in {path.name}, {b!r} now{'' if k not in identity else '  (changes the model)'}"
+           for k, (a, b) in shown.items()]
+  if identity:
+    raise ConfigMismatchError(
+        f"{workdir} holds checkpoints of another model; refusing to train there (nothing was written):\n"
+        + "\n".join(lines) + "\nTrain this config in a new --workdir. Model, diffusion and data-layout settings "
+        "can never change within a workdir (not even with --allow_config_change).")
+  if not allow_config_change:
+    raise ConfigMismatchError(
+        f"{workdir} holds checkpoints made with other settings; refusing to train there (nothing was "
+        "written):\n" + "\n".join(lines) + "\nEither train in a new --workdir, or, since these settings are "
+        "safe to change in a running job, pass --allow_config_change (config.json then records the new "
+        "settings; the old file is kept as config.<time>.json).")
+  return diff
