@@ -147,15 +147,30 @@ def test_epochs_cover_all_records_and_reshuffle(shards):
   assert seq[:n] != seq[n:] and seq[:n] != list(range(n))
 
 
-def test_process_sharding_is_disjoint(shards):
-  n = len(TileSource(shards))
-  parts = []
-  for p in range(2):
-    it = pipeline.make_train_iterator(_cfg(shards, num_epochs=1), scale=4, seed=5, batch_size=1, process_index=p,
-                                      process_count=2)
-    parts.append([int(b["record_index"][0]) for b in it])
-  assert not set(parts[0]) & set(parts[1])
-  assert sorted(parts[0] + parts[1]) == list(range(n))
+def test_process_slices_make_up_the_global_batch(shards):
+  """Each of 2 processes reads a disjoint, contiguous part of every global batch: put together in process
+  order they are the single-process batch, values included (patch positions and flips depend on the
+  example's place in the global stream only). Every record once per epoch; a stream can start at any step."""
+  n = len(TileSource(shards))   # 14 records: 3 whole global batches of 4 per epoch
+  cfg = _cfg(shards, num_epochs=1, hflip=True, rot90=True)
+  single = list(pipeline.make_train_iterator(cfg, scale=4, seed=5, batch_size=4))
+  parts = [list(pipeline.make_train_iterator(cfg, scale=4, seed=5, batch_size=2, process_index=p, process_count=2))
+           for p in range(2)]
+  assert len(single) == len(parts[0]) == len(parts[1]) == n // 4
+  seen = []
+  for s, whole in enumerate(single):
+    for k in whole:
+      np.testing.assert_array_equal(np.concatenate([parts[0][s][k], parts[1][s][k]]), whole[k])
+    ids = [set(parts[p][s]["record_index"].tolist()) for p in range(2)]
+    assert not ids[0] & ids[1]
+    seen += whole["record_index"].tolist()
+  assert len(set(seen)) == len(seen) == 4 * (n // 4)
+  # Batch s of a process is the same whether the stream starts at 0 or at s (resuming, maybe on another
+  # number of processes).
+  late = next(pipeline.make_train_iterator(cfg, scale=4, seed=5, batch_size=2, process_index=1, process_count=2,
+                                           start_step=2))
+  for k in late:
+    np.testing.assert_array_equal(late[k], parts[1][2][k])
 
 
 def test_worker_processes_give_the_same_batches(shards):

@@ -7,8 +7,8 @@ import pytest
 import reference_data as rd
 from diffssr_jax.models import convert
 from diffssr_jax.diffusion.model import build_model
-from diffssr_jax.training.train_step import (create_train_state, loss_given_noise, make_mesh, make_optimizer,
-                                    make_train_step, shard_batch)
+from diffssr_jax.parallel import make_mesh, shard_batch
+from diffssr_jax.training.train_step import create_train_state, loss_given_noise, make_optimizer, make_train_step
 from helpers import nchw_to_nhwc, reference_state_dict, tiny_config
 
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diffssr_jax import parallel
 from diffssr_jax.training import checkpointing, train, train_step
 from diffssr_jax.diffusion.model import build_model
 
@@ -135,7 +136,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path, s
   cfg.train.checkpoint_every = 2
   cfg.train.log_every = 1
   model, tx, state = _tiny_state(cfg)
-  mesh = train_step.make_mesh(jax.devices()[:1])
+  mesh = parallel.make_mesh(jax.devices()[:1])
   real = train_step.make_train_step(model, tx, mesh)
 
   def poisoned(st, batch):
@@ -168,7 +169,7 @@ def test_nan_after_an_unverified_restore_names_the_checkpoint(tmp_path, shards, 
   cfg.train.log_every = 1
   cfg.train.keep_checkpoints = 5
   model, tx, state = _tiny_state(cfg)
-  mesh = train_step.make_mesh(jax.devices()[:1])
+  mesh = parallel.make_mesh(jax.devices()[:1])
   damaged = state.replace(step=jnp.int32(2), params=jax.tree.map(lambda x: jnp.full_like(x, 2.3e38), state.params))
   m = ocp.CheckpointManager((tmp_path / "checkpoints").absolute())  # as the code before manifests wrote it
   m.save(2, args=checkpointing.Checkpointer._args(checkpointing._state_to_tree(damaged), None, {"step": 2}))

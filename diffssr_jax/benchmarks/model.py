@@ -173,8 +173,8 @@ def _result(kind, args, config, model, init_s, **fields) -> dict:
 def bench_train(args) -> dict:
   import jax
   import numpy as np
-  from diffssr_jax.training.train_step import (create_train_state, make_mesh, make_optimizer, make_train_step,
-                                               shard_batch)
+  from diffssr_jax.parallel import make_mesh, shard_batch
+  from diffssr_jax.training.train_step import create_train_state, make_optimizer, make_train_step
 
   config, model, params, init_s = _setup(args)
   s, b, p = model.scale, args.batch_size, args.patch_size

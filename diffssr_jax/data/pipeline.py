@@ -12,12 +12,16 @@ Per example, as the official `Df2kDataSet_sam.__getitem__` does for SAM-DiffSR t
   (not 255), kept as the default so converted official weights see their training inputs;
 * hr, lr -> `(x/255 - 0.5) / 0.5`, lr_up -> `(v - 0.5) / 0.5`; SPE values are left raw.
 
-Order and randomness: the record order is a seeded global shuffle, reshuffled each epoch, repeated
-(forever by default) and then sliced for this process (`process_index::process_count`), so processes
-read disjoint records of one global order. The patch position and flips of the element at position n of
-that stream come from a generator seeded by (seed, n), i.e. they depend only on the seed, the epoch
-and the index, never on worker timing: `get_state()`/`set_state()` on the iterator restore the exact
-batch sequence, and the output does not change with `num_workers`.
+Order and randomness: the record order is a seeded global shuffle, reshuffled each epoch and repeated
+(forever by default): one global stream of examples. The patch position and flips of the example at
+position n of that stream come from a generator seeded by (seed, n), so they depend only on the seed and
+the position, never on worker timing or on how many processes read. Global batch s is the examples
+[s * B, (s + 1) * B) of the stream (B = batch_size * process_count); process p reads only its contiguous
+part of it, [s * B + p * batch_size, s * B + (p + 1) * batch_size), so the processes' parts put together
+in process order are exactly the batch one process would read, and no process reads another's records.
+Batch s of a process is therefore a pure function of (seed, s, p, process count): `start_step` starts a
+stream at any batch (a resume with another number of processes), and `get_state()`/`set_state()` on the
+iterator restore a process' own position exactly; the output does not change with `num_workers`.
 
 Batches: dict of numpy arrays, NHWC float32: `hr` (B, P, P, 3), `lr` (B, P/s, P/s, 3), `lr_up`
 (B, P, P, 3), `spe` (B, P, P, 1); with `with_metadata`, also `record_index` (B,) int64 (global record
@@ -146,9 +150,10 @@ def _ensure_absl_flags_parsed() -> None:
 
 
 def make_train_dataset(data_cfg, *, scale: int, seed: int, batch_size: int, process_index: int = 0,
-                       process_count: int = 1):
-  """The grain IterDataset of training batches for this process (see module docstring). `data_cfg` is the
-  config's `data` section (or a partial dict of it); `scale` the model's."""
+                       process_count: int = 1, start_step: int = 0):
+  """The grain IterDataset of this process' training batches from batch `start_step` on (see the module
+  docstring). `data_cfg` is the config's `data` section (or a partial dict of it); `scale` the model's;
+  `batch_size` the per-process batch."""
   import grain
   cfg = _as_dict(data_cfg, scale)
   if not 0 <= process_index < process_count:
@@ -161,14 +166,17 @@ def make_train_dataset(data_cfg, *, scale: int, seed: int, batch_size: int, proc
   if cfg["shuffle"]:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(int(cfg["num_epochs"]) or None)
-  if process_count > 1:
-    ds = ds[process_index::process_count]
   transform = TrainTransform(
       patch_size=int(cfg["patch_size"]), scale=int(cfg["scale"]), hflip=bool(cfg["hflip"]),
       rot90=bool(cfg["rot90"]), reduce_constant_spe=bool(cfg["reduce_constant_spe"]),
       lr_up_divisor=float(cfg["lr_up_divisor"]), with_metadata=bool(cfg["with_metadata"]))
   ds = ds.random_map(transform, seed=(seed + 0x5EED) % 2**32)
+  # Chunks of `batch_size` consecutive examples; chunk s * process_count + p is process p's part of global
+  # batch s. A finite stream is cut to whole global batches, so every process runs the same number of steps.
   ds = ds.batch(batch_size, drop_remainder=True)
+  if process_count > 1:
+    ds = ds[:len(ds) // process_count * process_count][process_index::process_count]
+  ds = ds[int(start_step):]
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(cfg["read_threads"]),
                                             prefetch_buffer_size=int(cfg["read_buffer"])))
   if int(cfg["num_workers"]) > 0:
@@ -179,11 +187,11 @@ def make_train_dataset(data_cfg, *, scale: int, seed: int, batch_size: int, proc
 
 
 def make_train_iterator(data_cfg, *, scale: int, seed: int, batch_size: int, process_index: int = 0,
-                        process_count: int = 1):
+                        process_count: int = 1, start_step: int = 0):
   """A checkpointable iterator (`get_state()` / `set_state()`) over this process' training batches.
 
   `batch_size` is the per-process batch size; pass `jax.process_index()` / `jax.process_count()` on
   multi-host runs. See the module docstring for the batch layout and `default_data_config` for fields.
   """
   return iter(make_train_dataset(data_cfg, scale=scale, seed=seed, batch_size=batch_size,
-                                 process_index=process_index, process_count=process_count))
+                                 process_index=process_index, process_count=process_count, start_step=start_step))

@@ -100,3 +100,40 @@ def sample_with_noises(model: SRDiffusion, params, lr, lr_up, noises):
 def make_sampler(model: SRDiffusion, *, sampler="ddpm", steps=None, eta=0.0):
   """One compiled function (params, lr, lr_up, key) -> (sr, rrdb_out) for a whole sampling run."""
   return jax.jit(functools.partial(sample, model, sampler=sampler, steps=steps, eta=eta))
+
+
+def image_keys(seed: int, indices) -> jax.Array:
+  """The per-image keys fold_in(key(seed), index) as one key array."""
+  base = jax.random.key(int(seed))
+  idx = jnp.asarray(np.asarray(indices, np.uint32))
+  return jax.vmap(lambda i: jax.random.fold_in(base, i))(idx)
+
+
+@functools.lru_cache(maxsize=32)
+def make_image_sampler(model: SRDiffusion, *, mode: str = "diffusion", sampler: str = "ddpm", steps=None,
+                       eta: float = 0.0, mesh=None):
+  """One compiled function (params, lr, lr_up, keys) -> (sr, rrdb) over a batch in which image i draws all
+  its noise from keys[i], so its result does not depend on the other images of its batch, on the batch
+  size or on how the batch is split over devices. mode "rrdb": the encoder's image for both outputs (no
+  sampling; lr_up and keys unused).
+
+  With a `mesh` (see `diffssr_jax.parallel`), the batch is split over its devices (data-parallel sampling;
+  the batch must be a multiple of the mesh size) and params are replicated. Cached per model and setting, so
+  callers sharing a model share its compilations (jit keeps one executable per input shape)."""
+  if mode == "rrdb":
+    def fn(params, lr, lr_up, keys):
+      del lr_up, keys
+      out, _ = model.encode(params["rrdb"], lr, decode=True)
+      return out, out
+  elif mode == "diffusion":
+    def one(params, lr, lr_up, key):
+      sr, rrdb = sample(model, params, lr[None], lr_up[None], key, sampler=sampler, steps=steps, eta=eta)
+      return sr[0], rrdb[0]
+    fn = jax.vmap(one, in_axes=(None, 0, 0, 0))
+  else:
+    raise ValueError(f"mode must be diffusion or rrdb, got {mode!r}")
+  if mesh is None:
+    return jax.jit(fn)
+  from diffssr_jax import parallel
+  rows, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+  return jax.jit(fn, in_shardings=(rep, rows, rows, rows), out_shardings=(rows, rows))

@@ -31,11 +31,9 @@ import re
 import zlib
 from collections.abc import Callable, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from diffssr_jax import conventions, images
+from diffssr_jax import conventions, images, parallel
 from diffssr_jax.cli import UserError
 from diffssr_jax.diffusion import sampling
 from diffssr_jax.data.imresize import imresize
@@ -87,13 +85,6 @@ def name_index(name: str) -> int:
   return zlib.crc32(name.encode("utf-8")) & 0x7FFFFFFF
 
 
-def image_keys(seed: int, indices: Sequence[int]) -> jax.Array:
-  """The per-image keys fold_in(key(seed), index) as one key array."""
-  base = jax.random.key(int(seed))
-  idx = jnp.asarray(np.asarray(indices, np.uint32))
-  return jax.vmap(lambda i: jax.random.fold_in(base, i))(idx)
-
-
 def _maxval(dtype) -> float:
   """The white level of integer pixels (uint8 or uint16 only)."""
   if np.dtype(dtype).kind == "f":
@@ -126,25 +117,6 @@ def upscale_alpha(alpha: np.ndarray, scale: int) -> np.ndarray:
   return np.round(imresize(alpha.astype(np.float64), scale)).clip(0, 65535).astype(np.uint16)
 
 
-@functools.lru_cache(maxsize=32)
-def _make_batch_fn(model: SRDiffusion, mode: str, sampler: str, steps: int | None, eta: float):
-  """Jitted (params, lr, lr_up, keys) -> (sr, rrdb) over a batch; jit keeps one executable per shape. Cached
-  per model and setting, so Upscalers sharing a model (e.g. the evaluation's RRDB row) share compilations."""
-  if mode == "rrdb":
-    def rrdb_only(params, lr, lr_up, keys):
-      del lr_up, keys
-      out, _ = model.encode(params["rrdb"], lr, decode=True)
-      return out, out
-    return jax.jit(rrdb_only)
-
-  def one(params, lr, lr_up, key):
-    # A batch of one per image under vmap: every image draws its own noise from its own key.
-    sr, rrdb = sampling.sample(model, params, lr[None], lr_up[None], key, sampler=sampler, steps=steps, eta=eta)
-    return sr[0], rrdb[0]
-
-  return jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0)))
-
-
 def _saved_steps(workdir) -> list[int]:
   directory = pathlib.Path(workdir) / "checkpoints"
   return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
@@ -156,11 +128,13 @@ class Upscaler:
   def __init__(self, model: SRDiffusion, params, *, config=None, sampler: str = conventions.DEFAULT_SAMPLER,
                steps: int | None = None, eta: float = conventions.DEFAULT_ETA, mode: str = "diffusion",
                lr_up_divisor: float | None = None, multiple: int | None = None, step: int | None = None,
-               source: str | None = None):
+               source: str | None = None, mesh=None):
     """`steps` defaults to 25 for ddim and to all T steps for ddpm. `lr_up_divisor` defaults to
     `config.data.lr_up_divisor` when present, else 256. `multiple` (the HR size multiple) defaults to what the
     U-Net needs, and the HR size to at least twice it; only the diffusion mode pads. `step` and `source` (the
-    checkpoint's training step and where the weights came from) are recorded for reporting (`load` sets them)."""
+    checkpoint's training step and where the weights came from) are recorded for reporting (`load` sets them).
+    `mesh` (default: every local device, `parallel.local_mesh()`) splits each batch over its devices: images
+    draw their noise from their own keys, so results do not depend on the number of devices."""
     if mode not in MODES:
       raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if sampler == "ddim" and steps is None:
@@ -168,7 +142,8 @@ class Upscaler:
     if sampler == "ddpm" and steps == model.num_timesteps:
       steps = None
     sampling.timesteps_for(model, sampler, steps)  # validates sampler and steps now, not at the first image
-    self.model, self.params, self.config = model, params, config
+    self.mesh = mesh if mesh is not None else parallel.local_mesh()
+    self.model, self.params, self.config = model, parallel.replicate(params, self.mesh), config
     self.sampler, self.steps, self.eta, self.mode = sampler, steps, float(eta), mode
     if lr_up_divisor is None:
       lr_up_divisor = config.data.lr_up_divisor if config is not None else conventions.OFFICIAL_LR_UP_DIVISOR
@@ -179,8 +154,8 @@ class Upscaler:
     # The U-Net's lowest level must be at least 2x2 (its reflection-padded convs need two pixels).
     min_hr = 2 * hr_mult if mode == "diffusion" else 1
     self.min_lr = -(-min_hr // self.scale)
-    setting = (sampler, steps, self.eta) if mode == "diffusion" else ("", None, 0.0)  # rrdb: one per model
-    self._fn = _make_batch_fn(model, mode, *setting)
+    setting = dict(sampler=sampler, steps=steps, eta=self.eta) if mode == "diffusion" else {}  # rrdb: one per model
+    self._fn = sampling.make_image_sampler(model, mode=mode, mesh=self.mesh, **setting)
 
   @classmethod
   def load(cls, workdir=None, checkpoint=None, step: int | None = None, sampler: str = conventions.DEFAULT_SAMPLER,
@@ -291,8 +266,13 @@ class Upscaler:
     # HR space, rather than up-scaled from the padded LR.
     lr = pad_bottom_right(lr, ph, pw)
     lr_up = pad_bottom_right(lr_up, ph * s, pw * s)
-    sr, rrdb = self._fn(self.params, jnp.asarray(lr), jnp.asarray(lr_up), image_keys(seed, indices))
-    return np.asarray(sr)[:, :h * s, :w * s], np.asarray(rrdb)[:, :h * s, :w * s]
+    # The batch is split over the mesh's devices: filled up to a multiple of their number with copies of
+    # the last image (and its key), which are dropped again.
+    m = self.mesh.size
+    lr, lr_up = parallel.pad_to_multiple(lr, m), parallel.pad_to_multiple(lr_up, m)
+    keys = sampling.image_keys(seed, parallel.pad_to_multiple(np.asarray(indices, np.int64), m))
+    sr, rrdb = self._fn(self.params, lr, lr_up, keys)
+    return np.asarray(sr)[:n, :h * s, :w * s], np.asarray(rrdb)[:n, :h * s, :w * s]
 
   # ------------------------------------------------------------------ whole images
   def upscale_signed(self, rgb: np.ndarray, seed: int = 0, tile: int = 256, overlap: int = 32, batch_size: int = 4,

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from diffssr_jax import compilation_cache, fileio
+from diffssr_jax import compilation_cache, fileio, parallel
 from diffssr_jax.training import checkpointing, train_step, validate
 from diffssr_jax.training import workdir as workdir_lib
 from diffssr_jax.diffusion import sampling
@@ -60,7 +60,7 @@ class Prefetcher:
       while not self._stop.is_set():
         batch = next(self.iterator)
         state = self.iterator.get_state()
-        item = (train_step.shard_batch(batch, self.mesh), state)
+        item = (parallel.shard_batch(batch, self.mesh), state)
         while not self._stop.is_set():
           try:
             self.q.put(item, timeout=0.2)
@@ -242,7 +242,7 @@ def run_loop(*, workdir, state, step_fn, data_iter, mesh, train_cfg, num_steps, 
 
 # ----------------------------------------------------------------------------- tasks
 def _mesh_and_batch(config):
-  mesh = train_step.make_mesh()
+  mesh = parallel.make_mesh()
   global_batch = config.train.batch_size
   n_dev = jax.device_count()
   if global_batch % n_dev:
@@ -272,7 +272,7 @@ def _restore_or_start(state, config, workdir, mesh):
   elif ckpt.last.all_steps():
     log.warning("%s: no checkpoint could be verified; starting from step 0 (the damaged steps stay on disk and "
                 "are moved aside when their step is saved again)", ckpt.last.directory)
-  return train_step.replicate(state, mesh), data_state, ckpt
+  return parallel.replicate(state, mesh), data_state, ckpt
 
 
 def train_rrdb(config, workdir, stop_after=None):

@@ -17,12 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 from diffssr_jax.diffusion import process
+from diffssr_jax.parallel import DATA_AXIS
 from diffssr_jax.diffusion.model import SRDiffusion
 
-DATA_AXIS = "data"
 
 
 @flax.struct.dataclass
@@ -132,15 +132,6 @@ def diffusion_loss(model: SRDiffusion, params, frozen, batch, key, example_ids, 
   return loss_given_noise(model, params, frozen, batch, t, eps, **kw)
 
 
-def make_mesh(devices=None) -> Mesh:
-  devices = np.asarray(devices if devices is not None else jax.devices())
-  return Mesh(devices.reshape(-1), (DATA_AXIS,))
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(DATA_AXIS))
-
-
 def rrdb_l1_loss(rrdb, params, frozen, batch, key, example_ids):
   """RRDB pre-training (the first stage of the official recipe): L1 between its output and the HR."""
   del frozen, key, example_ids
@@ -218,20 +209,3 @@ def make_train_step(model: SRDiffusion, tx: optax.GradientTransformation, mesh: 
 def make_rrdb_train_step(rrdb, tx: optax.GradientTransformation, mesh: Mesh, *, ema_decay=0.0, grad_accum_steps=1):
   return make_step(functools.partial(rrdb_l1_loss, rrdb), tx, mesh, ema_decay=ema_decay,
                    grad_accum_steps=grad_accum_steps)
-
-
-def replicate(tree, mesh: Mesh):
-  """Places a pytree on every device of the mesh (replicated)."""
-  return jax.device_put(tree, NamedSharding(mesh, P()))
-
-
-def shard_batch(batch: dict, mesh: Mesh) -> dict:
-  """Per-process numpy batch -> global jax arrays sharded over the data axis (multi-host safe)."""
-  sharding = batch_sharding(mesh)
-  n_local = len(mesh.local_devices)
-  out = {}
-  for k, v in batch.items():
-    if v.shape[0] % n_local:
-      raise ValueError(f"batch[{k!r}] has {v.shape[0]} examples, not divisible by {n_local} local devices")
-    out[k] = jax.make_array_from_process_local_data(sharding, np.asarray(v))
-  return out
