@@ -11,7 +11,6 @@ def get_config():
   c.seed = 1234                                  # [O:seed]
   c.task = "diffusion"                           # "diffusion" | "rrdb" (encoder pre-training)
   c.compilation_cache = "auto"                   # JAX persistent compilation cache: auto | a folder | "" (off)
-  c.distributed = False                          # jax.distributed.initialize() for multi-host runs
 
   c.model = m = ml_collections.ConfigDict()
   m.scale = 4                                    # [O:sr_scale]
@@ -89,5 +88,7 @@ def get_config():
   t.eval_every = 4_000                           # [O:val_check_interval]
   t.checkpoint_every = 4_000
   t.keep_checkpoints = 3
+  t.profile_at = 0                               # > 0: a JAX profiler trace from this step, into WORKDIR/profile
+  t.profile_steps = 5                            # steps in that trace
   t.rrdb_checkpoint = ""                         # [O:rrdb_ckpt] our RRDB workdir or an official .ckpt
   return c

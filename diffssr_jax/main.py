@@ -1,5 +1,10 @@
 """Entry point: `python -m diffssr_jax.main --config configs/X.py --workdir DIR [--config.key=value ...]`.
 
+Several processes (one per host, or one per GPU): run the same command in each, with --distributed
+(JAX detects TPU pod slices, SLURM, Open MPI and Kubernetes by itself) or with --coordinator_address,
+--num_processes and --process_id (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID);
+train.batch_size is then the global batch over all processes' devices.
+
 (`diffssr-train` once installed.) Library log messages (orbax, absl, jax) are hidden unless --verbosity 1
 (-v); --verbosity 2 (-vv) shows debug output.
 """
@@ -20,6 +25,15 @@ config_flags.DEFINE_config_file("config", None, "Training configuration file (co
 flags.DEFINE_bool("allow_config_change", False, "Resume a workdir whose config.json differs in safe settings only "
                   "(steps, learning rate, intervals, data paths; see diffssr_jax/training/workdir.py). Model, "
                   "diffusion and data-layout settings can never change in a workdir.")
+flags.DEFINE_bool("distributed", False, "Multi-process run: join the others through jax.distributed (implied by "
+                  "--coordinator_address or JAX_COORDINATOR_ADDRESS).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordination service (default: "
+                    "$JAX_COORDINATOR_ADDRESS, or detected on TPU pods / SLURM / Open MPI / Kubernetes).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (default: $JAX_NUM_PROCESSES or detected).")
+flags.DEFINE_integer("process_id", None, "This process' index, 0 .. num_processes-1 (default: $JAX_PROCESS_ID or "
+                     "detected).")
+flags.DEFINE_integer("heartbeat_timeout", 60, "Seconds after which the other processes stop with an error when "
+                     "one has died (missed heartbeats).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -29,6 +43,10 @@ def main(argv):
   # Our progress at INFO; libraries (orbax logs every file it writes) quiet unless --verbosity is given (absl's
   # own flag, whose unset default absl turns into 0 after parsing; cli.setup_logging gives 0 our meaning).
   cli.setup_logging(FLAGS.verbosity if FLAGS["verbosity"].present else 0)
+  if FLAGS.distributed or FLAGS.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    from diffssr_jax import parallel
+    parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                        heartbeat_timeout=FLAGS.heartbeat_timeout)
   from diffssr_jax.training import checkpointing, train, workdir  # after flag parsing: keeps --help fast
   refusals = (workdir.ConfigMismatchError, checkpointing.CheckpointMismatchError,
               checkpointing.UnverifiedCheckpointError)

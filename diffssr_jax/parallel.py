@@ -78,3 +78,35 @@ def gather(tree):
   if jax.process_count() == 1:
     return jax.device_get(tree)
   return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches this point (no-op in a single process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, heartbeat_timeout: int = 60) -> None:
+  """Joins this process to a multi-process JAX run (`jax.distributed.initialize`), before any computation.
+
+  What is not given is taken from the environment: JAX_COORDINATOR_ADDRESS (read by JAX itself),
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID, or, with none of them, JAX's own cluster detection (TPU pod slices,
+  SLURM, Open MPI, Kubernetes). On CPUs the cross-process collectives go through gloo. If a process dies,
+  the others stop with JAX's error "...another task died..." within `heartbeat_timeout` seconds (it missed
+  its heartbeats) or at once (the coordinator, process 0, closed its socket): no silent hang.
+  """
+  import os
+  num_processes = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES")
+  process_id = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
+  # Collectives between CPU processes need an implementation; it is unused on GPU/TPU.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                             num_processes=num_processes, process_id=process_id,
+                             heartbeat_timeout_seconds=int(heartbeat_timeout))
+
+
+def _env_int(name: str) -> int | None:
+  import os
+  value = os.environ.get(name)
+  return int(value) if value not in (None, "") else None

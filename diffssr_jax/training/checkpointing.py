@@ -4,7 +4,8 @@ Workdir layout:
   WORKDIR/config.json           the run's full config (rebuilds the model for evaluation/inference);
                                 earlier versions are kept as config.<time>.json (see `save_config`)
   WORKDIR/checkpoints/<step>/   the newest K verified checkpoints: items `state` (TrainState as a nested
-                                dict), `data` (the grain iterator state) and `meta` (step, metrics), plus
+                                dict), `data` (each process' grain iterator state, one file per process
+                                written by grain's own orbax handler) and `meta` (step, metrics), plus
                                 `diffssr_manifest.json` (size and SHA-256 of every file of the step)
   WORKDIR/best/<step>/          the best verified checkpoint by validation PSNR-Y (same items)
   WORKDIR/checkpoints/<step>.damaged-<time>/   a damaged step moved aside when that step was saved again
@@ -62,6 +63,7 @@ import time
 from typing import NamedTuple
 
 import flax
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -336,8 +338,7 @@ def restore_step(manager: ocp.CheckpointManager, step: int, state_template=None,
   _drop_abandoned_read_errors()  # before: the abandoned reads report while orbax is still unwinding
   try:
     with _quiet_orbax():
-      out = manager.restore(step, args=ocp.args.Composite(state=state_args, data=ocp.args.JsonRestore(),
-                                                          meta=ocp.args.JsonRestore()))
+      out = manager.restore(step, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore()))
   except Exception as e:
     if verified:
       target = "this configuration's model" if state_template is not None else "arrays"
@@ -353,7 +354,39 @@ def restore_step(manager: ocp.CheckpointManager, step: int, state_template=None,
   tree = out["state"]
   if state_template is not None:
     tree = flax.serialization.from_state_dict(state_template, tree)
-  return Restored(tree, out["data"] or None, out["meta"] or {"step": step}, step, verified)
+  return Restored(tree, None, out["meta"] or {"step": step}, step, verified)
+
+
+class IteratorState:
+  """A grain iterator's position as grain's orbax handler (`grain.checkpoint`) saves and restores it: each
+  process writes and reads its own `process_<i>-of-<n>.json`. Holds the state a `train.Prefetcher` recorded
+  for the last batch the step consumed (the iterator itself has read ahead)."""
+
+  def __init__(self, state=None):
+    self.state = state
+
+  def get_state(self) -> bytes:
+    return json.dumps(self.state).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self.state = json.loads(state)
+
+  def start_prefetch(self) -> None:  # grain's handler calls it after set_state
+    pass
+
+
+def restore_data_state(manager: ocp.CheckpointManager, step: int):
+  """This process' iterator state saved with `step`, or None when there is none for this process index and
+  count (a checkpoint written by another number of processes, or with no data item)."""
+  holder = IteratorState()
+  try:
+    with _quiet_orbax():
+      manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(holder)))
+  except Exception as e:  # noqa: BLE001 - orbax/grain raise several kinds for a missing item or file
+    log.info("no iterator state for process %d of %d in %s (%s)", jax.process_index(), jax.process_count(),
+             _step_dir(manager, step), _one_line(e, 120))
+    return None
+  return holder.state
 
 
 def _warn_skipped(step_dir, reason: str) -> None:
@@ -476,9 +509,10 @@ class Checkpointer:
 
   @staticmethod
   def _args(tree, data_state, meta):
-    return ocp.args.Composite(state=ocp.args.StandardSave(tree),
-                              data=ocp.args.JsonSave(data_state if data_state is not None else {}),
-                              meta=ocp.args.JsonSave(meta or {}))
+    items = dict(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta or {}))
+    if data_state is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(IteratorState(data_state))
+    return ocp.args.Composite(**items)
 
   def _name(self, manager) -> str:
     return "checkpoints" if manager is self.last else "best"
@@ -589,12 +623,15 @@ class Checkpointer:
 
   # -- restoring
   def restore_latest(self, state_template):
-    """(state, data_state, meta) of the newest verified checkpoint, or None when there is none.
+    """(state, data_state, meta) of the newest verified checkpoint, or None when there is none. data_state is
+    this process' iterator state, None when the checkpoint holds none for this process index and count.
 
     A step without manifest accepted through DIFFSSR_TRUST_UNVERIFIED_CHECKPOINTS gets its manifest
     written now (trusted from then on).
     """
     got = restore_newest(self.last, state_template, bad=self._bad["checkpoints"])
+    if got is not None:
+      got = got._replace(data_state=restore_data_state(self.last, got.step))
     self.restored = got
     if got is None:
       return None

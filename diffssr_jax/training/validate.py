@@ -43,37 +43,31 @@ def load_validation_images(eval_cfg, scale: int, lr_up_divisor: float, unet_leve
   return [centre_crop(src[i], eval_cfg.crop_size, scale, lr_up_divisor, unet_levels) for i in range(n)]
 
 
-def _batches(items, size):
-  for i in range(0, len(items), size):
-    yield items[i:i + size]
+def run_validation(val_images, scale: int, *, model_fn, batch_size: int = 4, out_dir=None, step: int | None = None,
+                   crop_border: int | None = None) -> dict:
+  """Means of psnr_y / ssim_y (and psnr_rgb) for bicubic and for each output of `model_fn`.
 
-
-def run_validation(val_images, scale: int, *, sr_fn=None, rrdb_fn=None, batch_size: int = 4,
-                   out_dir=None, step: int | None = None, crop_border: int | None = None) -> dict:
-  """Means of psnr_y / ssim_y (and psnr_rgb) for bicubic, rrdb (when `rrdb_fn`), diffusion (when `sr_fn`).
-
-  sr_fn(lr, lr_up) -> (sr, rrdb) and rrdb_fn(lr) -> rrdb take float batches in [-1, 1]. Batches are
-  padded to `batch_size` (repeating the last image) so each function compiles once.
+  model_fn(lr, lr_up, indices) -> {"rrdb": ..., "diffusion": ...} (either or both) takes float batches in
+  [-1, 1] and the images' positions in `val_images` (for per-image noise keys). Batches are padded to
+  `batch_size` (repeating the last image) so it compiles once. Panels are written when `out_dir` is given
+  (process 0 of a multi-process run).
   """
   crop = scale if crop_border is None else crop_border
   rows = {"bicubic": [], "rrdb": [], "diffusion": []}
   panels = []
-  for chunk in _batches(val_images, batch_size):
+  for start in range(0, len(val_images), batch_size):
+    chunk = val_images[start:start + batch_size]
+    indices = list(range(start, start + len(chunk)))
     pad = batch_size - len(chunk)
-    full = chunk + [chunk[-1]] * pad
+    full, indices = chunk + [chunk[-1]] * pad, indices + [indices[-1]] * pad
     lr = np.stack([conventions.to_signed(im.lr) for im in full])
     lr_up = np.stack([im.lr_up for im in full])
-    sr = rr = None
-    if sr_fn is not None:
-      sr, rr = jax.device_get(sr_fn(lr, lr_up))
-    elif rrdb_fn is not None:
-      rr = jax.device_get(rrdb_fn(lr))
+    results = jax.device_get(model_fn(lr, lr_up, np.asarray(indices)))
     for i, im in enumerate(chunk):
       outs = {"bicubic": imresize(im.lr, scale)}
-      if rr is not None:
-        outs["rrdb"] = conventions.signed_to_uint8(rr[i])
-      if sr is not None:
-        outs["diffusion"] = conventions.signed_to_uint8(sr[i])
+      for name in ("rrdb", "diffusion"):
+        if name in results:
+          outs[name] = conventions.signed_to_uint8(results[name][i])
       for name, out in outs.items():
         rows[name].append({"psnr_y": metrics.psnr_y(out, im.hr, crop), "ssim_y": metrics.ssim_y(out, im.hr, crop),
                            "psnr_rgb": metrics.psnr_rgb(out, im.hr, crop)})

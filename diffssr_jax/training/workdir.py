@@ -17,7 +17,8 @@ Settings are compared with WORKDIR/config.json (flattened to dotted keys) and fa
     the checkpoint changes structure (other values of them are safe);
   - any other key not named below (default deny: an unknown setting is treated as identity).
 * Safe settings, changeable with `allow_config_change` (`--allow_config_change`): they change how
-  training proceeds, not what is trained: `seed`, `distributed`, `train.*` (steps, batch size, log /
+  training proceeds, not what is trained: `seed`, `compilation_cache`, `model.dtype` and `model.remat_*`
+  (how the same float32 params are computed with), `train.*` (steps, batch size, log /
   eval / checkpoint intervals, retention), `optim.*` (learning rate and schedule, Adam settings,
   clipping and EMA values), `eval.*` (validation), and the data source and augmentation
   (`data.train_files`, `data.demo_dir`, `data.hflip`, `data.rot90`, shuffling and reader settings).
@@ -37,7 +38,8 @@ import pathlib
 IDENTITY_KEYS = ("optim.train_rrdb", "train.rrdb_checkpoint")
 SAFE_PREFIXES = ("train.", "optim.", "eval.")
 SAFE_KEYS = frozenset({
-    "seed", "distributed", "data.train_files", "data.demo_dir", "data.hflip", "data.rot90", "data.shuffle",
+    "seed", "distributed", "compilation_cache", "model.dtype", "model.remat_rrdb", "model.remat_unet",
+    "data.with_metadata", "data.train_files", "data.demo_dir", "data.hflip", "data.rot90", "data.shuffle",
     "data.num_epochs", "data.num_workers", "data.prefetch_buffer", "data.read_threads", "data.read_buffer",
     "data.verify_crc", "data.check_manifest"})
 # Safe as values, but 0 <-> non-zero changes the structure of the train state in the checkpoints.
