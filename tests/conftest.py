@@ -26,3 +26,20 @@ def _highest_precision_for_parity(request):
   import jax
   with jax.default_matmul_precision("highest"):
     yield
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory):
+  """Two small photos exported with the classical segmenter (tiles of 64 px) in root/shards, and a held-out
+  64x64 photo in root/val (shared by the training tests)."""
+  from skimage import data as skdata
+  from diffssr_jax import images
+  from diffssr_jax.data import export, hr_sources, segmenters
+  root = tmp_path_factory.mktemp("data")
+  for name in ("astronaut", "coffee"):
+    images.save_png(root / "hr" / f"{name}.png", getattr(skdata, name)()[:128, :192])
+  images.save_png(root / "val" / "rocket.png", skdata.rocket()[:64, :64])
+  cfg = export.ExportConfig(scale=4, tile_size=64, tile_step=64, min_tile=32, num_shards=2)
+  export.run_export(hr_sources.FolderSource(root / "hr"), root / "shards", cfg,
+                    segmenter=segmenters.FelzenszwalbSegmenter(), progress=False)
+  return root

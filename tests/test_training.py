@@ -20,22 +20,6 @@ from diffssr_jax.diffusion.model import build_model
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-  """Two small photos exported with the classical segmenter (tiles of 64 px)."""
-  from skimage import data as skdata
-  from diffssr_jax import images
-  from diffssr_jax.data import export, hr_sources, segmenters
-  root = tmp_path_factory.mktemp("data")
-  for name in ("astronaut", "coffee"):
-    images.save_png(root / "hr" / f"{name}.png", getattr(skdata, name)()[:128, :192])
-  images.save_png(root / "val" / "rocket.png", skdata.rocket()[:64, :64])
-  cfg = export.ExportConfig(scale=4, tile_size=64, tile_step=64, min_tile=32, num_shards=2)
-  export.run_export(hr_sources.FolderSource(root / "hr"), root / "shards", cfg,
-                    segmenter=segmenters.FelzenszwalbSegmenter(), progress=False)
-  return root
-
-
 def _cmd(workdir, shards, *extra):
   return [sys.executable, "-m", "diffssr_jax.main", "--config", str(ROOT / "tests/configs/tiny_train.py"),
           "--workdir", str(workdir), f"--config.data.train_files={shards / 'shards'}", *extra]

@@ -315,6 +315,18 @@ def _step_dir(manager: ocp.CheckpointManager, step: int) -> pathlib.Path:
   return pathlib.Path(str(manager.directory)) / str(step)
 
 
+def _local_target(item_dir: pathlib.Path):
+  """The saved arrays' shapes and dtypes placed on this process' first device: the restore target when no
+  template is given (orbax refuses to restore onto the saving topology when it differs, e.g. a checkpoint
+  written by two processes read by one)."""
+  from orbax.checkpoint import metadata as ocp_metadata
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  with _quiet_orbax():
+    tree = ocp.StandardCheckpointHandler().metadata(item_dir).tree
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree,
+                      is_leaf=lambda x: isinstance(x, ocp_metadata.ArrayMetadata))
+
+
 def restore_step(manager: ocp.CheckpointManager, step: int, state_template=None, *, trust: bool | None = None
                  ) -> Restored:
   """One step, verified: manifest checksums, then orbax's restore, then finite arrays.
@@ -331,7 +343,7 @@ def restore_step(manager: ocp.CheckpointManager, step: int, state_template=None,
         f"verified, or by another tool), so its bytes cannot be checked; set {TRUST_ENV}=1 to accept such "
         "steps after a check that their arrays are finite")
   if state_template is None:
-    state_args = ocp.args.StandardRestore()
+    state_args = ocp.args.StandardRestore(_local_target(step_dir / "state"))
   else:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_to_tree(state_template))
     state_args = ocp.args.StandardRestore(abstract)
@@ -498,8 +510,13 @@ class Checkpointer:
     self.keep = max(1, int(keep))
     # Retention is ours (orbax would count damaged steps and delete good ones): max_to_keep stays None.
     opts = dict(enable_async_checkpointing=use_async, create=True, temporary_path_class=_SealingTemporaryPath)
-    self.last = ocp.CheckpointManager(self.workdir / "checkpoints", options=ocp.CheckpointManagerOptions(**opts))
-    self.best = ocp.CheckpointManager(self.workdir / "best", options=ocp.CheckpointManagerOptions(**opts))
+    # Each manager gets its own barrier names: on several processes both save step N at the same time, and
+    # orbax names its barriers by step only ("Barrier _async_write_complete.N is already ongoing").
+    mp = lambda prefix: ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix)  # noqa: E731
+    self.last = ocp.CheckpointManager(self.workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
+        multiprocessing_options=mp("last"), **opts))
+    self.best = ocp.CheckpointManager(self.workdir / "best", options=ocp.CheckpointManagerOptions(
+        multiprocessing_options=mp("best"), **opts))
     self._bad = {"checkpoints": {}, "best": {}}   # steps found damaged in this process: {step: reason}
     self._warned: set = set()
     self._unfinished: set = set()                # managers with a save whose retention has not run

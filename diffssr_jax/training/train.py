@@ -327,6 +327,9 @@ def _restore_or_start(state, config, workdir, mesh):
   """(state, data position or None, checkpointer): the newest verified checkpoint of the workdir (damaged
   steps skipped, see checkpointing), or the fresh `state`; replicated over the mesh either way."""
   ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  # Replicated first, so the checkpoint is restored straight into the mesh's layout (each process reads its
+  # own replicas), whatever number of processes wrote it.
+  state = parallel.replicate(state, mesh)
   restored = ckpt.restore_latest(state)
   data_state = None
   _RESUMED_FROM.clear()
@@ -340,7 +343,7 @@ def _restore_or_start(state, config, workdir, mesh):
   elif ckpt.last.all_steps():
     log.warning("%s: no checkpoint could be verified; starting from step 0 (the damaged steps stay on disk and "
                 "are moved aside when their step is saved again)", ckpt.last.directory)
-  return parallel.replicate(state, mesh), data_state, ckpt
+  return state, data_state, ckpt
 
 
 def _validation_images(config):
