@@ -170,6 +170,25 @@ def define_common_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer("verbosity", 0, _VERBOSITY_HELP, short_name="v", flag_values=fv)
 
 
+def define_model_flags(fv: flags.FlagValues, workdir_help: str, step_help: str) -> None:
+  """The flags of the commands that load a trained model and sample from it (evaluate, upscale): where the
+  weights come from, the sampler, EMA and the compilation cache."""
+  from diffssr_jax import conventions
+  d = dict(flag_values=fv)
+  define_compilation_cache_flag(fv)
+  flags.DEFINE_string("workdir", None, workdir_help, **d)
+  flags.DEFINE_integer("step", None, step_help, **d)
+  flags.DEFINE_string("checkpoint", None, "An official SAM-DiffSR PyTorch .ckpt instead of a workdir (default: "
+                      "none).", **d)
+  flags.DEFINE_enum("sampler", conventions.DEFAULT_SAMPLER, list(conventions.SAMPLERS), conventions.SAMPLER_HELP,
+                    **d)
+  flags.DEFINE_integer("steps", None, f"Denoising steps for ddim (default: {conventions.DEFAULT_DDIM_STEPS}; ddpm "
+                       "runs all T steps).", **d)
+  flags.DEFINE_float("eta", conventions.DEFAULT_ETA, "DDIM eta (0: deterministic given the initial noise; 1: "
+                     "ancestral, as DDPM).", **d)
+  flags.DEFINE_bool("use_ema", True, "Use the EMA weights when the checkpoint has them.", **d)
+
+
 def define_compilation_cache_flag(fv: flags.FlagValues) -> None:
   """--compilation_cache, for the commands that compile with jax (see `diffssr_jax.compilation_cache`)."""
   flags.DEFINE_string("compilation_cache", "auto", 'JAX persistent compilation cache folder: "auto" is '

@@ -38,7 +38,6 @@ if args.num_processes > 1:
                       heartbeat_timeout=args.heartbeat_timeout)
 cli.setup_logging(0)
 
-from configs import base  # noqa: E402,F401  (the tiny config imports it)
 from diffssr_jax.training import train, train_step  # noqa: E402
 
 sys.path.insert(0, os.path.join(ROOT, "tests", "configs"))

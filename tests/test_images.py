@@ -1,6 +1,5 @@
 """Image IO through OpenCV: every PNG layout at 8 and 16 bits (from an independent test-side encoder),
 palette, JPEG, BMP, TIFF, WebP, writes checked by Pillow, atomic writes, broken files."""
-import io
 import os
 import struct
 import zlib

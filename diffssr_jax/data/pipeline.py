@@ -36,7 +36,6 @@ import numpy as np
 from diffssr_jax import conventions
 from diffssr_jax.data import spe as spe_lib
 from diffssr_jax.data.source import TileSource, manifest_for
-from diffssr_jax.data.imresize import imresize
 
 def default_data_config():
   """The `data` section of configs/base.py, the single source of its defaults; set `train_files`."""

@@ -358,20 +358,11 @@ def define_flags(fv: flags.FlagValues) -> None:
   """Defines the CLI's flags in `fv` (a private FlagValues: see `cli`). Nothing is defined at import, so other
   CLIs' flags of the same names never clash in one process."""
   d = dict(flag_values=fv)
-  shared_cli.define_compilation_cache_flag(fv)
-  flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/<step>) (default: none; "
-                      "needed unless --checkpoint, or only --bicubic with --output).", **d)
-  flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).", **d)
-  flags.DEFINE_string("checkpoint", None, "An official SAM-DiffSR PyTorch .ckpt instead of a workdir (default: "
-                      "none).", **d)
+  shared_cli.define_model_flags(
+      fv, "Training workdir (config.json + checkpoints/<step>) (default: none; needed unless --checkpoint, or "
+      "only --bicubic with --output).", "Checkpoint step to evaluate (default: the newest verified one).")
   flags.DEFINE_list("datasets", [], "Benchmarks as NAME=HR_FOLDER,... (LR made by MATLAB bicubic); required.", **d)
   flags.DEFINE_list("paired_lr", [], "Given LR folders as NAME=LR_FOLDER,... for datasets of --datasets.", **d)
-  flags.DEFINE_enum("sampler", conventions.DEFAULT_SAMPLER, list(conventions.SAMPLERS), conventions.SAMPLER_HELP,
-                    **d)
-  flags.DEFINE_integer("steps", None, f"Denoising steps for ddim (default: {conventions.DEFAULT_DDIM_STEPS}; ddpm "
-                       "always runs all T).", **d)
-  flags.DEFINE_float("eta", conventions.DEFAULT_ETA, "DDIM eta (0: deterministic given the initial noise; 1: "
-                     "ancestral, what matches ddpm).", **d)
   flags.DEFINE_integer("crop_border", None, "Pixels cropped per side for PSNR/SSIM (default: the scale; the "
                        "official evaluation used 0).", **d)
   flags.DEFINE_string("output", None, "Results root (default: WORKDIR/eval).", **d)
@@ -381,7 +372,6 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_bool("rrdb", False, "Also evaluate the RRDB encoder alone (a deterministic baseline).", **d)
   flags.DEFINE_bool("bicubic", False, "Also evaluate MATLAB bicubic up-scaling.", **d)
   flags.DEFINE_integer("scale", 4, "Scale when only --bicubic runs (otherwise the model's).", **d)
-  flags.DEFINE_bool("use_ema", True, "Use the EMA weights when the checkpoint has them.", **d)
   flags.DEFINE_string("lpips_backbone", None, "torchvision AlexNet/VGG16 weights (.pth) for LPIPS (default: none, "
                       "no LPIPS).", **d)
   flags.DEFINE_string("lpips_lin", None, "LPIPS v0.1 linear-layer weights (.pth) (default: none).", **d)

@@ -36,7 +36,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from diffssr_jax import cli as shared_cli
-from diffssr_jax import conventions, fileio, images
+from diffssr_jax import fileio, images
 
 SOFTWARE = "diffssr-jax upscale"  # the PNG `Software` text that marks our outputs (replaceable by --overwrite)
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -215,19 +215,10 @@ def summary_line(done: Mapping[str, list], errors: Sequence[str] = ()) -> str:
 def define_flags(fv: flags.FlagValues) -> None:
   """Defines the CLI's flags in `fv` (a private FlagValues: see `cli`)."""
   d = dict(flag_values=fv)
-  shared_cli.define_compilation_cache_flag(fv)
-  flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/<step>); this or "
-                      "--checkpoint is required.", **d)
-  flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: the latest).", **d)
-  flags.DEFINE_string("checkpoint", None, "An official SAM-DiffSR PyTorch .ckpt instead of a workdir (default: "
-                      "none).", **d)
+  shared_cli.define_model_flags(
+      fv, "Training workdir (config.json + checkpoints/<step>); this or --checkpoint is required.",
+      "Checkpoint step of --workdir (default: the newest verified one).")
   flags.DEFINE_string("output", None, "Output folder (required; must not be inside an input folder).", **d)
-  flags.DEFINE_enum("sampler", conventions.DEFAULT_SAMPLER, list(conventions.SAMPLERS), conventions.SAMPLER_HELP,
-                    **d)
-  flags.DEFINE_integer("steps", None, f"Denoising steps for ddim (default: {conventions.DEFAULT_DDIM_STEPS}; ddpm "
-                       "always runs all T).", **d)
-  flags.DEFINE_float("eta", conventions.DEFAULT_ETA, "DDIM eta (0: deterministic given the initial noise; 1: "
-                     "ancestral, what matches ddpm).", **d)
   flags.DEFINE_bool("rrdb", False, "Use the RRDB encoder's output alone (fast, deterministic, less detail).", **d)
   flags.DEFINE_integer("tile", 256, "Tile size in LR pixels; larger images are tiled.", **d)
   flags.DEFINE_integer("overlap", 32, "Overlap between tiles in LR pixels (at most half the tile).", **d)
@@ -238,7 +229,6 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_bool("overwrite", False, "Replace outputs an earlier upscale wrote (inputs and other files are "
                     "never replaced; without it existing outputs are skipped).", **d)
   flags.DEFINE_bool("fail_fast", False, "Stop at the first file that fails.", **d)
-  flags.DEFINE_bool("use_ema", True, "Use the EMA weights when the checkpoint has them.", **d)
   flags.DEFINE_bool("progress", True, "Show a progress bar.", **d)
 
 
