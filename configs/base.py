@@ -21,6 +21,7 @@ def get_config():
   m.rrdb_growth = 32                             # [O:rrdb_num_feat // 2]
   m.dtype = "auto"                               # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU
   m.remat_rrdb = False                           # recompute RRDB blocks in the backward pass (trained RRDB only)
+  m.rrdb_unroll = 1                              # RRDB trunk scan unroll (1: compile time flat in the blocks)
   m.remat_unet = False                           # recompute U-Net ResnetBlocks in the backward pass (less memory)
 
   c.diffusion = d = ml_collections.ConfigDict()

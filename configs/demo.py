@@ -18,6 +18,7 @@ def get_config():
   c.model.rrdb_num_feat = 32
   c.model.rrdb_num_blocks = 3
   c.model.rrdb_growth = 16
+  c.model.rrdb_unroll = 3                        # XLA:CPU trains convs in an unrolled trunk ~35x faster (rrdb.py)
 
   c.data.demo_dir = "data/demo"
   c.data.train_files = "data/demo"

@@ -12,6 +12,7 @@ def tiny_config(modulation="reference", loss="l1"):
   c.model.rrdb_num_feat = 8
   c.model.rrdb_num_blocks = 2
   c.model.rrdb_growth = 4
+  c.model.rrdb_unroll = 2
   c.diffusion.timesteps = 10
   c.diffusion.modulation = modulation
   c.diffusion.loss = loss

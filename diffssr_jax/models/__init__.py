@@ -5,7 +5,8 @@ from diffssr_jax.models.unet import UNet
 
 def build_rrdb(model_cfg, dtype) -> RRDBNet:
   return RRDBNet(num_feat=model_cfg.rrdb_num_feat, num_blocks=model_cfg.rrdb_num_blocks,
-                 growth=model_cfg.rrdb_growth, scale=model_cfg.scale, dtype=dtype, remat=model_cfg.remat_rrdb)
+                 growth=model_cfg.rrdb_growth, scale=model_cfg.scale, dtype=dtype, remat=model_cfg.remat_rrdb,
+                 unroll=model_cfg.rrdb_unroll)
 
 
 def build_unet(model_cfg, dtype) -> UNet:

@@ -39,6 +39,7 @@ IDENTITY_KEYS = ("optim.train_rrdb", "train.rrdb_checkpoint")
 SAFE_PREFIXES = ("train.", "optim.", "eval.")
 SAFE_KEYS = frozenset({
     "seed", "distributed", "compilation_cache", "model.dtype", "model.remat_rrdb", "model.remat_unet",
+    "model.rrdb_unroll",
     "data.with_metadata", "data.train_files", "data.demo_dir", "data.hflip", "data.rot90", "data.shuffle",
     "data.num_epochs", "data.num_workers", "data.prefetch_buffer", "data.read_threads", "data.read_buffer",
     "data.verify_crc", "data.check_manifest"})

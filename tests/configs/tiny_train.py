@@ -13,6 +13,7 @@ def get_config():
   c.model.rrdb_num_feat = 8
   c.model.rrdb_num_blocks = 2
   c.model.rrdb_growth = 4
+  c.model.rrdb_unroll = 2                        # trained RRDBs on the CPU: unrolled (see models/rrdb.py)
   c.diffusion.timesteps = 10
   c.data.patch_size = 32
   c.data.num_workers = 0
