@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffssr_jax.models.layers import Conv, Dense, conv_transpose_torch, reflect_conv3x3
+from diffssr_jax.models.layers import conv_transpose_torch, reflect_conv3x3
 
 Dtype = Any
 mish = jax.nn.mish
@@ -36,10 +36,10 @@ class ResnetBlock(nn.Module):
   @nn.compact
   def __call__(self, x, t_emb):
     h = mish(reflect_conv3x3(self.features, "block1", self.dtype)(x))
-    h = h + Dense(self.features, dtype=self.dtype, name="mlp")(mish(t_emb))[:, None, None]
+    h = h + nn.Dense(self.features, dtype=self.dtype, name="mlp")(mish(t_emb))[:, None, None]
     h = mish(reflect_conv3x3(self.features, "block2", self.dtype)(h))
     if x.shape[-1] != self.features:
-      x = Conv(self.features, (1, 1), dtype=self.dtype, name="res_conv")(x)
+      x = nn.Conv(self.features, (1, 1), dtype=self.dtype, name="res_conv")(x)
     return h + x
 
 
@@ -62,8 +62,8 @@ class UNet(nn.Module):
     in_out = list(zip(dims[:-1], dims[1:]))
     res = nn.remat(ResnetBlock) if self.remat else ResnetBlock
     self.cond_proj = conv_transpose_torch(self.dim, self.scale, "cond_proj", self.dtype)
-    self.mlp_0 = Dense(self.dim * 4, dtype=self.dtype)
-    self.mlp_2 = Dense(self.dim, dtype=self.dtype)
+    self.mlp_0 = nn.Dense(self.dim * 4, dtype=self.dtype)
+    self.mlp_2 = nn.Dense(self.dim, dtype=self.dtype)
     downs = []
     for i, (_, d_out) in enumerate(in_out):
       level = {"res0": res(d_out, self.dtype), "res1": res(d_out, self.dtype)}
@@ -78,7 +78,7 @@ class UNet(nn.Module):
                  "up": conv_transpose_torch(d_in, 2, None, self.dtype)}
                 for d_in, _ in reversed(in_out[1:])]
     self.final_block = reflect_conv3x3(self.dim, None, self.dtype)
-    self.final_conv = Conv(self.out_channels, (1, 1), dtype=self.dtype)
+    self.final_conv = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype)
 
   @property
   def size_multiple(self) -> int:
