@@ -48,9 +48,9 @@ def get_config():
   c.eval.max_images = 2
   c.eval.crop_size = 192
   c.eval.batch_size = 2
-  # The official ancestral sampler, all 100 steps: on this briefly trained model it scores 28.1 dB PSNR-Y
-  # against 25.3 for deterministic DDIM at 25-100 steps (README, "Fewer sampling steps"); at 192x192 crops
-  # with this U-Net it costs seconds.
+  # The official ancestral sampler, all 100 steps: on the held-out photos this briefly trained model scores
+  # 26.98 dB PSNR-Y against 21.70 for deterministic DDIM (25 steps) (README, "Fewer sampling steps"); at
+  # 192x192 crops with this U-Net it costs seconds.
   c.eval.sampler = "ddpm"
   c.eval.steps = 0
   return c
