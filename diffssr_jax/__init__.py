@@ -1,8 +1,9 @@
 """diffssr-jax: structure-modulated diffusion super-resolution (SAM-DiffSR) in JAX/Flax.
 
-This package must stay importable without JAX for its numpy-only modules (`spe`, `imresize`,
-`images`, `data.records`, `data.tfrecord`), which the torch-only SAM export tool uses: so nothing is
-imported here eagerly.
+Subpackages follow the data path: `data` (export, records, input pipeline; no jax) -> `models` (Flax
+networks) -> `diffusion` (schedules, process, samplers) -> `training` -> `evaluation` / `inference`;
+`benchmarks` measures them. The numpy-only modules (`conventions`, `images`, `fileio`, `data.*`) stay
+importable without JAX for the torch-only mask export tool, so nothing is imported here eagerly.
 """
 
 __version__ = "0.1.0"

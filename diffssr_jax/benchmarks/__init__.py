@@ -1,1 +1,1 @@
-"""benchmarks"""
+"""Speed benchmarks: the model's init, train step and sampler (`model`) and the data half (`data`)."""

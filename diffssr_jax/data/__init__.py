@@ -12,5 +12,6 @@ Modules (import them directly; this package imports nothing, and none of them im
   source, pipeline           grain data source and training iterator
   eval_sources               benchmark folders (HR only, or HR + LR)
   demo                       demo dataset from scikit-image's bundled photographs
-  benchmark                  throughput measurements (python -m diffssr_jax.benchmarks.data)
+  imresize, spe              MATLAB-compatible bicubic resize; structural position encodings
+  export_cli                 the mask export command (tools/export_sam_masks.py)
 """

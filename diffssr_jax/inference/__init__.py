@@ -1,1 +1,2 @@
-"""inference"""
+"""Inference: the Upscaler API (`upscaler`), tiled super-resolution of large images (`tiling`) and the
+upscale command (`upscale`)."""
