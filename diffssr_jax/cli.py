@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Sequence
 from absl import app, flags
 
 # Loggers of the libraries whose INFO/WARNING chatter is hidden by default (orbax logs through absl).
-LIBRARY_LOGGERS = ("absl", "orbax", "jax", "jaxlib", "flax", "grain", "clu", "tensorflow", "tensorflow_datasets",
+LIBRARY_LOGGERS = ("absl", "orbax", "jax", "jaxlib", "flax", "grain", "tensorflow", "tensorflow_datasets",
                    "PIL", "torch", "urllib3", "h5py")
 HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull")
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130

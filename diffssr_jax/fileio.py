@@ -7,6 +7,7 @@ numpy-free and jax-free: the torch-only export tool uses it too.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import pathlib
@@ -57,3 +58,10 @@ def atomic_write(path, data: bytes | str) -> None:
 
 def atomic_write_json(path, obj, **dump_kwargs) -> None:
   atomic_write(path, json.dumps(obj, **dump_kwargs) + "\n")
+
+
+def file_sha256(path) -> str:
+  """Hex SHA-256 of a file's contents (export shards, the SAM checkpoint, checkpoint manifests);
+  `hashlib.file_digest` releases the GIL while hashing large chunks."""
+  with open(path, "rb") as f:
+    return hashlib.file_digest(f, "sha256").hexdigest()

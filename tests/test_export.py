@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffssr_jax import conventions, images
+from diffssr_jax import conventions, fileio, images
 from diffssr_jax.data import spe as spe_lib
 from diffssr_jax.data import export, hr_sources, records, rle, segmenters, tfrecord
 from diffssr_jax.data.imresize import imresize
@@ -155,7 +155,7 @@ def test_interrupted_export_resumes_to_identical_bytes(tmp_path):
   s = man["splits"]["train"]
   assert s["complete"] and s["num_images_done"] == 5
   for sh in s["shards"]:
-    assert sh["sha256"] == export.file_sha256(out / sh["file"])
+    assert sh["sha256"] == fileio.file_sha256(out / sh["file"])
   calls = _FailingAfter(seg, 0)  # a finished export is not redone
   export.run_export(src, out, cfg, segmenter=calls, progress=False)
   assert calls.calls == 0
@@ -272,7 +272,7 @@ def _tiny_sam(seed=0, dim=16):
 
 def test_file_sha256_known_value_and_sam_checkpoint_digest(tmp_path):
   (tmp_path / "abc").write_bytes(b"abc")
-  assert export.file_sha256(tmp_path / "abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+  assert fileio.file_sha256(tmp_path / "abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
   import torch
   ckpt = tmp_path / "tiny_sam.pth"
   torch.save(_tiny_sam(0).state_dict(), ckpt)

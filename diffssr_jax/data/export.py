@@ -183,12 +183,6 @@ def _atomic_write_json(path: pathlib.Path, obj) -> None:
   fileio.atomic_write_json(path, obj, indent=1, sort_keys=True)
 
 
-def file_sha256(path) -> str:
-  """Hex SHA-256 of a file's contents (shards here, the SAM checkpoint in `segmenters`)."""
-  with open(path, "rb") as f:
-    return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _read_journal(path: pathlib.Path) -> tuple[str | None, list[dict]]:
   """(fingerprint, entries) of a journal; a torn last line (crash mid-write) is ignored."""
   if not path.is_file():
@@ -264,7 +258,7 @@ def export_shard(ctx: RunContext, k: int, ids: list[str], progress=None) -> dict
         if progress is not None:
           progress.update(meta["images"])
         return meta
-      if partial.is_file() and file_sha256(partial) == meta["sha256"]:  # crashed between meta and rename
+      if partial.is_file() and fileio.file_sha256(partial) == meta["sha256"]:  # crashed between meta and rename
         os.replace(partial, final)
         journal.unlink(missing_ok=True)
         if progress is not None:
@@ -309,7 +303,7 @@ def export_shard(ctx: RunContext, k: int, ids: list[str], progress=None) -> dict
   meta = {
       "file": name, "fingerprint": ctx.fingerprint, "images": len(entries),
       "records": sum(e["records"] for e in entries), "bytes": partial.stat().st_size,
-      "sha256": file_sha256(partial),
+      "sha256": fileio.file_sha256(partial),
       "skipped": [{"id": e["id"], "path": e.get("path"), "error": e["error"]} for e in entries
                   if e["status"] == "skipped"],
       "no_tiles": [e["id"] for e in entries if e["status"] == "no_tiles"],

@@ -19,6 +19,8 @@ import pathlib
 
 import numpy as np
 
+from diffssr_jax import fileio
+
 SAM_DEFAULTS = dict(
     points_per_side=32, points_per_batch=64, pred_iou_thresh=0.88, stability_score_thresh=0.95,
     stability_score_offset=1.0, box_nms_thresh=0.7, crop_n_layers=0, crop_nms_thresh=0.7,
@@ -222,8 +224,7 @@ class SamSegmenter:
     d = {"name": self.name, "model_type": self.model_type, "params": dict(self.params)}
     if self.checkpoint is not None:
       if self._checkpoint_sha is None:
-        from diffssr_jax.data.export import file_sha256  # at call time: export imports this module
-        self._checkpoint_sha = file_sha256(self.checkpoint)
+        self._checkpoint_sha = fileio.file_sha256(self.checkpoint)
       d["checkpoint"] = os.path.basename(self.checkpoint)
       d["checkpoint_sha256"] = self._checkpoint_sha
     return d

@@ -98,7 +98,11 @@ def _png_chunk(tag: bytes, data: bytes) -> bytes:
 
 def png_with_text(data: bytes, text: Mapping[str, object]) -> bytes:
   """PNG bytes with `text` added as tEXt chunks (iTXt, UTF-8, for values outside Latin-1) right after the
-  header (PNG spec 11.3.4); the pixels are untouched. Keys are 1-79 printable Latin-1 characters."""
+  header (PNG spec 11.3.4); the pixels are untouched. Keys are 1-79 printable Latin-1 characters.
+
+  Written here because neither maintained writer in use can: OpenCV (which writes our 8- and 16-bit PNGs)
+  stores no text chunks (its metadata API takes EXIF, XMP and ICC only), and Pillow, which can, cannot write
+  16-bit colour PNGs. Adding the chunks to OpenCV's bytes is a few lines of the PNG framing."""
   if data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
     raise ValueError("not a PNG (bad signature or no IHDR chunk)")
   end_of_ihdr = 8 + 12 + struct.unpack(">I", data[8:12])[0]

@@ -53,7 +53,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -140,14 +139,6 @@ def load_config(workdir) -> ml_collections.ConfigDict:
 
 
 # ----------------------------------------------------------------------------- manifests
-def _sha256(path: pathlib.Path) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 22), b""):
-      h.update(chunk)  # releases the GIL on large chunks: hashing in orbax's thread does not stall training
-  return h.hexdigest()
-
-
 def _sealed_files(step_dir: pathlib.Path) -> list[str]:
   return sorted(p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*")
                 if p.is_file() and not (p.parent == step_dir and p.name in _NOT_SEALED))
@@ -156,7 +147,7 @@ def _sealed_files(step_dir: pathlib.Path) -> list[str]:
 def write_manifest(step_dir) -> None:
   """Records size and SHA-256 of every file of a finished checkpoint step (atomically)."""
   step_dir = pathlib.Path(step_dir)
-  files = {rel: {"size": (step_dir / rel).stat().st_size, "sha256": _sha256(step_dir / rel)}
+  files = {rel: {"size": (step_dir / rel).stat().st_size, "sha256": fileio.file_sha256(step_dir / rel)}
            for rel in _sealed_files(step_dir)}
   fileio.atomic_write_json(step_dir / MANIFEST_NAME, {"format": MANIFEST_FORMAT, "files": files}, indent=1)
 
@@ -182,7 +173,7 @@ def verify_files(step_dir) -> bool:
     if f.stat().st_size != want["size"]:
       raise DamagedCheckpointError(step_dir, f"file {rel} has {f.stat().st_size} bytes, {want['size']} were saved")
   for rel, want in files.items():
-    if _sha256(step_dir / rel) != want["sha256"]:
+    if fileio.file_sha256(step_dir / rel) != want["sha256"]:
       raise DamagedCheckpointError(step_dir, f"file {rel} does not match its SHA-256 (bytes changed on disk)")
   return True
 
