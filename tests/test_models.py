@@ -47,6 +47,31 @@ def test_transpose_conv_matches_torch(stride, cin, cout, size):
   np.testing.assert_allclose(np.asarray(out), nchw_to_nhwc(ref), atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("stride", [2, 4])
+def test_transpose_conv_gradients_match_torch(stride):
+  """The sub-pixel form's input and weight gradients (its own plain convs) equal torch's ConvTranspose2d's."""
+  rng = np.random.default_rng(10 + stride)
+  cin, cout, k = 6, 5, 2 * stride
+  w = rng.normal(size=(cin, cout, k, k)).astype(np.float32)
+  b = rng.normal(size=(cout,)).astype(np.float32)
+  x = rng.normal(size=(2, cin, 5, 7)).astype(np.float32)
+  g = rng.normal(size=(2, cout, 5 * stride, 7 * stride)).astype(np.float32)
+  xt, wt, bt = (torch.from_numpy(a).requires_grad_() for a in (x, w, b))
+  torch.nn.functional.conv_transpose2d(xt, wt, bt, stride=stride, padding=stride // 2).backward(torch.from_numpy(g))
+  layer = conv_transpose_torch(cout, stride, None, jnp.float32)
+
+  def loss(params, xn):
+    return jnp.sum(layer.apply(params, xn) * jnp.asarray(nchw_to_nhwc(g)))
+
+  params = {"params": {"kernel": jnp.asarray(np.transpose(w, (2, 3, 1, 0))), "bias": jnp.asarray(b)}}
+  with jax.default_matmul_precision("highest"):
+    gp, gx = jax.grad(loss, argnums=(0, 1))(params, jnp.asarray(nchw_to_nhwc(x)))
+  np.testing.assert_allclose(np.asarray(gx), nchw_to_nhwc(xt.grad.numpy()), rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(np.asarray(gp["params"]["kernel"]), np.transpose(wt.grad.numpy(), (2, 3, 1, 0)),
+                             rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(np.asarray(gp["params"]["bias"]), bt.grad.numpy(), rtol=1e-4, atol=1e-3)
+
+
 def test_reflect_conv_strided_matches_torch():
   rng = np.random.default_rng(0)
   w = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)

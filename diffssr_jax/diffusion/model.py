@@ -50,6 +50,17 @@ class SRDiffusion:
     (`models.initializers`: seconds faster than compiling ~170 initialisers) and put on the device."""
     return jax.device_put(draw_params(self.param_shapes(), seed_of(rng)))
 
+  @property
+  def dtype(self):
+    """The networks' compute dtype."""
+    return jnp.dtype(self.unet.dtype)
+
+  def cast_for_compute(self, variables):
+    """`variables` with floating leaves in the compute dtype. The layers cast their float32 params on every
+    call; a loop that calls them many times with the same params (the sampler's reverse steps) casts once
+    before the loop instead, so its body holds no converts of weights (the layers' own cast is then a no-op)."""
+    return jax.tree.map(lambda a: a.astype(self.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, variables)
+
   def encode(self, rrdb_vars, lr, decode: bool = False):
     """(RRDB image or None, RRDB features)."""
     return self.rrdb.apply(rrdb_vars, lr, decode=decode)
@@ -68,23 +79,29 @@ class SRDiffusion:
     return process.res2img(res, lr_up, self.res_rescale, self.clip_input)
 
 
-def compute_dtype(name: str):
-  """The networks' compute dtype for `model.dtype`: "auto" is bfloat16 on GPU/TPU and float32 on CPU
-  (XLA:CPU has no fast bfloat16 convolutions); params, optimizer state and the diffusion math are
-  float32 either way."""
+ACCELERATOR_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
+
+
+def compute_dtype(name: str, platform: str | None = None):
+  """The networks' compute dtype for `model.dtype`: "auto" is bfloat16 for a GPU/TPU program and float32
+  for a CPU one (XLA:CPU has no fast bfloat16 convolutions); params, optimizer state and the diffusion
+  math are float32 either way. `platform` is the platform the program is compiled for (`jax.Device.platform`,
+  or a deviceless target's); None means the default backend's. It matters when the two differ: a GPU
+  program compiled ahead of time on a CPU host is still a GPU program."""
   if name == "auto":
-    return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+    platform = (platform or jax.default_backend()).lower()
+    return jnp.bfloat16 if platform in ACCELERATOR_PLATFORMS else jnp.float32
   if name not in ("float32", "bfloat16"):
     raise ValueError(f"model.dtype must be auto, float32 or bfloat16, got {name!r}")
   return jnp.dtype(name)
 
 
-def build_model(config, dtype: str | None = None) -> SRDiffusion:
+def build_model(config, dtype: str | None = None, platform: str | None = None) -> SRDiffusion:
   """From a config with `model` and `diffusion` sections (see configs/base.py); `dtype` overrides
-  `config.model.dtype`."""
+  `config.model.dtype`; `platform` is the one the model's programs are compiled for (see `compute_dtype`)."""
   m, d = config.model, config.diffusion
   if d.modulation not in process.MODULATIONS:
     raise ValueError(f"diffusion.modulation must be one of {process.MODULATIONS}, got {d.modulation!r}")
-  dt = compute_dtype(dtype or m.dtype)
+  dt = compute_dtype(dtype or m.dtype, platform)
   return SRDiffusion(rrdb=build_rrdb(m, dt), unet=build_unet(m, dt), schedule=schedule_from_config(d),
                      modulation=d.modulation, res_rescale=d.res_rescale, clip_input=d.clip_input)

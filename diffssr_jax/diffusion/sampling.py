@@ -42,6 +42,13 @@ def prepare(model: SRDiffusion, params, lr):
   return rrdb_out, model.condition(params["unet"], feats)
 
 
+def _prepare_run(model: SRDiffusion, params, lr):
+  """(RRDB image, condition, U-Net params in the compute dtype): the per-run work before the reverse loop.
+  The U-Net weights are cast once here, not in every step of the loop."""
+  rrdb_out, cond = prepare(model, params, lr)
+  return rrdb_out, cond, model.cast_for_compute(params["unet"])
+
+
 def timesteps_for(model: SRDiffusion, sampler: str, steps: int | None) -> np.ndarray:
   T = model.num_timesteps
   if sampler == "ddpm":
@@ -81,10 +88,10 @@ def sample(model: SRDiffusion, params, lr, lr_up, key, *, sampler="ddpm", steps=
   `make_sampler` for one compiled function per sampling run.
   """
   ts = timesteps_for(model, sampler, steps)
-  rrdb_out, cond = prepare(model, params, lr)
+  rrdb_out, cond, unet_vars = _prepare_run(model, params, lr)
   k_init, k_steps = jax.random.split(key)
   x_T = jax.random.normal(k_init, lr_up.shape, jnp.float32)
-  x = _reverse(model, params["unet"], cond, x_T, ts, sampler, eta, key=k_steps)
+  x = _reverse(model, unet_vars, cond, x_T, ts, sampler, eta, key=k_steps)
   return model.res2img(x, lr_up), rrdb_out
 
 
@@ -92,8 +99,8 @@ def sample_with_noises(model: SRDiffusion, params, lr, lr_up, noises):
   """DDPM sampling with explicit noises: noises[0] = x_T, noises[1 + i] = the noise of the i-th step
   (timestep T-1-i); the layout of the official reference run."""
   ts = timesteps_for(model, "ddpm", None)
-  rrdb_out, cond = prepare(model, params, lr)
-  x = _reverse(model, params["unet"], cond, noises[0], ts, "ddpm", 0.0, noises=noises[1:])
+  rrdb_out, cond, unet_vars = _prepare_run(model, params, lr)
+  x = _reverse(model, unet_vars, cond, noises[0], ts, "ddpm", 0.0, noises=noises[1:])
   return model.res2img(x, lr_up), rrdb_out
 
 

@@ -3,11 +3,17 @@
 Params are float32 with Flax's default initialisation (see `initializers`); compute runs in the `dtype`
 given (bfloat16 on accelerators). PyTorch's `ReflectionPad2d(1) + Conv2d(k=3)` is
 `nn.Conv(padding="REFLECT")` (flax reflects (1, 1) for a 3x3 kernel at any stride) and
-`ConvTranspose2d(k, s, p)` is `nn.ConvTranspose(padding=k-1-p, transpose_kernel=True)`.
+`ConvTranspose2d(2s, s, s/2)` is `SubpixelConvTranspose` (same params as
+`nn.ConvTranspose(padding=k-1-p, transpose_kernel=True)`, computed as one 2x2 conv + depth-to-space).
 """
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 
 def conv3x3(features: int, name: str | None, dtype) -> nn.Conv:
@@ -20,9 +26,63 @@ def reflect_conv3x3(features: int, name: str | None, dtype, strides: int = 1) ->
   return nn.Conv(features, (3, 3), strides=strides, padding="REFLECT", dtype=dtype, name=name)
 
 
-def conv_transpose_torch(features: int, stride: int, name: str | None, dtype) -> nn.ConvTranspose:
+def subpixel_taps(stride: int) -> np.ndarray:
+  """For each 2x2 window tap a in {0, 1} and block offset j in [0, s): the transposed-conv kernel index
+  s * (1 - a) + j that `SubpixelConvTranspose` reads (shape (2, s)).
+
+  ConvTranspose2d(k=2s, s, p=s/2) computes y[o] = sum_i x[i] w[o - s i + p] over 0 <= o - s i + p < 2s, so
+  every output reads exactly two adjacent inputs. Output o = s m + s/2 + j (j in [0, s)) reads inputs m
+  (tap a = 0) and m + 1 (a = 1) with kernel index o - s (m + a) + s/2 = s (1 - a) + j."""
+  return stride * (1 - np.arange(2))[:, None] + np.arange(stride)[None, :]
+
+
+def subpixel_kernel(kernel: jax.Array, stride: int) -> jax.Array:
+  """The (k, k, out, in) transposed-conv kernel as the (2, 2, in, s*s*out) kernel of its sub-pixel conv
+  (output channels ordered (row offset, column offset, out)): a gather of the weights, no arithmetic."""
+  idx = subpixel_taps(stride)
+  # [a, jh, b, jw, out, in] = kernel[idx[a, jh], idx[b, jw], out, in]
+  k = kernel[idx[:, :, None, None], idx[None, None, :, :]]
+  out, cin = kernel.shape[2], kernel.shape[3]
+  return k.transpose(0, 2, 5, 1, 3, 4).reshape(2, 2, cin, stride * stride * out)
+
+
+class SubpixelConvTranspose(nn.Module):
+  """PyTorch's ConvTranspose2d(in, features, kernel=2s, stride=s, padding=s/2) (output = s x input), with
+  `nn.ConvTranspose(transpose_kernel=True)`'s params (kernel (2s, 2s, features, in) = the torch weight
+  transposed (2, 3, 1, 0), bias (features,)), computed in its sub-pixel form: one stride-1 2x2 conv of the
+  zero-padded input to s*s*features channels, then depth-to-space and a crop of s/2 pixels per side.
+
+  Why not `nn.ConvTranspose` itself: its lhs-dilated conv has a weight gradient that XLA lowers (on GPU
+  and TPU) to a forward conv whose window is the whole dilated activation (40x40 to 80x80 windows with
+  rhs_dilation s, fed by reversed and transposed copies of the activations): a slow path of cuDNN and XLA.
+  Here forward, input gradient and weight gradient are all plain stride-1 convs with the same FLOPs
+  (4 taps per output, as the transposed conv), and the depth-to-space keeps the channels minor.
+  """
+  features: int
+  stride: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  kernel_init: Any = nn.initializers.lecun_normal()
+  bias_init: Any = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, x):
+    s, f = self.stride, self.features
+    if s % 2:
+      raise ValueError(f"SubpixelConvTranspose needs an even stride (kernel 2s, padding s/2), got {s}")
+    kernel = self.param("kernel", self.kernel_init, (2 * s, 2 * s, f, x.shape[-1]), self.param_dtype)
+    bias = self.param("bias", self.bias_init, (f,), self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    b, h, w, _ = x.shape
+    y = jax.lax.conv_general_dilated(x, subpixel_kernel(kernel, s), (1, 1), ((1, 1), (1, 1)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    # Window m (m = -1 .. h-1) holds outputs s m + s/2 + j: depth-to-space, then drop s/2 rows/cols per side.
+    y = y.reshape(b, h + 1, w + 1, s, s, f).transpose(0, 1, 3, 2, 4, 5).reshape(b, (h + 1) * s, (w + 1) * s, f)
+    y = y[:, s // 2: s // 2 + h * s, s // 2: s // 2 + w * s]
+    return y + bias
+
+
+def conv_transpose_torch(features: int, stride: int, name: str | None, dtype) -> SubpixelConvTranspose:
   """PyTorch ConvTranspose2d(in, features, kernel=2*stride, stride, padding=stride//2): output = stride x
-  input. The kernel is (k, k, features, in): the torch weight (in, out, k, k) transposed (2, 3, 1, 0)."""
-  k, p = 2 * stride, stride // 2
-  return nn.ConvTranspose(features, (k, k), strides=(stride, stride), padding=((k - 1 - p, k - 1 - p),) * 2,
-                          transpose_kernel=True, dtype=dtype, name=name)
+  input (see `SubpixelConvTranspose`)."""
+  return SubpixelConvTranspose(features, stride, dtype=dtype, name=name)
