@@ -4,6 +4,10 @@
   python -m diffssr_jax.benchmarks.model sample --size 1356x2040 --sampler ddpm
   python -m diffssr_jax.benchmarks.model sample --size 1356x2040 --sampler ddim --steps 25 --eta 1
   python -m diffssr_jax.benchmarks.model sample --size 256 --runs 0          # parts only, no whole run
+  python -m diffssr_jax.benchmarks.model compile --target h200 --program both  # for a GPU/TPU not there
+
+`compile` (diffssr_jax.benchmarks.compile) compiles for a GPU or TPU target without the device and reports
+memory, FLOPs and HLO facts; the other subcommands run on this machine's devices.
 
 The network is the paper's (configs/base.py) unless `--config` names another config file; `--dtype` overrides
 `model.dtype` ("auto": bfloat16 on GPU/TPU, float32 on CPU). Params are random (speed does not depend on them)
@@ -323,7 +327,26 @@ def parse_args(argv=None):
   sa.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
   sa.add_argument("--runs", type=int, default=1,
         help="timed whole sampling runs after a warm-up run; 0 skips them (estimate from the parts)")
+  co = sub.add_parser("compile", help="compile the train step and/or sampler for a GPU/TPU not present "
+                      "(memory, FLOPs, HLO facts)", formatter_class=fmt)
+  from diffssr_jax.benchmarks import targets
+  co.add_argument("--target", required=True, choices=list(targets.TARGETS), help="the accelerator to compile for")
+  co.add_argument("--program", default="both", choices=["train", "sample", "both"], help="what to compile")
+  co.add_argument("--config", default=None, help="config file with get_config() (default: configs/base.py)")
+  co.add_argument("--dtype", default="config", choices=["config", "auto", "float32", "bfloat16"],
+        help="compute dtype (config: the config's model.dtype; auto: the target's, bfloat16 on GPU/TPU)")
+  co.add_argument("--remat", action="store_true", help="recompute activations in the backward pass (model.remat_*)")
+  co.add_argument("--batch_size", type=int, default=16, help="train: global batch")
+  co.add_argument("--patch_size", type=int, default=160, help="train: HR patch size")
+  co.add_argument("--grad_accum_steps", type=int, default=0, help="train: micro-batches per step (0: the config's)")
+  co.add_argument("--size", type=parse_size, default=(256, 256), help="sample: HR output size, SIZE or HxW")
+  co.add_argument("--sample_batch_size", type=int, default=1, help="sample: images (tiles) per sampling run")
+  co.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="sample: reverse process")
+  co.add_argument("--steps", type=int, default=None, help="sample: reverse steps (ddpm: all T; ddim: default T)")
+  co.add_argument("--eta", type=float, default=0.0, help="sample: DDIM eta")
   args = cli.parse_argparse(parser, argv)
+  if args.command == "compile":
+    return args
   if args.repeats < 1:
     parser.error("--repeats must be at least 1")
   return args
@@ -331,6 +354,14 @@ def parse_args(argv=None):
 
 def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
+  if args.command == "compile":
+    from diffssr_jax.benchmarks import compile as compile_cmd, targets
+    compile_cmd.use_cpu_host()
+    try:
+      return compile_cmd.run(args)
+    except (targets.TargetUnavailable, ValueError) as e:
+      cli.error(str(e))
+      return cli.EXIT_ERROR
   result = bench_train(args) if args.command == "train" else bench_sample(args)
   print(json.dumps(result), flush=True)
   return result
