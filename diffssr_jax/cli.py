@@ -15,6 +15,11 @@ user errors such as missing folders or checkpoints (exit 1) as one line on stder
 `run_absl` does the same for the training entry point, which keeps absl's global flags (ml_collections'
 config flags need them).
 
+Start-up: importing this module (every command imports it before anything imports jax) calls
+`cpu_if_no_accelerator`, which sets JAX_PLATFORMS=cpu on machines without GPU or TPU device nodes, so that an
+installed accelerator plugin (the CUDA compiler plugin `diffssr-benchmark compile` uses, or libtpu) does not
+print its failed start-up on CPU-only machines.
+
 Console scripts (pyproject.toml): diffssr-train, diffssr-evaluate, diffssr-upscale, diffssr-benchmark and
 diffssr-export-masks are the functions at the end of this module. This module imports no jax (the export tool
 must run on machines without it), and the commands import theirs lazily.
@@ -22,6 +27,7 @@ must run on machines without it), and the commands import theirs lazily.
 from __future__ import annotations
 
 import argparse
+import glob
 import logging
 import os
 import re
@@ -40,6 +46,28 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 _VERBOSITY_HELP = ("0: our progress only, libraries' messages hidden (errors still shown); 1 (-v): libraries' "
                    "info and warnings too; 2 (-vv): debug output, and the traceback behind an error.")
+
+
+# What the accelerator drivers create: NVIDIA's (/dev/nvidia0, /dev/nvidiactl), AMD's ROCm (/dev/kfd), TPU VMs'
+# (/dev/accel0.. on v2-v5e, VFIO groups /dev/vfio/0.. on v5p/v6e).
+ACCELERATOR_DEVICE_NODES = ("/dev/nvidia*", "/dev/kfd", "/dev/accel*", "/dev/vfio/[0-9]*")
+
+
+def cpu_if_no_accelerator(environ=os.environ) -> bool:
+  """Sets JAX_PLATFORMS=cpu when it is unset and the machine has no accelerator device nodes; returns whether
+  it did. Must run before jax is imported (jax reads JAX_PLATFORMS when it loads).
+
+  Not a guess: without a device node no GPU or TPU backend can start (the nodes are what the kernel drivers
+  create for each chip, and every backend opens them), so jax would end up on the CPU anyway, but only after
+  each installed plugin has tried and failed: the CUDA plugin prints a ~30-line traceback, libtpu a page of
+  warnings. An explicit JAX_PLATFORMS (even "") is the user's choice and left alone."""
+  if "JAX_PLATFORMS" in environ or any(glob.glob(pattern) for pattern in ACCELERATOR_DEVICE_NODES):
+    return False
+  environ["JAX_PLATFORMS"] = "cpu"
+  return True
+
+
+cpu_if_no_accelerator()
 
 
 class UserError(Exception):

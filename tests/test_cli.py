@@ -186,3 +186,37 @@ def test_both_spellings_reach_the_commands(tmp_path, capsys):
                    define_flags=upscale.define_flags, main=main, doc=upscale.__doc__)
   assert status == 0 and seen == {"batch_size": 2, "progress": False, "fail_fast": True, "inputs": ["in-dir"]}
   assert export_cli.parse_shard_list("0,2-4, 7") == [0, 2, 3, 4, 7] and export_cli.parse_shard_list("") is None
+
+
+def test_cpu_if_no_accelerator_follows_the_device_nodes(monkeypatch):
+  """JAX_PLATFORMS=cpu only when it is unset and no GPU/TPU device node exists; never overrides the user's."""
+  present = set()
+  monkeypatch.setattr(cli.glob, "glob", lambda pattern: [pattern] if pattern in present else [])
+  env = {}
+  assert cli.cpu_if_no_accelerator(env) and env == {"JAX_PLATFORMS": "cpu"}
+  for given in ("", "cuda", "tpu,cpu"):
+    env = {"JAX_PLATFORMS": given}
+    assert not cli.cpu_if_no_accelerator(env) and env == {"JAX_PLATFORMS": given}
+  for node in cli.ACCELERATOR_DEVICE_NODES:
+    present = {node}
+    env = {}
+    assert not cli.cpu_if_no_accelerator(env) and env == {}, node
+
+
+def test_cpu_only_machine_starts_jax_quietly():
+  """On this machine (no accelerator nodes) a command's start-up (importing diffssr_jax.cli before jax) puts jax on
+  the CPU before any installed plugin tries its device: no CUDA-plugin traceback, no libtpu warnings."""
+  import glob
+  import os
+  import subprocess
+  import sys
+  if any(glob.glob(p) for p in cli.ACCELERATOR_DEVICE_NODES):
+    pytest.skip("this machine has accelerator device nodes")
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  code = ("import os, diffssr_jax.cli, jax; print(os.environ['JAX_PLATFORMS'], jax.default_backend(), "
+          "len(jax.devices()))")
+  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.split()[:2] == ["cpu", "cpu"]
+  assert "Traceback" not in proc.stderr and "plugin" not in proc.stderr.lower() and "TPU" not in proc.stderr, \
+      proc.stderr
