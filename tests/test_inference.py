@@ -3,7 +3,9 @@
 `tiny_model()` is shared with test_evaluate.py and test_upscale.py: one model object, so the samplers compiled
 for it (cached per model in inference.py) are reused across these modules.
 """
+import copy
 import functools
+import types
 
 import jax
 import numpy as np
@@ -314,3 +316,34 @@ def test_load_official_checkpoint(tiny, tmp_path):
   img = _rand((9, 7, 3), seed=8)
   loaded = Upscaler.load(checkpoint=path, config=cfg, mode="rrdb")
   np.testing.assert_array_equal(loaded.upscale(img), Upscaler(model, params, config=cfg, mode="rrdb").upscale(img))
+
+
+def test_default_tile_follows_the_device_memory(tiny):
+  """The default tile: 256 where the device reports no memory (the CPU), else the largest multiple of 64 whose
+  batch of tiles fits the measured sampler memory in 80% of the device's bytes_limit, within [64, 1024]."""
+  from diffssr_jax.inference import upscaler as upscaler_mod
+  tile_for = upscaler_mod.tile_for_memory
+  assert tile_for(None, 4, 4) == upscaler_mod.DEFAULT_TILE == 256
+  # A 16 GB TPU v5e, 24 and 40 GB GPUs (jax's default pool: 75%); 4 tiles per call, x4.
+  assert [tile_for(int(b), 4, 4) for b in (16e9, 0.75 * 24e9, 0.75 * 40e9)] == [576, 576, 768]
+  assert [tile_for(int(b), 4, 4, "float32") for b in (16e9, 0.75 * 24e9, 0.75 * 40e9)] == [384, 448, 576]
+  assert tile_for(int(141e9), 4, 4) == upscaler_mod.MAX_TILE and tile_for(10**8, 4, 4) == upscaler_mod.MIN_TILE
+  for limit in (4e9, 16e9, 40e9):
+    for batch in (1, 4):
+      for dtype in ("bfloat16", "float32"):
+        t = tile_for(int(limit), batch, 4, dtype)
+        need = lambda tile: (upscaler_mod.SAMPLING_FIXED_BYTES  # noqa: E731
+                             + batch * upscaler_mod.SAMPLING_BYTES_PER_HR_PIXEL[dtype] * (4 * tile) ** 2)
+        assert t % 64 == 0 and need(t) <= 0.8 * limit < need(t + 64) or t == upscaler_mod.MAX_TILE
+  # The Upscaler asks its devices: the CPU reports nothing (256); a device with a limit gets the rule's tile.
+  cfg, model, params, up = tiny
+  assert up.default_tile() == 256
+
+  class Device:
+    def memory_stats(self):
+      return {"bytes_limit": int(16e9)}
+
+  fake = copy.copy(up)
+  fake.mesh = types.SimpleNamespace(devices=np.array([Device(), Device()]), size=2)
+  # 4 tiles over 2 devices: 2 per device; the tiny model computes in float32 on the CPU.
+  assert fake.default_tile(4) == tile_for(int(16e9), 2, 4, "float32") == 576

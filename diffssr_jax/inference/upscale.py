@@ -159,7 +159,7 @@ def _failure(src, e: Exception) -> str:
 
 
 def upscale_files(make_upscaler: Callable[[], object], jobs, *, overwrite: bool = False, fail_fast: bool = False,
-                  seed: int = 0, tile: int = 256, overlap: int = 32, batch_size: int = 4, margin: int | None = None,
+                  seed: int = 0, tile: int | None = None, overlap: int = 32, batch_size: int = 4, margin: int | None = None,
                   show_progress: bool = True, log: Callable[[str], None] | None = None) -> dict[str, list]:
   """Runs the jobs; returns {"written": [dst...], "skipped": [dst...], "failed": [message...]} and, when
   Ctrl-C stopped it, "interrupted": True. The model is made by `make_upscaler()` only when some output is to
@@ -224,7 +224,9 @@ def define_flags(fv: flags.FlagValues) -> None:
       "Checkpoint step of --workdir (default: the newest verified one).")
   flags.DEFINE_string("output", None, "Output folder (required; must not be inside an input folder).", **d)
   flags.DEFINE_bool("rrdb", False, "Use the RRDB encoder's output alone (fast, deterministic, less detail).", **d)
-  flags.DEFINE_integer("tile", 256, "Tile size in LR pixels; larger images are tiled.", **d)
+  flags.DEFINE_integer("tile", None, "Tile size in LR pixels; larger images are tiled (default: from the device's "
+                       "memory, 64 to 1024 (Upscaler.default_tile); 256 where the device reports none, as the CPU).",
+                       **d)
   flags.DEFINE_integer("overlap", 32, "Overlap between tiles in LR pixels (at most half the tile).", **d)
   flags.DEFINE_integer("margin", None, "LR pixels at each shared tile edge given no weight (default: overlap/4).",
                        **d)
@@ -248,8 +250,10 @@ def main(argv, fv: flags.FlagValues) -> int:
     raise app.UsageError("give exactly one of --workdir or --checkpoint")
   if fv.sampler == "ddpm" and fv.steps is not None:
     raise app.UsageError("--steps is for --sampler ddim (ddpm runs all T steps)")
-  if fv.tile < 1 or fv.overlap < 0 or 2 * fv.overlap > fv.tile or fv.batch_size < 1:
-    raise app.UsageError(f"need --tile >= 1, 0 <= --overlap <= tile/2 and --batch_size >= 1 (got tile {fv.tile}, "
+  # Without --tile the tile is at least 64 (Upscaler.default_tile), so an overlap up to 32 always fits.
+  tile = 64 if fv.tile is None else fv.tile
+  if tile < 1 or fv.overlap < 0 or 2 * fv.overlap > tile or fv.batch_size < 1:
+    raise app.UsageError(f"need --tile >= 1, 0 <= --overlap <= tile/2 and --batch_size >= 1 (got tile {fv.tile or 'default, >= 64'}, "
                          f"overlap {fv.overlap}, batch_size {fv.batch_size})")
   try:
     jobs, errors = collect_jobs(inputs, fv.output)

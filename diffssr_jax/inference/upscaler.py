@@ -44,6 +44,44 @@ log = logging.getLogger(__name__)
 
 MODES = ("diffusion", "rrdb")
 
+# The default tile (LR pixels) where the device reports no memory size (the CPU: host memory is not the limit
+# that matters there, time is).
+DEFAULT_TILE = 256
+# The sampler's memory (`diffssr-benchmark compile --program sample`, H200 target, paper network, memory
+# analysis): affine in the HR pixels of a call, peak = fixed + per pixel x HR pixels x tiles (README, "Memory
+# guidance"). Fixed: the params and the RRDB's per-call buffers. Measured at 256² and 1356x2040, one image:
+#   bfloat16  165.4 MB and 1692.6 MB  ->  564 B per HR pixel + 128.5 MB
+#   float32   214.4 MB and 3177.4 MB  -> 1094 B per HR pixel + 142.7 MB
+SAMPLING_BYTES_PER_HR_PIXEL = {"bfloat16": 564, "float32": 1094}
+SAMPLING_FIXED_BYTES = 143 * 10**6
+# Share of the device's limit a call may plan for: the rest is headroom for the allocator's fragmentation, the
+# next batch's transfers and the executables themselves.
+TILE_MEMORY_FRACTION = 0.8
+TILE_STEP, MIN_TILE, MAX_TILE = 64, 64, 1024
+
+
+def tile_for_memory(bytes_limit: int | None, batch_size: int, scale: int, dtype="bfloat16") -> int:
+  """The default tile (LR pixels a side) for a device with `bytes_limit` bytes (None: unknown -> DEFAULT_TILE):
+  the largest multiple of TILE_STEP whose `batch_size` tiles fit in TILE_MEMORY_FRACTION of it by the measured
+  sampler memory of `dtype`, within [MIN_TILE, MAX_TILE]. Larger tiles mean fewer overlapping pixels computed
+  twice; past MAX_TILE (a 4096² HR tile) there is little left to gain and a compile per odd image size."""
+  if not bytes_limit:
+    return DEFAULT_TILE
+  per_pixel = SAMPLING_BYTES_PER_HR_PIXEL.get(np.dtype(dtype).name, SAMPLING_BYTES_PER_HR_PIXEL["float32"])
+  budget = TILE_MEMORY_FRACTION * bytes_limit - SAMPLING_FIXED_BYTES
+  side_hr = math.sqrt(max(budget, 0) / (batch_size * per_pixel))
+  tile = int(side_hr / scale) // TILE_STEP * TILE_STEP
+  return min(max(tile, MIN_TILE), MAX_TILE)
+
+
+def device_bytes_limit(device) -> int | None:
+  """The memory XLA may allocate on `device` (memory_stats()['bytes_limit']), or None when not reported (CPU)."""
+  try:
+    stats = device.memory_stats()
+  except Exception:  # noqa: BLE001 - backends without memory statistics raise or return None
+    return None
+  return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
+
 
 class ModelLoadError(UserError, ValueError):
   """A workdir or checkpoint could not be loaded; the message names it and says why."""
@@ -275,11 +313,23 @@ class Upscaler:
     return np.asarray(sr)[:n, :h * s, :w * s], np.asarray(rrdb)[:n, :h * s, :w * s]
 
   # ------------------------------------------------------------------ whole images
-  def upscale_signed(self, rgb: np.ndarray, seed: int = 0, tile: int = 256, overlap: int = 32, batch_size: int = 4,
-                     margin: int | None = None, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+  def default_tile(self, batch_size: int = 4) -> int:
+    """The tile size (LR pixels) used when none is given: from the device's memory (`tile_for_memory`; the
+    smallest device of the mesh, each holds its share of a batch), DEFAULT_TILE where it reports none."""
+    if self.mode == "rrdb":
+      return DEFAULT_TILE
+    limits = [device_bytes_limit(d) for d in self.mesh.devices.flat]
+    per_device = -(-batch_size // self.mesh.size)
+    return tile_for_memory(None if None in limits else min(limits), per_device, self.scale, self.model.dtype)
+
+  def upscale_signed(self, rgb: np.ndarray, seed: int = 0, tile: int | None = None, overlap: int = 32,
+                     batch_size: int = 4, margin: int | None = None,
+                     progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """One (H, W, 3) uint8/uint16 image -> float32 (H*s, W*s, 3) SR in [-1, 1] space. Images no larger than
-    `tile` (LR pixels) on both sides go through in one piece (key index 0); larger ones in overlapping tiles
-    blended by `tiling.upscale_tiled`, `batch_size` tiles per call, tile k (in order) with key index k + 1."""
+    `tile` (LR pixels; None: `default_tile`) on both sides go through in one piece (key index 0); larger ones in
+    overlapping tiles blended by `tiling.upscale_tiled`, `batch_size` tiles per call, tile k (in order) with key
+    index k + 1."""
+    tile = self.default_tile(batch_size) if tile is None else tile
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[2] != 3:
       raise ValueError(f"expected an (H, W, 3) image, got shape {rgb.shape}")
@@ -301,7 +351,7 @@ class Upscaler:
     return upscale_tiled(v8, sr_fn, self.scale, tile=tile, overlap=overlap, batch_size=batch_size, margin=margin,
                          progress=progress)
 
-  def upscale(self, image, seed: int = 0, tile: int = 256, overlap: int = 32, batch_size: int = 4,
+  def upscale(self, image, seed: int = 0, tile: int | None = None, overlap: int = 32, batch_size: int = 4,
               margin: int | None = None, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """An image (path, `images.LoadedImage`, or (H, W[, 3|4]) uint8/uint16 array; alpha ignored) -> its
     (H*s, W*s, 3) SR in the input's dtype, by the official rounding."""
@@ -311,7 +361,7 @@ class Upscaler:
     sr = self.upscale_signed(rgb, seed, tile, overlap, batch_size, margin, progress)
     return conventions.signed_to_pixels(sr, rgb.dtype)
 
-  def upscale_like_input(self, image: images.LoadedImage, seed: int = 0, tile: int = 256, overlap: int = 32,
+  def upscale_like_input(self, image: images.LoadedImage, seed: int = 0, tile: int | None = None, overlap: int = 32,
                          batch_size: int = 4, margin: int | None = None,
                          progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """The SR of a loaded image in the input's layout and bit depth: greyscale (mean of the SR channels,
