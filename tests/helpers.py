@@ -1,4 +1,6 @@
 """Small shared test utilities: tiny configs and the reference state dict."""
+import re
+
 import numpy as np
 
 from configs import base
@@ -37,3 +39,17 @@ def nchw_to_nhwc(a):
 
 def nhwc_to_nchw(a):
   return np.transpose(np.asarray(a), (0, 3, 1, 2))
+
+
+# The two lines each CUDA extension module of jax-cuda12-plugin (requirements.txt: the compile-only client)
+# writes when jax loads it on a machine without CUDA: absl's notice that logging is not initialised yet and the
+# cudart stub's INFO line. They come from C++ static initialisation before any logging set-up (no environment
+# variable or Python logging level reaches them), so they are the one output a command cannot silence.
+CUDA_STUB_LINE = re.compile(r"^WARNING: All log messages before absl::InitializeLog\(\) is called are written to "
+                            r"STDERR$|^I\d{4} [\d:.]+ +\d+ cudart_stub\.cc:\d+\] Could not find cuda drivers on your "
+                            r"machine, GPU will not be used\.$")
+
+
+def our_stderr_lines(stderr: str) -> list[str]:
+  """A command's stderr lines without the CUDA plugin's native start-up lines (see CUDA_STUB_LINE)."""
+  return [line for line in stderr.splitlines() if not CUDA_STUB_LINE.match(line)]
