@@ -24,8 +24,11 @@ One JSON line per program; keys:
                                    activations), generated_code (TPU; null where not reported: GPU);
                                    peak = arguments + outputs - aliases + temp, what the device holds while the
                                    program runs; *_gib the same in GiB.
-  tflop                            XLA's cost analysis of the lowered (pre-optimisation) HLO, whole program
-                                   (the compile-only GPU client has no post-compilation cost analysis).
+  tflop                            XLA's cost analysis of the lowered (pre-optimisation) HLO (the compile-only
+                                   GPU client has none after compilation), every loop trip counted: XLA's
+                                   analysis counts a loop body once, so for it the RRDB trunk is lowered
+                                   unrolled, the sampler adds steps - 1 reverse steps lowered alone, and a
+                                   train step with gradient accumulation is lowered as one pass over the batch.
   convs, convs_total, dilated_convs, dilated_conv_windows, transposes_1mib, transposes_mib, loops,
   host_transfers                   HLO facts of the optimised program, see `diffssr_jax.benchmarks.hlo`.
 """
@@ -131,6 +134,31 @@ def lowered_flops(lowered) -> float | None:
   return float(cost["flops"]) if cost and "flops" in cost else None
 
 
+def program_flops(program: str, target, config, dtype, remat, mesh, **kw) -> float | None:
+  """The whole program's FLOPs with every loop trip counted (see the module docstring); lowering only."""
+  import jax
+  import jax.numpy as jnp
+  from diffssr_jax.diffusion import sampling
+  config = config.copy_and_resolve_references()
+  config.model.rrdb_unroll = config.model.rrdb_num_blocks
+  model = build(target, config, dtype, remat)
+  if program == "train":
+    fn, args, _ = train_program(model, config, mesh, kw["batch_size"], kw["patch_size"], grad_accum_steps=1)
+    return lowered_flops(fn.lower(*args))
+  fn, args, info = sampler_program(model, mesh, kw["size"], kw["batch_size"], kw["sampler"], kw["steps"], kw["eta"])
+  total = lowered_flops(fn.lower(*args))
+  params, lr, lr_up, _ = args
+  cond = jax.eval_shape(lambda p, lr: sampling.prepare(model, p, lr)[1], params, lr)
+  t = jax.ShapeDtypeStruct((), jnp.int32)
+  if kw["sampler"] == "ddpm":
+    step = lambda u, c, x, t: sampling.ddpm_step(model, u, c, x, t, x)[0]  # noqa: E731
+  else:
+    step = lambda u, c, x, t: sampling.ddim_step(model, u, c, x, t, t - 1, x, kw["eta"])[0]  # noqa: E731
+  unet = jax.eval_shape(model.cast_for_compute, params["unet"])
+  one = lowered_flops(jax.jit(step).lower(unet, cond, lr_up, t))
+  return None if total is None or one is None else total + (info["steps"] - 1) * one
+
+
 def memory(compiled) -> dict:
   m = compiled.memory_analysis()
   out = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
@@ -148,7 +176,7 @@ def weight_sizes(model) -> frozenset:
   return frozenset(int(np.prod(a.shape)) for a in jax.tree.leaves(model.param_shapes()))
 
 
-def compile_one(fn, args, model=None) -> tuple[dict, object]:
+def compile_one(fn, args, model=None, flops=None) -> tuple[dict, object]:
   """(timings, memory, FLOPs and HLO facts; the compiled executable) of jitted `fn` at abstract `args`."""
   from diffssr_jax.benchmarks import hlo
   t0 = time.perf_counter()
@@ -156,7 +184,7 @@ def compile_one(fn, args, model=None) -> tuple[dict, object]:
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
-  flops = lowered_flops(lowered)
+  flops = lowered_flops(lowered) if flops is None else flops()
   return {"lower_seconds": round(t1 - t0, 2), "compile_seconds": round(t2 - t1, 2), "memory": memory(compiled),
           "tflop": None if flops is None else float(f"{flops / 1e12:.4g}"), **hlo.facts(compiled.as_text(), weight_sizes=weight_sizes(model) if model is not None else frozenset())}, compiled
 
@@ -180,18 +208,22 @@ def run(args) -> list[dict]:
             "dtype": np.dtype(model.dtype).name, "remat": bool(args.remat), "jax": jax.__version__,
             "cpu_count": os.cpu_count(), "config": args.config or "configs/base.py"}
   programs = PROGRAMS if args.program == "both" else (args.program,)
+  flops_of = lambda name, **kw: (lambda: program_flops(name, target, config, args.dtype, args.remat, mesh, **kw))  # noqa: E731
   results = []
   for name in programs:
     load = os.getloadavg()[0]
     if name == "train":
       fn, fargs, info = train_program(model, config, mesh, args.batch_size, args.patch_size, args.grad_accum_steps)
       info = {"batch_size": args.batch_size, "patch_size": args.patch_size, **info}
+      flops = flops_of(name, batch_size=args.batch_size, patch_size=args.patch_size)
     else:
       fn, fargs, info = sampler_program(model, mesh, args.size, args.sample_batch_size, args.sampler, args.steps,
                                         args.eta)
       info = {"batch_size": args.sample_batch_size, "size": "x".join(map(str, args.size)), "sampler": args.sampler,
               **info}
-    result, _ = compile_one(fn, fargs, model)
+      flops = flops_of(name, size=args.size, batch_size=args.sample_batch_size, sampler=args.sampler,
+                       steps=args.steps, eta=args.eta)
+    result, _ = compile_one(fn, fargs, model, flops)
     result = {"program": name, **common, **info, **result,
               "load_avg_1m": round(max(load, os.getloadavg()[0]), 2)}
     print(json.dumps(result), flush=True)
