@@ -160,7 +160,7 @@ def test_benchmark_script_runs_its_parser(capsys):
   fn = importlib.metadata.EntryPoint("b", SCRIPTS["diffssr-benchmark"], "console_scripts").load()
   with pytest.raises(SystemExit) as e:
     fn(["diffssr-benchmark", "--help"])
-  assert e.value.code == 0 and "{train,sample}" in capsys.readouterr().out
+  assert e.value.code == 0 and "{train,sample,compile}" in capsys.readouterr().out
 
 
 def test_one_sampler_default_for_evaluate_and_upscale():
