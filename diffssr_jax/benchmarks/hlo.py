@@ -211,6 +211,7 @@ class _LoopInvariants:
            and src.attr("index") == str(k):
           self.invariant.add(k)
     self.params = params
+    self._callers = {}  # fused/called computation -> (caller's computation, the calling instruction)
 
   def _from_invariant(self, comp_name: str, value: str, depth: int = 0) -> bool:
     comp = self.comps[comp_name]
@@ -234,7 +235,6 @@ class _LoopInvariants:
   def converts(self) -> list[tuple[Instruction, bool]]:
     """(convert, of a loop-invariant value?) for every convert in the body and the computations it calls
     (fusions and reductions; a nested loop's body is counted for that loop too)."""
-    self._callers = {}
     names = _reachable(self.comps, self.body)
     for c in names:
       for inst in self.comps[c].values():
@@ -310,5 +310,6 @@ def facts(text: str, min_bytes: int = MIB, weight_sizes=frozenset()) -> dict:
 
 
 if __name__ == "__main__":  # facts of an HLO text file: python -m diffssr_jax.benchmarks.hlo module.txt
+  import pathlib
   import sys
-  print(json.dumps(facts(open(sys.argv[1]).read())))
+  print(json.dumps(facts(pathlib.Path(sys.argv[1]).read_text())))
