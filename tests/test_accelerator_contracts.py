@@ -97,6 +97,21 @@ def test_train_step_has_no_dilated_window_convolution(train):
   assert train["dilated_convs"] == 0, train["dilated_conv_windows"]
 
 
+def test_train_step_weight_gradients_are_backward_filter_convs(train):
+  """Guards defect 1 in its second form: with the conv's own padding, the sub-pixel transposed conv's weight
+  gradient had a "kernel" (the output gradient) wider than its input, XLA swapped the operands (a window
+  reversal) and the GPU rewriter ran it as a forward conv with a whole-activation window (80x80 at 160²) fed by
+  NHWC->CHWN transposes. Every weight gradient is a cuDNN backward-filter conv, no window exceeds the
+  networks' 3x3 kernels, and no activation transpose moves the minor (channel) dimension."""
+  assert train["large_window_convs"] == 0, train["large_window_conv_windows"]
+  assert max(_windows(train)) <= 3
+  assert train["transposes_activations_minor_1mib"] == 0
+
+
+def _windows(result):
+  return [int(side) for w in result["conv_windows"] for side in w.split("x")]
+
+
 def test_sampler_loop_converts_no_parameters(sampler):
   """Guards defect 2: the sampler re-cast the U-Net's float32 weights to bfloat16 in every reverse step (converts
   of the loop-invariant weights inside the while body); they are cast once per run, before the loop."""
@@ -133,6 +148,17 @@ def test_detector_sees_the_dilated_weight_gradient_of_a_transposed_conv():
   grad = jax.jit(jax.grad(lambda p, x: jnp.sum(layer.apply(p, x).astype(jnp.float32))))
   facts = hlo.facts(grad.lower(params, x).compile().as_text())
   assert facts["dilated_convs"] >= 1, facts
+
+
+def test_detector_sees_a_weight_gradient_run_as_a_large_window_conv():
+  """A stride-1 2x2 conv padded inside the conv (the first sub-pixel form) has its weight gradient compiled as a
+  forward conv with a whole-activation window: the detector sees it."""
+  x, w = _target_args((2, 32, 32, 16), (2, 2, 16, 16))
+  conv = lambda w, x: jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  grad = jax.jit(jax.grad(lambda w, x: jnp.sum(conv(w, x).astype(jnp.float32))))
+  facts = hlo.facts(grad.lower(w, x).compile().as_text())
+  assert facts["large_window_convs"] >= 1, facts
 
 
 def test_detector_sees_a_parameter_cast_inside_a_loop():

@@ -8,6 +8,10 @@ What decides an accelerator program's speed and memory, checkable without the ac
                    "convolution"). The dtype is that of the conv's first operand (the activation or gradient).
   dilated_convs    convs whose window has `lhs_dilate` or `rhs_dilate` != 1 (a transposed conv's lhs-dilated
                    form, or the whole-activation "filter" of its weight gradient): slow paths of cuDNN and XLA.
+  conv_windows     the convs' window sizes (e.g. "3x3": count).
+  large_window_convs  convs with a window side > LARGE_WINDOW (the networks' kernels are at most 3x3): a weight
+                   gradient that XLA could not map to cuDNN's backward-filter conv runs as a forward conv whose
+                   window is the whole activation (e.g. 80x80), usually fed by NHWC->CHWN transposes.
   transposes       physical transposes of >= 1 MiB: `transpose` instructions (standalone, or the heroes of
                    transpose fusions and other fused transposes, i.e. in any computation) and layout-changing
                    `copy` instructions (the same permutation after layout assignment). Each counted once per
@@ -15,6 +19,10 @@ What decides an accelerator program's speed and memory, checkable without the ac
                    With `weight_sizes` (the element counts of the model's parameters) they are split into
                    transposes of weights (arrays with as many elements as one parameter: weights, their casts and
                    gradients in another layout) and of activations (everything else: what scales with the batch).
+                   `*_minor_*` counts only those whose physical minor dimension changes (e.g. NHWC -> CHWN): the
+                   true transposes, which need tiled transpose kernels. The others keep the minor dimension and
+                   permute contiguous rows of it (a depth-to-space with the channels minor): XLA emits them as
+                   plain loop fusions whose reads stay coalesced.
   loops            every `while` with XLA's `known_trip_count` (None when XLA could not tell) and, for its
                    body (with everything it calls), its number of convs, the `convert`s of loop-invariant values (parameters the loop
                    passes through unchanged, e.g. weights: a cast that belongs before the loop) and the
@@ -41,6 +49,7 @@ CUDNN_CONV_KINDS = {"__cudnn$convForward": "forward", "__cudnn$convBiasActivatio
                     "__cudnn$convBackwardFilter": "backward_filter"}
 # Ops a loop-invariant value may pass through (unchanged in value or only re-laid-out) before its convert.
 _PASS_THROUGH = {"bitcast", "copy", "reshape", "transpose", "get-tuple-element"}
+LARGE_WINDOW = 7
 _HOST_CALL = re.compile(r"callback|host", re.IGNORECASE)
 _ARRAY = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\](?:\{([^}]*)\})?")
 _HEADER = re.compile(r"^(ENTRY\s+)?%([^\s(]+)\s*\(.*\)\s*->\s*.*\{\s*$")
@@ -177,6 +186,34 @@ def _window_dilated(inst: Instruction) -> bool:
   return False
 
 
+def _window_sides(inst: Instruction) -> list[int]:
+  m = re.search(r"window=\{size=([0-9x]+)", inst.attrs)
+  return [int(v) for v in m.group(1).split("x")] if m else []
+
+
+def _minor_dim(layout: str | None, rank: int) -> int:
+  """The physical minor-most dimension of an array with this layout text ("3,2,1,0:T(8,128)"; None: default)."""
+  if not layout:
+    return rank - 1
+  return int(layout.split(":")[0].split(",")[0])
+
+
+def _changes_minor_dim(inst: Instruction, comp: dict[str, Instruction]) -> bool:
+  """Whether a transpose (or layout-changing copy) moves a different dimension into the minor position."""
+  src = comp.get(inst.operands[0]) if inst.operands else None
+  if src is None or not src.arrays or not inst.arrays:
+    return True
+  (_, sdims, slayout), (_, ddims, dlayout) = src.arrays[0], inst.arrays[0]
+  out_minor = _minor_dim(dlayout, len(ddims))
+  if inst.opcode == "copy":
+    return _minor_dim(slayout, len(sdims)) != out_minor
+  m = re.search(r"dimensions=\{([0-9,]*)\}", inst.attrs)
+  if not m:
+    return True
+  perm = [int(v) for v in m.group(1).split(",") if v]
+  return perm[out_minor] != _minor_dim(slayout, len(sdims))
+
+
 def _conv_kind(inst: Instruction) -> str | None:
   if inst.opcode == "convolution":
     return "convolution"
@@ -260,7 +297,8 @@ def facts(text: str, min_bytes: int = MIB, weight_sizes=frozenset()) -> dict:
   """The facts listed in the module docstring, as a JSON-able dict."""
   comps, entry = parse_module(text)
   convs = collections.Counter()
-  dilated, transposes, host = [], [], collections.Counter()
+  dilated, large, transposes, host = [], [], [], collections.Counter()
+  windows = collections.Counter()
   loops = []
   for cname, comp in comps.items():
     for inst in comp.values():
@@ -271,8 +309,11 @@ def facts(text: str, min_bytes: int = MIB, weight_sizes=frozenset()) -> dict:
         convs[f"{kind}:{dtype}"] += 1
         if _window_dilated(inst):
           dilated.append({"kind": kind, "dtype": dtype, "window": re.search(r"window=\{([^}]*)\}", inst.attrs)[1]})
+        windows["x".join(map(str, _window_sides(inst)))] += 1
+        if any(side > LARGE_WINDOW for side in _window_sides(inst)):
+          large.append({"kind": kind, "dtype": dtype, "window": re.search(r"window=\{([^}]*)\}", inst.attrs)[1]})
       if (inst.opcode == "transpose" or _is_physical_copy(inst, comp)) and inst.bytes >= min_bytes:
-        transposes.append((inst.bytes, _elements(inst) in weight_sizes))
+        transposes.append((inst.bytes, _elements(inst) in weight_sizes, _changes_minor_dim(inst, comp)))
       if inst.opcode in ("send", "recv") and "is_host_transfer=true" in inst.attrs:
         host[inst.opcode] += 1
       elif inst.opcode in ("infeed", "outfeed"):
@@ -300,10 +341,16 @@ def facts(text: str, min_bytes: int = MIB, weight_sizes=frozenset()) -> dict:
       "convs_total": sum(convs.values()),
       "dilated_convs": len(dilated),
       "dilated_conv_windows": dilated[:20],
+      "conv_windows": dict(sorted(windows.items())),
+      "large_window_convs": len(large),
+      "large_window_conv_windows": large[:20],
       "transposes_1mib": len(transposes),
-      "transposes_mib": round(sum(b for b, _ in transposes) / MIB, 2),
-      "transposes_activations_1mib": sum(not w for _, w in transposes),
-      "transposes_activations_mib": round(sum(b for b, w in transposes if not w) / MIB, 2),
+      "transposes_mib": round(sum(b for b, _, _ in transposes) / MIB, 2),
+      "transposes_activations_1mib": sum(not w for _, w, _ in transposes),
+      "transposes_activations_mib": round(sum(b for b, w, _ in transposes if not w) / MIB, 2),
+      "transposes_minor_mib": round(sum(b for b, _, m in transposes if m) / MIB, 2),
+      "transposes_activations_minor_1mib": sum(m and not w for _, w, m in transposes),
+      "transposes_activations_minor_mib": round(sum(b for b, w, m in transposes if m and not w) / MIB, 2),
       "loops": loops,
       "host_transfers": dict(host),
   }

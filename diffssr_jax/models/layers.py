@@ -74,7 +74,13 @@ class SubpixelConvTranspose(nn.Module):
     bias = self.param("bias", self.bias_init, (f,), self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     b, h, w, _ = x.shape
-    y = jax.lax.conv_general_dilated(x, subpixel_kernel(kernel, s), (1, 1), ((1, 1), (1, 1)),
+    # The input is zero-padded explicitly, behind an optimisation barrier, and the conv is VALID. With the
+    # padding inside the conv, the weight gradient's "kernel" (the output gradient, h+1 wide) is larger than
+    # its input (h wide), XLA swaps the two operands (a window reversal) and its GPU conv rewriter can no
+    # longer map it to a cuDNN backward-filter conv: it ran as a forward conv with an 80x80 (40x40, 20x20)
+    # window fed by NHWC->CHWN transposes. The barrier stops XLA folding the pad back into the conv.
+    x = jax.lax.optimization_barrier(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))))
+    y = jax.lax.conv_general_dilated(x, subpixel_kernel(kernel, s), (1, 1), "VALID",
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
     # Window m (m = -1 .. h-1) holds outputs s m + s/2 + j: depth-to-space, then drop s/2 rows/cols per side.
     y = y.reshape(b, h + 1, w + 1, s, s, f).transpose(0, 1, 3, 2, 4, 5).reshape(b, (h + 1) * s, (w + 1) * s, f)
