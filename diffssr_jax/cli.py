@@ -323,7 +323,20 @@ def run_absl(main: Callable[[list[str]], object], argv: Sequence[str] | None = N
     print_help(render_help(fv, doc or getattr(module, "__doc__", None), own))
     sys.exit(EXIT_OK)
   names, booleans = absl_flag_names(fv)
-  app.run(main, argv=normalize_argv(argv, names, booleans))
+  argv = normalize_argv(argv, names, booleans)
+  try:
+    app.run(main, argv=argv)
+  except (AttributeError, KeyError) as e:
+    if fv.is_parsed():
+      raise
+    # ml_collections' locked config flags raise these from absl's parser for an override of a key the
+    # config has not got (--config.train.bogus=1): a typo, told in one line instead of a 60-line traceback.
+    key = str(e).strip("'\"")
+    given = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--") and "." in a.split("=", 1)[0]]
+    given = [a for a in given if key in a[2:].split(".")] or given
+    error(f"unknown config key {key!r} ({', '.join(given) or 'command line'}): not in the config file; see the "
+          "keys of configs/base.py")
+    sys.exit(EXIT_USAGE)
 
 
 # ---------------------------------------------------------------- console scripts

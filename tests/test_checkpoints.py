@@ -308,19 +308,19 @@ def _snapshot(root):
           for p in root.rglob("*") if p.is_file()}
 
 
-def test_model_change_is_refused_before_anything_is_written(tmp_path, states):
+def test_model_change_is_refused_before_anything_is_written(tmp_path, states, shards):
   """The reported command (a trained workdir, --config.model.unet_dim changed) exits with the differing
   key and the ways forward; not one file of the workdir changes, with or without --allow_config_change."""
   _, _, st = states
   wd = tmp_path / "wd"
-  cfg = _tiny_train_config(tmp_path / "shards")
+  cfg = _tiny_train_config(shards / "shards")  # inputs that exist: the config's values are checked first
   checkpointing.save_config(cfg, wd)
   ck = checkpointing.Checkpointer(wd, use_async=False)
   ck.save(2, st[2])
   ck.close()
   before = _snapshot(wd)
   cmd = [sys.executable, "-m", "diffssr_jax.main", "--config", str(ROOT / "tests/configs/tiny_train.py"),
-         "--workdir", str(wd), f"--config.data.train_files={tmp_path / 'shards'}", "--config.model.unet_dim=16"]
+         "--workdir", str(wd), f"--config.data.train_files={shards / 'shards'}", "--config.model.unet_dim=16"]
   proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0
   assert "model.unet_dim: 8 in config.json, 16 now" in proc.stderr and "new --workdir" in proc.stderr
@@ -332,7 +332,7 @@ def test_model_change_is_refused_before_anything_is_written(tmp_path, states):
   assert _snapshot(wd) == before
 
 
-def test_safe_changes_need_the_flag_and_keep_the_old_config(tmp_path, states):
+def test_safe_changes_need_the_flag_and_keep_the_old_config(tmp_path, states, shards):
   _, _, st = states
   wd = tmp_path / "wd"
   cfg = _tiny_train_config(tmp_path / "shards")
@@ -345,7 +345,7 @@ def test_safe_changes_need_the_flag_and_keep_the_old_config(tmp_path, states):
   ck = checkpointing.Checkpointer(wd, use_async=False)
   ck.save(2, st[2])
   ck.close()
-  longer = _tiny_train_config(tmp_path / "elsewhere")
+  longer = _tiny_train_config(f"{shards}/shards/*.tfrecord")  # the same shards, named otherwise
   longer.train.num_steps = 20
   longer.optim.lr = 5e-4
   longer.optim.ema_decay = 0.99
