@@ -323,8 +323,26 @@ def run_fingerprint(cfg: ExportConfig, provider, ids) -> tuple[str, dict]:
   return digest, settings
 
 
+def exported_splits(out_dir: pathlib.Path) -> set[str]:
+  """The splits `out_dir` holds (finished or in progress): its manifest's and the export state's."""
+  found = {f.name[:-len("-config.json")] for f in (out_dir / STATE_DIR).glob("*-config.json")}
+  man = out_dir / "manifest.json"
+  if man.is_file():
+    try:
+      found |= set(json.loads(man.read_text()).get("splits", {}))
+    except (ValueError, AttributeError):
+      pass
+  return found
+
+
 def check_run_settings(out_dir: pathlib.Path, split: str, fingerprint: str, settings: dict) -> None:
-  """Records the run's settings on first use of `out_dir`; refuses to mix runs with other settings."""
+  """Records the run's settings on first use of `out_dir`; refuses to mix runs with other settings, and
+  a second split in one folder: training reads every shard of a folder, so a folder holds one split and
+  one tile geometry (a val export beside the train shards used to be trained on, tiles of two sizes)."""
+  others = sorted(exported_splits(out_dir) - {split})
+  if others:
+    raise ExportError(f"{out_dir} holds the '{others[0]}' split; one split per folder (training reads every "
+                      f"shard of its folder): export '{split}' into another --out, e.g. {out_dir / split}")
   path = out_dir / STATE_DIR / f"{split}-config.json"
   if path.is_file():
     old = json.loads(path.read_text())

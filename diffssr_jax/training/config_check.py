@@ -196,6 +196,17 @@ def problems(config, device_count: int = 1, process_count: int = 1) -> list[str]
         tfrecord.expand_files(files)
       except FileNotFoundError:
         k.bad("data.train_files", "matches no TFRecord file")
+      else:
+        if k.get("data.check_manifest") is True:
+          from diffssr_jax.data import source
+          try:  # every shard's export manifest entry: one split and one tile geometry
+            man = source.manifest_for(files)
+          except source.MixedExportError as e:
+            k.bad("data.train_files", str(e))
+          else:
+            exported = (man or {}).get("config", {}).get("scale")
+            if exported is not None and scale_ok and int(exported) != k.get("model.scale"):
+              k.bad("data.train_files", f"exported at scale {exported}, the model's is {k.get('model.scale')}")
   if k.int_("data.patch_size", 1) and scale_ok and levels:
     import numpy as np
     unit = int(np.lcm(k.get("model.scale"), conventions.unet_multiple(levels)))
