@@ -65,6 +65,11 @@ def main(argv):
   except preemption.Preempted as e:  # saved; non-zero so that a scheduler runs the job again
     cli.error(str(e))
     raise SystemExit(preemption.EXIT_PREEMPTED) from None
+  except Exception as e:  # noqa: BLE001 - a full disk or another OS error: one line naming path and cause
+    message = cli.os_error_message(e)
+    if message is None or FLAGS.verbosity >= 2:
+      raise
+    raise SystemExit(f"error: {message}") from None
 
 
 if __name__ == "__main__":

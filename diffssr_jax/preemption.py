@@ -62,8 +62,8 @@ def reached_sync_point(step: int) -> bool:
 def handle_sigterm():
   """Within the block SIGTERM sets the flag instead of killing the process (main thread only: signal
   handlers cannot be installed elsewhere; in a multi-process JAX run JAX's own handler is kept). The
-  outermost block clears the flag on entry and restores the previous handler on exit; nested blocks keep
-  both (a SIGTERM between two training stages is still seen by the second)."""
+  outermost block clears the flag on entry and exit and restores the previous handler on exit; nested
+  blocks keep both (a SIGTERM between two training stages is still seen by the second)."""
   if _depth[0]:
     _depth[0] += 1
     try:
@@ -81,5 +81,6 @@ def handle_sigterm():
     yield
   finally:
     _depth[0] -= 1
+    _flag.clear()  # answered inside the block; code run after it (another command in-process) starts anew
     if own:
       signal.signal(signal.SIGTERM, previous)

@@ -160,6 +160,35 @@ def test_damaged_outputs_are_verified_and_made_again(folders, tmp_path):
   assert {p.name: p.read_bytes() for p in out.rglob("*.png")} == good
 
 
+def test_sigterm_finishes_the_batch_and_exits_143(folders, tmp_path, monkeypatch):
+  """SIGTERM while a batch is super-resolved: its images are saved and recorded, the command exits 143 with
+  one line, and the same command then does the rest."""
+  import os
+  import signal
+  real = evaluate.bicubic_sr_fn
+  calls = []
+
+  def preempted_sr_fn(scale):
+    fn = real(scale)
+
+    def run(items):
+      calls.append(len(items))
+      if len(calls) == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return fn(items)
+    return run
+
+  argv = ["evaluate", "--nodiffusion", "--bicubic", "--datasets", f"A={folders['A']}", "--output", str(tmp_path),
+          "--batch_size", "2", "--noprogress"]
+  with monkeypatch.context() as m:
+    m.setattr(evaluate, "bicubic_sr_fn", preempted_sr_fn)
+    assert evaluate.cli(argv) == 143
+  out = tmp_path / "A" / "bicubic"
+  assert len(_rows(out / "metrics.csv")) == 2 and calls == [2]
+  assert evaluate.cli(argv) == 0
+  assert sorted(r["image"] for r in _rows(out / "metrics.csv")) == ["img0", "img1", "img2", "odd", "sub/deep"]
+
+
 def test_clear_errors(folders, tmp_path):
   bic = dict(methods=("bicubic",), show_progress=False)
   with pytest.raises(FileNotFoundError, match="nowhere"):

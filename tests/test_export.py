@@ -3,6 +3,7 @@ import hashlib
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import warnings
@@ -159,6 +160,38 @@ def test_interrupted_export_resumes_to_identical_bytes(tmp_path):
   calls = _FailingAfter(seg, 0)  # a finished export is not redone
   export.run_export(src, out, cfg, segmenter=calls, progress=False)
   assert calls.calls == 0
+
+
+class _SigtermAt:
+  """A segmenter that sends this process SIGTERM while segmenting its n-th image (a preemption notice)."""
+
+  def __init__(self, inner, n):
+    self.inner, self.n, self.calls = inner, n, 0
+
+  def __call__(self, img):
+    self.calls += 1
+    if self.calls == self.n:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return self.inner(img)
+
+  def describe(self):
+    return self.inner.describe()
+
+
+def test_sigterm_finishes_the_image_and_the_rerun_continues(tmp_path):
+  from diffssr_jax import preemption
+  imgs = {f"im{i}": _blocks(136, 136, i) for i in range(4)}
+  src = hr_sources.FolderSource(_folder(tmp_path, imgs))
+  cfg = export.ExportConfig(**SMALL, num_shards=1)
+  seg = segmenters.FelzenszwalbSegmenter(scale=50)
+  export.run_export(src, tmp_path / "ref", cfg, segmenter=seg, progress=False)
+  out = tmp_path / "out"
+  with preemption.handle_sigterm(), pytest.raises(preemption.Preempted, match=r"after image 'im\d' \(2 of 4 images"):
+    export.run_export(src, out, cfg, segmenter=_SigtermAt(seg, 2), progress=False)
+  calls = _FailingAfter(seg, 10**9)
+  export.run_export(src, out, cfg, segmenter=calls, progress=False)
+  assert calls.calls == 2, "the two finished images are not segmented again"
+  assert _shard_bytes(out) == _shard_bytes(tmp_path / "ref")
 
 
 def test_one_split_and_one_tile_geometry_per_folder(tmp_path):

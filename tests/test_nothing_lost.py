@@ -200,3 +200,21 @@ def test_every_shipped_config_is_valid():
     found = [p for p in config_check.problems(cfg, device_count=1)
              if not p.startswith(("data.train_files", "eval.hr_dir", "eval.lr_dir", "train.rrdb_checkpoint"))]
     assert not found, (path.name, found)
+
+
+# ----------------------------------------------------------------------------- 6. disk full: one line
+def test_disk_full_during_a_checkpoint_save_ends_in_one_line(shards, tmp_path):
+  """Files limited to 40 kB (`ulimit -f`: writes beyond fail with EFBIG, as with ENOSPC on a full disk):
+  the first checkpoint fails inside orbax's threads. The run ends with one line naming the file and the
+  cause (it printed 2,157 lines with 211 tracebacks), and no step is left looking finished."""
+  wd = tmp_path / "wd"
+  cmd = [sys.executable, "-m", "diffssr_jax.main", "--config", str(ROOT / "tests/configs/tiny_train.py"),
+         "--workdir", str(wd), f"--config.data.train_files={shards / 'shards'}", "--config.task=rrdb",
+         "--config.train.num_steps=2", "--config.compilation_cache="]
+  out = subprocess.run(["bash", "-c", 'ulimit -f 40 && exec "$@"', "bash", *cmd], cwd=ROOT, capture_output=True,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=""), text=True, timeout=300)
+  assert out.returncode == 1, out.stderr[-3000:]
+  assert "Traceback" not in out.stderr and "never retrieved" not in out.stderr, out.stderr[-3000:]
+  (line,) = [l for l in out.stderr.splitlines() if l.startswith("error:")]
+  assert f"{wd}/checkpoints/" in line and "File too large" in line
+  assert _steps(wd / "checkpoints") == []

@@ -41,7 +41,7 @@ import time
 
 import numpy as np
 
-from diffssr_jax import conventions, fileio, images
+from diffssr_jax import conventions, fileio, images, preemption
 from diffssr_jax.data import spe as spe_lib
 from diffssr_jax.data import records, rle, tfrecord
 from diffssr_jax.data.segmenters import Segmentation, compute_segmentation_spe
@@ -300,6 +300,9 @@ def export_shard(ctx: RunContext, k: int, ids: list[str], progress=None) -> dict
       if progress is not None:
         progress.update(1)
         progress.set_postfix(tiles=sum(e["records"] for e in entries), refresh=False)
+      if preemption.requested():  # the image is durable (records fsynced, journal line written): stop here
+        raise preemption.Preempted(f"SIGTERM: export stopped after image {image_id!r} ({len(entries)} of "
+                                   f"{len(ids)} images of {name}); run the same command again to continue")
   meta = {
       "file": name, "fingerprint": ctx.fingerprint, "images": len(entries),
       "records": sum(e["records"] for e in entries), "bytes": partial.stat().st_size,
@@ -395,7 +398,8 @@ def write_manifest(out_dir, split: str, source_desc: dict | None = None) -> dict
 
 def _worker_run(args):
   ctx, k, ids = args
-  return export_shard(ctx, k, ids)
+  with preemption.handle_sigterm():  # a SIGTERM to the process group: each worker finishes its image
+    return export_shard(ctx, k, ids)
 
 
 def run_export(source, out_dir, cfg: ExportConfig, segmenter=None, masks_dir=None, shard_indices=None,
@@ -433,6 +437,10 @@ def run_export(source, out_dir, cfg: ExportConfig, segmenter=None, masks_dir=Non
         futs = {pool.submit(_worker_run, (ctx, k, plan[k])): k for k in todo}
         for fut in cf.as_completed(futs):
           bar.update(fut.result()["images"])
+          if preemption.requested():  # SIGTERM to this process only: no new shard; the running ones end
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise preemption.Preempted(f"SIGTERM: export stopped after the shards in progress; run the same "
+                                       "command again to continue")
     else:
       for k in todo:
         export_shard(ctx, k, plan[k], bar)

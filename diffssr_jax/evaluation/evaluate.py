@@ -42,7 +42,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from diffssr_jax import cli as shared_cli
-from diffssr_jax import conventions, fileio, images
+from diffssr_jax import conventions, fileio, images, preemption
 from diffssr_jax.evaluation import results
 from diffssr_jax.data.eval_sources import EvalImage, EvalSourceError, PairedFolders, open_eval_source
 from diffssr_jax.data.imresize import imresize
@@ -290,6 +290,9 @@ def evaluate_dataset(source, out_dir, method: Method, *, crop_border: int | None
           if on_image is not None:
             on_image(item.name)
         bar.update(1)
+      if preemption.requested():  # the batch's PNGs and rows are durable: stop before the next batch
+        raise preemption.Preempted(f"SIGTERM: {len(table)} of {len(source)} images of {out_dir} are done; run "
+                                   "the same command again to continue")
   finally:
     bar.close()
   summary = {"dataset": out_dir.parent.name, "label": method.label, **method.settings, "crop_border": crop,
@@ -474,7 +477,8 @@ def main(argv, fv: flags.FlagValues) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   shared_cli.enable_compilation_cache(fv.compilation_cache)
-  table = run_from_flags(fv)
+  with preemption.handle_sigterm():  # SIGTERM: the batch in progress is finished, then a clean exit (143)
+    table = run_from_flags(fv)
   print(table.read_text(encoding="utf-8"))
   print(f"table written to {table}")
   return shared_cli.EXIT_OK

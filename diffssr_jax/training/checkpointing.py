@@ -513,6 +513,9 @@ class Checkpointer:
     self._unfinished: set = set()                # managers with a save whose retention has not run
     self.restored: Restored | None = None         # what restore_latest resumed from
     self._closed = False
+    # A failed save (disk full) abandons its other array writes the same way a failed restore abandons its
+    # reads: their "never retrieved" reports are dropped too (the error itself reaches the caller).
+    _drop_abandoned_read_errors()
     atexit.register(self.close)  # an exception out of the training loop must not leave orbax threads behind
 
   @staticmethod
