@@ -172,8 +172,11 @@ def setup_logging(verbosity: int = 0) -> None:
 
 
 def define_common_flags(fv: flags.FlagValues) -> None:
-  """The flags every command has: --verbosity (-v)."""
+  """The flags every command has: --verbosity (-v), --exif_orientation (every command reads images)."""
   flags.DEFINE_integer("verbosity", 0, _VERBOSITY_HELP, short_name="v", flag_values=fv)
+  flags.DEFINE_enum("exif_orientation", "apply", ["apply", "ignore"], "Input photos' EXIF orientation: apply "
+                    "it (turn them upright, as viewers show them) or ignore it with a warning (pixels as stored).",
+                    flag_values=fv)
 
 
 def define_model_flags(fv: flags.FlagValues, workdir_help: str, step_help: str) -> None:
@@ -337,6 +340,8 @@ def run(argv: Sequence[str], *, define_flags: Callable[[flags.FlagValues], None]
     error(f"{e} (see --help)")
     return EXIT_USAGE
   setup_logging(fv.verbosity)
+  from diffssr_jax import images  # numpy + cv2 only
+  images.set_exif_orientation(fv.exif_orientation)
   try:
     return int(main(rest, fv))
   except app.UsageError as e:

@@ -399,3 +399,32 @@ def test_failed_restore_of_an_unverified_step_prints_no_tracebacks(tmp_path, sta
   assert not [r for r in caplog.records if r.name == "asyncio"]  # "Task exception was never retrieved"
   warnings = _warnings(caplog)
   assert len(warnings) == 8 and all("checkpoints/4" in w and "orbax could not restore" in w for w in warnings)
+
+
+def test_config_json_disagreeing_with_the_checkpoint_is_refused(tmp_path, states, capsys):
+  """The issue's edit: config.json's diffusion.timesteps changed from 10 to 20 after training. The weights
+  load into either schedule, so upscale used to sample "ddpm, 20 steps" from the T=10 model with rc 0; the
+  step's recorded settings now refuse it, in upscale and evaluate alike, with one line."""
+  from diffssr_jax.inference import upscale
+  from diffssr_jax.inference.upscaler import ModelLoadError
+  cfg, _, st = states
+  wd = tmp_path / "wd"
+  checkpointing.save_config(cfg, wd)
+  ck = checkpointing.Checkpointer(wd, use_async=False, settings=checkpointing.recorded_settings(cfg))
+  ck.save(2, st[2])
+  ck.close()
+  assert Upscaler.load(workdir=wd).step == 2
+  edited = json.loads((wd / "config.json").read_text())
+  edited["diffusion"]["timesteps"] = 20
+  (wd / "config.json").write_text(json.dumps(edited))
+  with pytest.raises(ModelLoadError, match=r"diffusion.timesteps=10 \(config.json: 20\)"):
+    Upscaler.load(workdir=wd)
+  src = tmp_path / "in"
+  images.save_png(src / "a.png", np.zeros((8, 8, 3), np.uint8))
+  capsys.readouterr()
+  assert upscale.cli(["upscale", "--workdir", str(wd), str(src), "--output", str(tmp_path / "out"),
+                      "--noprogress"]) == 1
+  err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+  assert len(err) == 1 and "diffusion.timesteps=10" in err[0]
+  assert evaluate.cli(["evaluate", "--workdir", str(wd), "--datasets", f"A={src}", "--noprogress"]) == 1
+  assert not (wd / "eval").exists()

@@ -317,7 +317,8 @@ def _mesh_and_batch(config):
 def _restore_or_start(state, config, workdir, mesh):
   """(state, data position or None, checkpointer): the newest verified checkpoint of the workdir (damaged
   steps skipped, see checkpointing), or the fresh `state`; replicated over the mesh either way."""
-  ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints,
+                                    settings=checkpointing.recorded_settings(config))
   # Replicated first, so the checkpoint is restored straight into the mesh's layout (each process reads its
   # own replicas), whatever number of processes wrote it.
   state = parallel.replicate(state, mesh)
