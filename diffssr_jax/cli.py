@@ -27,6 +27,7 @@ must run on machines without it), and the commands import theirs lazily.
 from __future__ import annotations
 
 import argparse
+import errno
 import glob
 import logging
 import os
@@ -187,6 +188,11 @@ def setup_logging(verbosity: int = 0) -> None:
     logging.getLogger(name).setLevel(lib)
   ours = logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity >= 2 else logging.INFO
   logging.getLogger("diffssr_jax").setLevel(ours)
+  absl_logger = logging.getLogger("absl")
+  for f in [f for f in absl_logger.filters if isinstance(f, _BackgroundErrorFilter)]:
+    absl_logger.removeFilter(f)
+  if verbosity <= 0:
+    absl_logger.addFilter(_BackgroundErrorFilter())
   if not root.handlers:
     handler = _StderrHandler()
     handler.setFormatter(_Formatter("%(message)s"))
@@ -194,8 +200,11 @@ def setup_logging(verbosity: int = 0) -> None:
 
 
 def define_common_flags(fv: flags.FlagValues) -> None:
-  """The flags every command has: --verbosity (-v)."""
+  """The flags every command has: --verbosity (-v), --exif_orientation (every command reads images)."""
   flags.DEFINE_integer("verbosity", 0, _VERBOSITY_HELP, short_name="v", flag_values=fv)
+  flags.DEFINE_enum("exif_orientation", "apply", ["apply", "ignore"], "Input photos' EXIF orientation: apply "
+                    "it (turn them upright, as viewers show them) or ignore it with a warning (pixels as stored).",
+                    flag_values=fv)
 
 
 def define_model_flags(fv: flags.FlagValues, workdir_help: str, step_help: str) -> None:
@@ -298,6 +307,42 @@ def error(message: str) -> None:
   print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
 
 
+# tensorstore (orbax's array writer) reports OS errors inside a ValueError's text:
+#   ... Failed writing: "/w/checkpoints/2.orbax-checkpoint-tmp/.../d/5421f0": ...: File too large [os_error_code='27']
+_TENSORSTORE_OS_ERROR = re.compile(r'"(?P<path>/[^"]+)"[^"]*?\[os_error_code=\'(?P<code>\d+)\'\]')
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def os_error_message(exc: BaseException) -> str | None:
+  """'<path>: <cause>' for an exception that is (or was caused by) an OS error, such as a full disk, from
+  Python's own file calls or from tensorstore (orbax's checkpoint writes); None for anything else."""
+  seen = set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    code, path = None, None
+    if isinstance(exc, OSError) and exc.errno:
+      code, path = exc.errno, exc.filename
+    else:
+      m = _TENSORSTORE_OS_ERROR.search(str(exc))
+      if m:
+        code, path = int(m["code"]), m["path"]
+    if code is not None:
+      hint = " (free some space and run the same command again: finished results and checkpoints are kept)" \
+          if code in _FULL else ""
+      return f"{path or '?'}: {os.strerror(code)}{hint}"
+    exc = exc.__cause__ or exc.__context__
+  return None
+
+
+class _BackgroundErrorFilter(logging.Filter):
+  """Drops the tracebacks orbax logs from its background threads when a save fails (four of them per
+  failed checkpoint): the same error reaches the main thread, which reports it in one line. Shown from
+  --verbosity 1."""
+
+  def filter(self, record):
+    return not (record.exc_info and "orbax" in record.pathname)
+
+
 def run(argv: Sequence[str], *, define_flags: Callable[[flags.FlagValues], None],
         main: Callable[[list[str], flags.FlagValues], int], doc: str | None,
         user_errors: tuple[type[BaseException], ...] = ()) -> int:
@@ -323,6 +368,8 @@ def run(argv: Sequence[str], *, define_flags: Callable[[flags.FlagValues], None]
     error(f"{e} (see --help)")
     return EXIT_USAGE
   setup_logging(fv.verbosity)
+  from diffssr_jax import images  # numpy + cv2 only
+  images.set_exif_orientation(fv.exif_orientation)
   try:
     return int(main(rest, fv))
   except app.UsageError as e:
@@ -335,6 +382,18 @@ def run(argv: Sequence[str], *, define_flags: Callable[[flags.FlagValues], None]
     if fv.verbosity >= 2:
       traceback.print_exc()
     error(str(e) or type(e).__name__)
+    return EXIT_ERROR
+  except Exception as e:  # noqa: BLE001 - only OS errors (disk full, ...) are turned into one line
+    from diffssr_jax import preemption
+    if isinstance(e, preemption.Preempted):  # the unit in progress was finished: a rerun continues
+      error(str(e))
+      return preemption.EXIT_PREEMPTED
+    message = os_error_message(e)
+    if message is None:
+      raise
+    if fv.verbosity >= 2:
+      traceback.print_exc()
+    error(message)
     return EXIT_ERROR
 
 
@@ -351,7 +410,20 @@ def run_absl(main: Callable[[list[str]], object], argv: Sequence[str] | None = N
     print_help(render_help(fv, doc or getattr(module, "__doc__", None), own))
     sys.exit(EXIT_OK)
   names, booleans = absl_flag_names(fv)
-  app.run(main, argv=normalize_argv(argv, names, booleans))
+  argv = normalize_argv(argv, names, booleans)
+  try:
+    app.run(main, argv=argv)
+  except (AttributeError, KeyError) as e:
+    if fv.is_parsed():
+      raise
+    # ml_collections' locked config flags raise these from absl's parser for an override of a key the
+    # config has not got (--config.train.bogus=1): a typo, told in one line instead of a 60-line traceback.
+    key = str(e).strip("'\"")
+    given = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--") and "." in a.split("=", 1)[0]]
+    given = [a for a in given if key in a[2:].split(".")] or given
+    error(f"unknown config key {key!r} ({', '.join(given) or 'command line'}): not in the config file; see the "
+          "keys of configs/base.py")
+    sys.exit(EXIT_USAGE)
 
 
 # ---------------------------------------------------------------- console scripts

@@ -76,8 +76,53 @@ def _pixels(arr: np.ndarray, where: str) -> tuple[np.ndarray, int]:
   raise ImageReadError(f"{where}: unsupported pixel type {arr.dtype}")
 
 
+# EXIF orientation (tag 274): how a camera's pixels must be turned to show the picture upright. OpenCV's
+# IMREAD_UNCHANGED (the only mode that keeps 16 bits and alpha) ignores it, so a phone photo decoded
+# sideways; the tag is read with Pillow (header only) and applied here. Policy, set once per command
+# (`--exif_orientation`): "apply" (default) turns the pixels upright, "ignore" keeps them as stored and
+# warns once per image.
+EXIF_ORIENTATION_POLICIES = ("apply", "ignore")
+_exif_policy = ["apply"]
+_ORIENT = {  # orientation -> the numpy transform of an (H, W, ...) array that makes it upright
+    2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+    5: lambda a: np.swapaxes(a, 0, 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: np.swapaxes(a, 0, 1)[::-1, ::-1],
+    8: lambda a: np.rot90(a, 1)}
+
+
+def set_exif_orientation(policy: str) -> None:
+  """"apply" or "ignore" (see above) for every image decoded from now on in this process."""
+  if policy not in EXIF_ORIENTATION_POLICIES:
+    raise ValueError(f"EXIF orientation policy must be one of {EXIF_ORIENTATION_POLICIES}, got {policy!r}")
+  _exif_policy[0] = policy
+
+
+def exif_orientation(data: bytes) -> int:
+  """The EXIF orientation of image file bytes (1, upright, when there is none or it cannot be read)."""
+  import io
+  from PIL import Image
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      value = int(im.getexif().get(0x0112, 1))
+  except Exception:  # noqa: BLE001 - no or unreadable EXIF: the pixels are taken as stored
+    return 1
+  return value if value in _ORIENT else 1
+
+
+def _upright(rgb, alpha, data: bytes, where: str):
+  orientation = exif_orientation(data)
+  if orientation == 1:
+    return rgb, alpha
+  if _exif_policy[0] == "ignore":
+    warnings.warn(f"{where}: EXIF orientation {orientation} ignored (--exif_orientation ignore): the image is "
+                  "used as stored, possibly rotated or mirrored", stacklevel=4)
+    return rgb, alpha
+  turn = _ORIENT[orientation]
+  return np.ascontiguousarray(turn(rgb)), None if alpha is None else np.ascontiguousarray(turn(alpha))
+
+
 def decode_image(data: bytes, where: str = "<bytes>") -> LoadedImage:
-  """Decodes image file bytes keeping their bit depth (8 or 16) and alpha; `where` names them in errors."""
+  """Decodes image file bytes keeping their bit depth (8 or 16) and alpha; `where` names them in errors.
+  An EXIF orientation is applied (or, by policy, ignored with a warning: `set_exif_orientation`)."""
   if not len(data):
     raise ImageReadError(f"{where}: empty file")
   try:
@@ -104,6 +149,7 @@ def decode_image(data: bytes, where: str = "<bytes>") -> LoadedImage:
     rgb, alpha = np.ascontiguousarray(arr[:, :, 2::-1]), arr[:, :, 3].copy()
   else:
     raise ImageReadError(f"{where}: unsupported image layout {arr.shape}")
+  rgb, alpha = _upright(rgb, alpha, data, where)
   return LoadedImage(rgb, alpha, bits, where, mode)
 
 

@@ -43,17 +43,33 @@ def main(argv):
   # Our progress at INFO; libraries (orbax logs every file it writes) quiet unless --verbosity is given (absl's
   # own flag, whose unset default absl turns into 0 after parsing; cli.setup_logging gives 0 our meaning).
   cli.setup_logging(FLAGS.verbosity if FLAGS["verbosity"].present else 0)
+  config = FLAGS.config
+  try:
+    config.keys()  # a config file that failed to load gives a stand-in that raises on first use
+  except OSError as e:
+    # A config file that cannot be loaded: the line naming the file and the cause, not two tracebacks.
+    lines = [" ".join(l.split()) for l in str(e).splitlines() if l.strip()]
+    raise SystemExit("error: --config: " + next((l for l in lines if "Errno" in l), " ".join(lines))) from None
   if FLAGS.distributed or FLAGS.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS"):
     from diffssr_jax import parallel
     parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                         heartbeat_timeout=FLAGS.heartbeat_timeout)
-  from diffssr_jax.training import checkpointing, train, workdir  # after flag parsing: keeps --help fast
+  from diffssr_jax import preemption
+  from diffssr_jax.training import checkpointing, config_check, lock, train, workdir  # after flag parsing
   refusals = (workdir.ConfigMismatchError, checkpointing.CheckpointMismatchError,
-              checkpointing.UnverifiedCheckpointError)
+              checkpointing.UnverifiedCheckpointError, config_check.ConfigError, lock.WorkdirLockedError)
   try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
+    train.train_and_evaluate(config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
   except refusals as e:  # the workdir is protected, nothing crashed: the message without a traceback
     raise SystemExit(f"error: {e}") from None
+  except preemption.Preempted as e:  # saved; non-zero so that a scheduler runs the job again
+    cli.error(str(e))
+    raise SystemExit(preemption.EXIT_PREEMPTED) from None
+  except Exception as e:  # noqa: BLE001 - a full disk or another OS error: one line naming path and cause
+    message = cli.os_error_message(e)
+    if message is None or FLAGS.verbosity >= 2:
+      raise
+    raise SystemExit(f"error: {message}") from None
 
 
 if __name__ == "__main__":

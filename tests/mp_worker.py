@@ -3,7 +3,8 @@
 Does what `python -m diffssr_jax.main` does (join the others with `parallel.initialize`, then
 `train.train_and_evaluate`), and then saves the params this process holds at the end, so the test can
 compare the processes with each other. With --crash_at N this process dies (SIGKILL) when step N starts,
-as a preempted or failed host would.
+as a preempted or failed host would; with --sigterm_at N it sends itself SIGTERM when step N starts (a
+preemption notice to this host only) and, like `diffssr_jax.main`, exits 143 once the run has stopped.
 
   python tests/mp_worker.py --workdir W --devices 2 --num_processes 2 --process_id 0 --port 12345 \
       --out params_0.npz [--config.key=value ...]
@@ -21,6 +22,7 @@ parser.add_argument("--process_id", type=int, default=0)
 parser.add_argument("--port", type=int, default=0)
 parser.add_argument("--out", required=True)
 parser.add_argument("--crash_at", type=int, default=0)
+parser.add_argument("--sigterm_at", type=int, default=0)
 parser.add_argument("--heartbeat_timeout", type=int, default=10)
 args, overrides = parser.parse_known_args()
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
@@ -52,19 +54,26 @@ for item in overrides:  # --config.a.b=value, as ml_collections' config flags ta
     node = node[part]
   node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else value == "True"
 
-if args.crash_at:
+if args.crash_at or args.sigterm_at:
   make_step = train_step.make_step
+  at, sig = (args.crash_at, signal.SIGKILL) if args.crash_at else (args.sigterm_at, signal.SIGTERM)
 
   def crashing_make_step(*a, **kw):
     step = make_step(*a, **kw)
 
     def run(state, batch):
-      if int(jax.device_get(state.step)) + 1 == args.crash_at:
-        os.kill(os.getpid(), signal.SIGKILL)
+      if int(jax.device_get(state.step)) + 1 == at:
+        os.kill(os.getpid(), sig)
       return step(state, batch)
     return run
   train_step.make_step = crashing_make_step
 
-state = train.train_and_evaluate(config, args.workdir)
+from diffssr_jax import preemption  # noqa: E402
+
+try:
+  state = train.train_and_evaluate(config, args.workdir)
+except preemption.Preempted as e:
+  print(f"error: {e}", flush=True)
+  sys.exit(preemption.EXIT_PREEMPTED)
 params = flax.traverse_util.flatten_dict(jax.device_get(state.params), sep="/")
 np.savez(args.out, step=int(jax.device_get(state.step)), **params)

@@ -308,19 +308,19 @@ def _snapshot(root):
           for p in root.rglob("*") if p.is_file()}
 
 
-def test_model_change_is_refused_before_anything_is_written(tmp_path, states):
+def test_model_change_is_refused_before_anything_is_written(tmp_path, states, shards):
   """The reported command (a trained workdir, --config.model.unet_dim changed) exits with the differing
   key and the ways forward; not one file of the workdir changes, with or without --allow_config_change."""
   _, _, st = states
   wd = tmp_path / "wd"
-  cfg = _tiny_train_config(tmp_path / "shards")
+  cfg = _tiny_train_config(shards / "shards")  # inputs that exist: the config's values are checked first
   checkpointing.save_config(cfg, wd)
   ck = checkpointing.Checkpointer(wd, use_async=False)
   ck.save(2, st[2])
   ck.close()
   before = _snapshot(wd)
   cmd = [sys.executable, "-m", "diffssr_jax.main", "--config", str(ROOT / "tests/configs/tiny_train.py"),
-         "--workdir", str(wd), f"--config.data.train_files={tmp_path / 'shards'}", "--config.model.unet_dim=16"]
+         "--workdir", str(wd), f"--config.data.train_files={shards / 'shards'}", "--config.model.unet_dim=16"]
   proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0
   assert "model.unet_dim: 8 in config.json, 16 now" in proc.stderr and "new --workdir" in proc.stderr
@@ -332,7 +332,7 @@ def test_model_change_is_refused_before_anything_is_written(tmp_path, states):
   assert _snapshot(wd) == before
 
 
-def test_safe_changes_need_the_flag_and_keep_the_old_config(tmp_path, states):
+def test_safe_changes_need_the_flag_and_keep_the_old_config(tmp_path, states, shards):
   _, _, st = states
   wd = tmp_path / "wd"
   cfg = _tiny_train_config(tmp_path / "shards")
@@ -345,7 +345,7 @@ def test_safe_changes_need_the_flag_and_keep_the_old_config(tmp_path, states):
   ck = checkpointing.Checkpointer(wd, use_async=False)
   ck.save(2, st[2])
   ck.close()
-  longer = _tiny_train_config(tmp_path / "elsewhere")
+  longer = _tiny_train_config(f"{shards}/shards/*.tfrecord")  # the same shards, named otherwise
   longer.train.num_steps = 20
   longer.optim.lr = 5e-4
   longer.optim.ema_decay = 0.99
@@ -399,3 +399,32 @@ def test_failed_restore_of_an_unverified_step_prints_no_tracebacks(tmp_path, sta
   assert not [r for r in caplog.records if r.name == "asyncio"]  # "Task exception was never retrieved"
   warnings = _warnings(caplog)
   assert len(warnings) == 8 and all("checkpoints/4" in w and "orbax could not restore" in w for w in warnings)
+
+
+def test_config_json_disagreeing_with_the_checkpoint_is_refused(tmp_path, states, capsys):
+  """The issue's edit: config.json's diffusion.timesteps changed from 10 to 20 after training. The weights
+  load into either schedule, so upscale used to sample "ddpm, 20 steps" from the T=10 model with rc 0; the
+  step's recorded settings now refuse it, in upscale and evaluate alike, with one line."""
+  from diffssr_jax.inference import upscale
+  from diffssr_jax.inference.upscaler import ModelLoadError
+  cfg, _, st = states
+  wd = tmp_path / "wd"
+  checkpointing.save_config(cfg, wd)
+  ck = checkpointing.Checkpointer(wd, use_async=False, settings=checkpointing.recorded_settings(cfg))
+  ck.save(2, st[2])
+  ck.close()
+  assert Upscaler.load(workdir=wd).step == 2
+  edited = json.loads((wd / "config.json").read_text())
+  edited["diffusion"]["timesteps"] = 20
+  (wd / "config.json").write_text(json.dumps(edited))
+  with pytest.raises(ModelLoadError, match=r"diffusion.timesteps=10 \(config.json: 20\)"):
+    Upscaler.load(workdir=wd)
+  src = tmp_path / "in"
+  images.save_png(src / "a.png", np.zeros((8, 8, 3), np.uint8))
+  capsys.readouterr()
+  assert upscale.cli(["upscale", "--workdir", str(wd), str(src), "--output", str(tmp_path / "out"),
+                      "--noprogress"]) == 1
+  err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+  assert len(err) == 1 and "diffusion.timesteps=10" in err[0]
+  assert evaluate.cli(["evaluate", "--workdir", str(wd), "--datasets", f"A={src}", "--noprogress"]) == 1
+  assert not (wd / "eval").exists()

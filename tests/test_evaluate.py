@@ -131,6 +131,64 @@ def test_interrupted_evaluation_resumes(up, folders, tmp_path):
     evaluate.evaluate_all(up, {"A": folders["A"]}, tmp_path, **{**kw, "seed": 2})
 
 
+def test_damaged_outputs_are_verified_and_made_again(folders, tmp_path):
+  """The issue's faults on a finished evaluation: 200 bytes flipped in one PNG, another cut in half, and a
+  third replaced by a valid PNG of the right size (only its digest tells). The same command finds all three,
+  says so in one warning and makes them again; the rest and every row stay as they were."""
+  kw = dict(methods=("bicubic",), show_progress=False)
+  evaluate.evaluate_all(None, {"A": folders["A"]}, tmp_path, **kw)
+  out = tmp_path / "A" / "bicubic"
+  good = {p.name: p.read_bytes() for p in out.rglob("*.png")}
+  rows = (out / "metrics.csv").read_bytes()
+  b = bytearray(good["img0.png"])
+  for i in range(len(b) // 4, len(b) // 4 + 200):
+    b[i] ^= 0xFF
+  (out / "img0.png").write_bytes(bytes(b))
+  (out / "img1.png").write_bytes(good["img1.png"][:len(good["img1.png"]) // 2])
+  images.save_png(out / "img2.png", images.read_rgb8(out / "img2.png")[::-1])
+  with pytest.warns(UserWarning, match=r"3 of 5 recorded images failed verification") as w:
+    evaluate.evaluate_all(None, {"A": folders["A"]}, tmp_path, **kw)
+  assert len([x for x in w if "verification" in str(x.message)]) == 1
+  assert {p.name: p.read_bytes() for p in out.rglob("*.png")} == good
+  assert (out / "metrics.csv").read_bytes() == rows
+  # Results from before digests were recorded: what does not decode, or has another size, is made again.
+  (out / results.DIGESTS_NAME).unlink()
+  (out / "odd.png").write_bytes(good["odd.png"][:100])
+  images.save_png(out / "img0.png", np.zeros((8, 8, 3), np.uint8))
+  with pytest.warns(UserWarning, match=r"2 of 5 recorded images failed verification"):
+    evaluate.evaluate_all(None, {"A": folders["A"]}, tmp_path, **kw)
+  assert {p.name: p.read_bytes() for p in out.rglob("*.png")} == good
+
+
+def test_sigterm_finishes_the_batch_and_exits_143(folders, tmp_path, monkeypatch):
+  """SIGTERM while a batch is super-resolved: its images are saved and recorded, the command exits 143 with
+  one line, and the same command then does the rest."""
+  import os
+  import signal
+  real = evaluate.bicubic_sr_fn
+  calls = []
+
+  def preempted_sr_fn(scale):
+    fn = real(scale)
+
+    def run(items):
+      calls.append(len(items))
+      if len(calls) == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return fn(items)
+    return run
+
+  argv = ["evaluate", "--nodiffusion", "--bicubic", "--datasets", f"A={folders['A']}", "--output", str(tmp_path),
+          "--batch_size", "2", "--noprogress"]
+  with monkeypatch.context() as m:
+    m.setattr(evaluate, "bicubic_sr_fn", preempted_sr_fn)
+    assert evaluate.cli(argv) == 143
+  out = tmp_path / "A" / "bicubic"
+  assert len(_rows(out / "metrics.csv")) == 2 and calls == [2]
+  assert evaluate.cli(argv) == 0
+  assert sorted(r["image"] for r in _rows(out / "metrics.csv")) == ["img0", "img1", "img2", "odd", "sub/deep"]
+
+
 def test_clear_errors(folders, tmp_path):
   bic = dict(methods=("bicubic",), show_progress=False)
   with pytest.raises(FileNotFoundError, match="nowhere"):

@@ -3,6 +3,7 @@ import hashlib
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import warnings
@@ -159,6 +160,71 @@ def test_interrupted_export_resumes_to_identical_bytes(tmp_path):
   calls = _FailingAfter(seg, 0)  # a finished export is not redone
   export.run_export(src, out, cfg, segmenter=calls, progress=False)
   assert calls.calls == 0
+
+
+class _SigtermAt:
+  """A segmenter that sends this process SIGTERM while segmenting its n-th image (a preemption notice)."""
+
+  def __init__(self, inner, n):
+    self.inner, self.n, self.calls = inner, n, 0
+
+  def __call__(self, img):
+    self.calls += 1
+    if self.calls == self.n:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return self.inner(img)
+
+  def describe(self):
+    return self.inner.describe()
+
+
+def test_sigterm_finishes_the_image_and_the_rerun_continues(tmp_path):
+  from diffssr_jax import preemption
+  imgs = {f"im{i}": _blocks(136, 136, i) for i in range(4)}
+  src = hr_sources.FolderSource(_folder(tmp_path, imgs))
+  cfg = export.ExportConfig(**SMALL, num_shards=1)
+  seg = segmenters.FelzenszwalbSegmenter(scale=50)
+  export.run_export(src, tmp_path / "ref", cfg, segmenter=seg, progress=False)
+  out = tmp_path / "out"
+  with preemption.handle_sigterm(), pytest.raises(preemption.Preempted, match=r"after image 'im\d' \(2 of 4 images"):
+    export.run_export(src, out, cfg, segmenter=_SigtermAt(seg, 2), progress=False)
+  calls = _FailingAfter(seg, 10**9)
+  export.run_export(src, out, cfg, segmenter=calls, progress=False)
+  assert calls.calls == 2, "the two finished images are not segmented again"
+  assert _shard_bytes(out) == _shard_bytes(tmp_path / "ref")
+
+
+def test_one_split_and_one_tile_geometry_per_folder(tmp_path):
+  """The issue's command: a val export with 96 px tiles into the train export's --out is refused, and a
+  folder mixed by the old code (val shards and their manifest entry beside the train ones), or a shard its
+  manifest does not list, is refused by training's input check instead of read as one dataset."""
+  from diffssr_jax.data import pipeline, source
+  imgs = {f"im{i}": _blocks(136, 136, i) for i in range(3)}
+  src = hr_sources.FolderSource(_folder(tmp_path, imgs))
+  seg = segmenters.FelzenszwalbSegmenter(scale=50)
+  out = tmp_path / "out"
+  export.run_export(src, out, export.ExportConfig(**SMALL, num_shards=1), segmenter=seg, progress=False)
+  before = sorted(p.name for p in out.rglob("*"))
+  val = export.ExportConfig(**{**SMALL, "tile_size": 96, "tile_step": 96}, num_shards=1, split="val")
+  with pytest.raises(export.ExportError, match="holds the 'train' split; one split per folder"):
+    export.run_export(src, out, val, segmenter=seg, progress=False)
+  assert sorted(p.name for p in out.rglob("*")) == before
+  assert source.manifest_for(out)["config"]["tile_size"] == 64
+
+  other = tmp_path / "val"
+  export.run_export(src, other, val, segmenter=seg, progress=False)
+  (shard,) = other.glob("val-*.tfrecord")
+  (out / shard.name).write_bytes(shard.read_bytes())
+  with pytest.raises(source.MixedExportError, match="not listed in"):
+    source.manifest_for(out)
+  man = json.loads((out / "manifest.json").read_text())
+  man["splits"]["val"] = json.loads((other / "manifest.json").read_text())["splits"]["val"]
+  (out / "manifest.json").write_text(json.dumps(man))
+  cfg = pipeline.default_data_config()
+  cfg.train_files = str(out)
+  cfg.patch_size = 32
+  with pytest.raises(source.MixedExportError, match=r"split 'train' \(scale 4, tiles 64 px.*split 'val' \(scale 4, tiles 96"):
+    pipeline.make_source({**pipeline._as_dict(cfg, 4)})
 
 
 def test_shards_split_over_machines_equal_single_run(tmp_path):

@@ -39,7 +39,7 @@ def _overrides(shards, cache):
           "--config.train.eval_every=4", "--config.eval.batch_size=1", f"--config.compilation_cache={cache}"]
 
 
-def _launch(workdir, shards, cache, tmp, n_proc, extra=(), crash=None):
+def _launch(workdir, shards, cache, tmp, n_proc, extra=(), crash=None, sigterm=None):
   """Starts the processes of one run; returns [(process, out npz path)]."""
   port = _free_port()
   env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
@@ -51,6 +51,8 @@ def _launch(workdir, shards, cache, tmp, n_proc, extra=(), crash=None):
            "--port", str(port), "--out", str(out), *_overrides(shards, cache), *extra]
     if crash and crash[0] == pid:
       cmd += ["--crash_at", str(crash[1])]
+    if sigterm and sigterm[0] == pid:
+      cmd += ["--sigterm_at", str(sigterm[1])]
     log = open(tmp / f"{workdir.name}_p{pid}.log", "w")
     procs.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), out, log))
   return procs
@@ -167,4 +169,28 @@ def test_a_dead_process_stops_the_other_and_a_restart_resumes(runs):
   for log in logs:  # each process continued from its own saved input position
     assert f"from step {max(done)}" in log and "positioned from the step" not in log
   _close(one, p0)
+  _close(p0, p1, atol=0)
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(runs):
+  """A preemption notice (SIGTERM) to process 1 only, during step 3: JAX's preemption sync point makes both
+  processes save the same step and exit 143 (the old code: process 1 saved and left, process 0 trained on
+  and hung in the next collective until the heartbeat timeout). Restarting both ends as the uninterrupted
+  run."""
+  tmp, cache, one, p0_ref, *_, shards = runs
+  wd = tmp / "preempted"
+  procs = _launch(wd, shards, cache, tmp, 2, sigterm=(1, 3))
+  codes = _finish(procs, timeout=240)
+  logs = [pathlib.Path(log.name).read_text() for _, _, log in procs]
+  assert codes == [143, 143], "\n".join(l[-3000:] for l in logs)
+  saved = [[l for l in log.splitlines() if l.startswith("error: SIGTERM: saved diffusion step")] for log in logs]
+  assert len(saved[0]) == len(saved[1]) == 1 and saved[0][0] == saved[1][0], saved
+  done = [int(d.name) for d in (wd / "checkpoints").iterdir() if d.name.isdigit()]
+  stopped = max(done)
+  assert 3 <= stopped < STEPS and f"step {stopped} of {STEPS}" in saved[0][0]
+  assert sorted(p.name for p in (wd / "checkpoints" / str(stopped) / "data").glob("*.json")) == \
+      ["process_0-of-2.json", "process_1-of-2.json"]
+  (p0, p1), logs = _run(wd, shards, cache, tmp, 2)
+  assert all(f"from step {stopped}" in log for log in logs)
+  _close(p0_ref, p0)
   _close(p0, p1, atol=0)

@@ -308,3 +308,36 @@ def test_cli_usage_errors(tmp_path, capsys):
     assert upscale.cli(["upscale", *args]) == 2
     lines = _error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and expect in lines[0]
+
+
+def _with_orientation(path, arr, orientation):
+  """A PNG of `arr` with an EXIF orientation tag (eXIf chunk), as a phone writes its photos."""
+  im = Image.fromarray(arr)
+  exif = im.getexif()
+  exif[0x0112] = orientation
+  path.parent.mkdir(parents=True, exist_ok=True)
+  im.save(path, exif=exif.tobytes())
+
+
+def test_exif_orientation_is_applied_or_ignored_with_a_warning(workdir, tmp_path, capsys):
+  """A phone photo stored sideways (orientation 6: turn 90 degrees clockwise) used to be upscaled as stored,
+  i.e. rotated; every orientation now decodes as Pillow's exif_transpose shows it, and upscale's output is
+  upright. --exif_orientation ignore keeps the stored pixels and warns."""
+  from PIL import ImageOps
+  arr = _rgb(3, 8, 12)
+  for orientation in range(1, 9):
+    p = tmp_path / "o" / f"{orientation}.png"
+    _with_orientation(p, arr, orientation)
+    want = np.asarray(ImageOps.exif_transpose(Image.open(p)).convert("RGB"))
+    np.testing.assert_array_equal(images.read_rgb8(p), want, err_msg=str(orientation))
+  src = tmp_path / "in"
+  _with_orientation(src / "phone.png", arr, 6)
+  rc = upscale.cli(["upscale", "--workdir", str(workdir), "--rrdb", str(src), "--output", str(tmp_path / "out"),
+                    "--noprogress"])
+  assert rc == 0
+  assert images.read_rgb8(tmp_path / "out" / "phone.png").shape == (12 * 4, 8 * 4, 3)
+  with pytest.warns(UserWarning, match="EXIF orientation 6 ignored"):
+    rc = upscale.cli(["upscale", "--workdir", str(workdir), "--rrdb", str(src), "--output", str(tmp_path / "as_stored"),
+                      "--noprogress", "--exif_orientation", "ignore"])
+  assert rc == 0
+  assert images.read_rgb8(tmp_path / "as_stored" / "phone.png").shape == (8 * 4, 12 * 4, 3)

@@ -41,7 +41,7 @@ import time
 
 import numpy as np
 
-from diffssr_jax import conventions, fileio, images
+from diffssr_jax import conventions, fileio, images, preemption
 from diffssr_jax.data import spe as spe_lib
 from diffssr_jax.data import records, rle, tfrecord
 from diffssr_jax.data.segmenters import Segmentation, compute_segmentation_spe
@@ -300,6 +300,9 @@ def export_shard(ctx: RunContext, k: int, ids: list[str], progress=None) -> dict
       if progress is not None:
         progress.update(1)
         progress.set_postfix(tiles=sum(e["records"] for e in entries), refresh=False)
+      if preemption.requested():  # the image is durable (records fsynced, journal line written): stop here
+        raise preemption.Preempted(f"SIGTERM: export stopped after image {image_id!r} ({len(entries)} of "
+                                   f"{len(ids)} images of {name}); run the same command again to continue")
   meta = {
       "file": name, "fingerprint": ctx.fingerprint, "images": len(entries),
       "records": sum(e["records"] for e in entries), "bytes": partial.stat().st_size,
@@ -323,8 +326,26 @@ def run_fingerprint(cfg: ExportConfig, provider, ids) -> tuple[str, dict]:
   return digest, settings
 
 
+def exported_splits(out_dir: pathlib.Path) -> set[str]:
+  """The splits `out_dir` holds (finished or in progress): its manifest's and the export state's."""
+  found = {f.name[:-len("-config.json")] for f in (out_dir / STATE_DIR).glob("*-config.json")}
+  man = out_dir / "manifest.json"
+  if man.is_file():
+    try:
+      found |= set(json.loads(man.read_text()).get("splits", {}))
+    except (ValueError, AttributeError):
+      pass
+  return found
+
+
 def check_run_settings(out_dir: pathlib.Path, split: str, fingerprint: str, settings: dict) -> None:
-  """Records the run's settings on first use of `out_dir`; refuses to mix runs with other settings."""
+  """Records the run's settings on first use of `out_dir`; refuses to mix runs with other settings, and
+  a second split in one folder: training reads every shard of a folder, so a folder holds one split and
+  one tile geometry (a val export beside the train shards used to be trained on, tiles of two sizes)."""
+  others = sorted(exported_splits(out_dir) - {split})
+  if others:
+    raise ExportError(f"{out_dir} holds the '{others[0]}' split; one split per folder (training reads every "
+                      f"shard of its folder): export '{split}' into another --out, e.g. {out_dir / split}")
   path = out_dir / STATE_DIR / f"{split}-config.json"
   if path.is_file():
     old = json.loads(path.read_text())
@@ -377,7 +398,8 @@ def write_manifest(out_dir, split: str, source_desc: dict | None = None) -> dict
 
 def _worker_run(args):
   ctx, k, ids = args
-  return export_shard(ctx, k, ids)
+  with preemption.handle_sigterm():  # a SIGTERM to the process group: each worker finishes its image
+    return export_shard(ctx, k, ids)
 
 
 def run_export(source, out_dir, cfg: ExportConfig, segmenter=None, masks_dir=None, shard_indices=None,
@@ -415,6 +437,10 @@ def run_export(source, out_dir, cfg: ExportConfig, segmenter=None, masks_dir=Non
         futs = {pool.submit(_worker_run, (ctx, k, plan[k])): k for k in todo}
         for fut in cf.as_completed(futs):
           bar.update(fut.result()["images"])
+          if preemption.requested():  # SIGTERM to this process only: no new shard; the running ones end
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise preemption.Preempted(f"SIGTERM: export stopped after the shards in progress; run the same "
+                                       "command again to continue")
     else:
       for k in todo:
         export_shard(ctx, k, plan[k], bar)

@@ -144,9 +144,11 @@ def main(argv, fv: flags.FlagValues) -> int:
                          "--shard_index instead")
   source = hr_sources.open_source(fv.images, fv.tfds_data_dir, fv.tfds_split, fv.tfds_image_key)
   segmenter = None if fv.from_masks else make_segmenter(fv)
-  man = export.run_export(source, fv.out, cfg, segmenter=segmenter, masks_dir=fv.from_masks,
-                          shard_indices=shard_index, on_error=fv.on_error, progress=fv.progress,
-                          workers=fv.workers)
+  from diffssr_jax import preemption
+  with preemption.handle_sigterm():  # SIGTERM: the image in progress is finished, then a clean exit (143)
+    man = export.run_export(source, fv.out, cfg, segmenter=segmenter, masks_dir=fv.from_masks,
+                            shard_indices=shard_index, on_error=fv.on_error, progress=fv.progress,
+                            workers=fv.workers)
   print(summary_line(man["splits"][cfg.split], fv.out))
   return shared_cli.EXIT_OK
 

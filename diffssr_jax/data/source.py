@@ -47,12 +47,53 @@ class TileSource:
     return f"TileSource({len(self.files)} files, {len(self)} records)"
 
 
-def manifest_for(files) -> dict | None:
-  """The export manifest next to the shards (the split entry they belong to), if there is one."""
-  paths = tfrecord.expand_files(files)
-  man = pathlib.Path(paths[0]).parent / "manifest.json"
-  if not man.is_file():
+class MixedExportError(ValueError):
+  """Training shards that come from different exports (splits or tile geometries)."""
+
+
+def _read_manifest(folder: pathlib.Path) -> dict | None:
+  path = folder / "manifest.json"
+  if not path.is_file():
     return None
+  try:
+    data = json.loads(path.read_text())
+  except ValueError:
+    return None
+  return data if isinstance(data.get("splits"), dict) else None
+
+
+def manifest_for(files) -> dict | None:
+  """The export manifest entry (one split of manifest.json beside the shards) that every shard belongs to;
+  None without manifests. Every file's entry is looked up, not only the first's: shards of different splits
+  or tile geometries (a val export mixed into the train folder), or a shard its folder's manifest does not
+  list, raise MixedExportError naming them. Folders exported alike (same split and geometry) may be mixed."""
+  paths = tfrecord.expand_files(files)
+  manifests: dict = {}
+  groups: dict = {}   # (split, scale, tile_size, tile_step, min_tile) -> (entry, [file names])
+  for path in paths:
+    folder = pathlib.Path(path).parent
+    if folder not in manifests:
+      manifests[folder] = _read_manifest(folder)
+    man = manifests[folder]
+    if man is None:
+      continue
+    name = pathlib.Path(path).name
+    hit = [(split, entry) for split, entry in man["splits"].items()
+           if any(s.get("file") == name for s in entry.get("shards", []))]
+    if not hit:
+      raise MixedExportError(f"{path} is not listed in {folder / 'manifest.json'} (a shard of another export? "
+                             "keep each export in its own folder, or rebuild the manifest with the export's "
+                             "--finalize)")
+    split, entry = hit[0]
+    c = entry.get("config", {})
+    key = (split, c.get("scale"), c.get("tile_size"), c.get("tile_step"), c.get("min_tile"))
+    groups.setdefault(key, (entry, []))[1].append(str(path))
+  if len(groups) > 1:
+    parts = [f"{len(names)} shards of split '{k[0]}' (scale {k[1]}, tiles {k[2]} px every {k[3]})"
+             for k, (_, names) in groups.items()]
+    raise MixedExportError(f"the training files {files!r} mix exports: {'; '.join(parts)}; train on one split "
+                           "and one tile geometry (one export per folder)")
+  return next(iter(groups.values()))[0] if groups else None
   try:
     data = json.loads(man.read_text())
   except ValueError:

@@ -15,7 +15,9 @@ whichever of them this run made: re-running without --rrdb --bicubic keeps their
 
 An interrupted evaluation resumes: images with a row in metrics.csv and their PNG are skipped, rows are
 appended durably one by one (results.MetricsCSV) after their PNG is written, so earlier results are never
-rewritten. Every image's noise comes from the seed and a hash of its name, so the resumed images are those
+rewritten. Each PNG's SHA-256 is recorded in sha256sums.txt (results.DigestLog) before its row; every PNG a
+resumed run would skip is first checked against it (or, in folders from before, decoded and its size
+checked), and the ones that fail are made again, with one warning saying how many. Every image's noise comes from the seed and a hash of its name, so the resumed images are those
 the uninterrupted run would have produced. Images of equal size are batched together (one compiled
 sampler per size and batch). PSNR/SSIM are on the BT.601 Y channel with `--crop_border` pixels cropped per
 side (default: the scale, as BasicSR; the official evaluation used 0). The sampler defaults to the official
@@ -40,7 +42,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from diffssr_jax import cli as shared_cli
-from diffssr_jax import conventions, fileio, images
+from diffssr_jax import conventions, fileio, images, preemption
 from diffssr_jax.evaluation import results
 from diffssr_jax.data.eval_sources import EvalImage, EvalSourceError, PairedFolders, open_eval_source
 from diffssr_jax.data.imresize import imresize
@@ -222,6 +224,24 @@ def _sr_path(out_dir: pathlib.Path, name: str) -> pathlib.Path:
   return out_dir / f"{name}.png"
 
 
+def verify_output(out_dir: pathlib.Path, name: str, hw: tuple[int, int], digests: results.DigestLog) -> str | None:
+  """None when out_dir/name is the file this evaluation wrote, else why not: missing, not matching its
+  recorded SHA-256, or (results from before digests were recorded) not decoding to an RGB image of `hw`."""
+  path = out_dir / name
+  if not path.is_file():
+    return "missing"
+  want = digests.get(name)
+  if want is not None:
+    return None if fileio.file_sha256(path) == want else "its bytes differ from the recorded SHA-256"
+  try:
+    arr = images.read_rgb8(path, warn=False)
+  except images.ImageReadError as e:
+    return f"cannot be decoded ({e})"
+  if arr.shape[:2] != tuple(hw):
+    return f"is {arr.shape[0]}x{arr.shape[1]}, {hw[0]}x{hw[1]} expected"
+  return None
+
+
 def evaluate_dataset(source, out_dir, method: Method, *, crop_border: int | None = None, batch_size: int = 4,
                      lpips_fn=None, fid_fn=None, extra_summary: Mapping | None = None,
                      on_image: Callable[[str], None] | None = None, show_progress: bool = True) -> dict:
@@ -238,12 +258,21 @@ def evaluate_dataset(source, out_dir, method: Method, *, crop_border: int | None
   out_dir.mkdir(parents=True, exist_ok=True)
   check_settings(out_dir, method.settings)
   table = results.MetricsCSV(out_dir / "metrics.csv", extra=("lpips",) if lpips_fn is not None else ())
+  digests = results.DigestLog(out_dir / results.DIGESTS_NAME)
   done = table.done
-  todo = [i for i, n in enumerate(source.names) if n not in done or not _sr_path(out_dir, n).exists()]
-  missing_png = [source.names[i] for i in todo if source.names[i] in done]
-  if missing_png:
-    warnings.warn(f"{out_dir}: {len(missing_png)} recorded images lost their PNG (e.g. {missing_png[0]}); "
-                  f"making them again, their rows are kept")
+  failed = {}  # recorded images whose PNG is not the one written: made again (their rows are kept)
+  for i, name in enumerate(source.names):
+    if name in done:
+      h, w = shapes[i]
+      why = verify_output(out_dir, f"{name}.png", (h * scale, w * scale), digests)
+      if why:
+        failed[name] = why
+  todo = [i for i, n in enumerate(source.names) if n not in done or n in failed]
+  if failed:
+    name, why = next(iter(failed.items()))
+    lost = sum(why == "missing" for why in failed.values())
+    warnings.warn(f"{out_dir}: {len(failed)} of {len(done)} recorded images failed verification "
+                  f"({lost} lost their PNG; e.g. {name}.png: {why}); making them again, their rows are kept")
   bar = tqdm(total=len(todo), desc=f"{out_dir.parent.name}/{out_dir.name}", unit="img", disable=not show_progress)
   try:
     for batch in plan_batches(shapes, todo, batch_size):
@@ -251,6 +280,7 @@ def evaluate_dataset(source, out_dir, method: Method, *, crop_border: int | None
       srs = method.sr_fn(items)
       for item, sr in zip(items, srs):
         images.save_png(_sr_path(out_dir, item.name), sr)
+        digests.record(f"{item.name}.png", _sr_path(out_dir, item.name))
         if item.name not in done:
           row = sr_metrics(sr, item.hr, item.lr, scale, crop)
           if lpips_fn is not None:
@@ -260,6 +290,9 @@ def evaluate_dataset(source, out_dir, method: Method, *, crop_border: int | None
           if on_image is not None:
             on_image(item.name)
         bar.update(1)
+      if preemption.requested():  # the batch's PNGs and rows are durable: stop before the next batch
+        raise preemption.Preempted(f"SIGTERM: {len(table)} of {len(source)} images of {out_dir} are done; run "
+                                   "the same command again to continue")
   finally:
     bar.close()
   summary = {"dataset": out_dir.parent.name, "label": method.label, **method.settings, "crop_border": crop,
@@ -444,7 +477,8 @@ def main(argv, fv: flags.FlagValues) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   shared_cli.enable_compilation_cache(fv.compilation_cache)
-  table = run_from_flags(fv)
+  with preemption.handle_sigterm():  # SIGTERM: the batch in progress is finished, then a clean exit (143)
+    table = run_from_flags(fv)
   print(table.read_text(encoding="utf-8"))
   print(f"table written to {table}")
   return shared_cli.EXIT_OK

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import pathlib
+import re
 from collections.abc import Iterable, Mapping, Sequence
 
 from diffssr_jax import fileio
@@ -150,21 +151,64 @@ class MetricsCSV:
       raise ValueError(f"{image}: required metrics missing: {missing}")
     values = {c: None if metrics.get(c) is None else float(metrics[c]) for c in self.columns[1:]}
     line = _csv_line([image] + [_format_value(values[c]) for c in self.columns[1:]])
-    # One write of the whole line on an O_APPEND descriptor: a crash leaves at most a prefix of it.
-    fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-    try:
-      view = memoryview(line)
-      while view:
-        n = os.write(fd, view)
-        view = view[n:]
-      os.fsync(fd)
-    finally:
-      os.close(fd)
+    _append_durably(self.path, line)
     self._rows.append({"image": image, **values})
 
   def means(self) -> dict[str, float]:
     """Per-column means over the recorded images (see `column_means`)."""
     return column_means(self._rows, self.columns[1:])
+
+
+def _append_durably(path, line: bytes) -> None:
+  """One write of the whole line on an O_APPEND descriptor, then fsync: a crash leaves at most a prefix."""
+  fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+  try:
+    view = memoryview(line)
+    while view:
+      n = os.write(fd, view)
+      view = view[n:]
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+DIGESTS_NAME = "sha256sums.txt"
+_DIGEST_LINE = re.compile(r"([0-9a-f]{64})  (.+)")
+
+
+class DigestLog:
+  """The SHA-256 of every output file of a results folder, so a resumed run can tell that the files it
+  would skip are still the ones it wrote (bytes flipped or a file cut short decode as garbage or not at all).
+
+  One line per file in `sha256sum`'s format (`<hex>  <name>`, so `sha256sum -c sha256sums.txt` checks the
+  folder by hand), appended durably after the file is complete and before its metrics row. A file written
+  again gets a new line; the last one counts. A torn last line (a crash mid-append) is cut off on open.
+  """
+
+  def __init__(self, path):
+    self.path = pathlib.Path(path)
+    self._digests: dict[str, str] = {}
+    data = self.path.read_bytes() if self.path.exists() else b""
+    complete = data[:data.rfind(b"\n") + 1]
+    for raw in complete.decode("utf-8", "replace").splitlines():
+      m = _DIGEST_LINE.fullmatch(raw)
+      if m:  # anything else (a damaged line) just leaves that file unrecorded: it is then decoded instead
+        self._digests[m.group(2)] = m.group(1)
+    if len(complete) != len(data):
+      with open(self.path, "r+b") as f:
+        f.truncate(len(complete))
+        os.fsync(f.fileno())
+
+  def get(self, name: str) -> str | None:
+    return self._digests.get(name)
+
+  def record(self, name: str, path) -> None:
+    """Records the digest of the (complete) file at `path` under `name`."""
+    if any(ch in name for ch in "\r\n"):
+      raise ValueError(f"file name {name!r} must be on one line")
+    digest = fileio.file_sha256(path)
+    _append_durably(self.path, f"{digest}  {name}\n".encode("utf-8"))
+    self._digests[name] = digest
 
 
 def column_means(rows: Iterable[Mapping], columns: Sequence[str]) -> dict[str, float]:

@@ -138,6 +138,36 @@ def load_config(workdir) -> ml_collections.ConfigDict:
     raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
+# ----------------------------------------------------------------------------- recorded settings
+# What the weights cannot show: a U-Net trained for T=10 steps loads into a T=20 schedule just as well and
+# then samples garbage. Every step records these settings in its meta; inference refuses a config.json that
+# disagrees with them (an edited or replaced file) instead of sampling wrongly.
+RECORDED_PREFIXES = ("diffusion.",)
+RECORDED_KEYS = ("model.scale", "data.lr_up_divisor")
+
+
+def recorded_settings(config) -> dict:
+  """{dotted key: value} of the config's settings recorded with each checkpoint step (JSON values)."""
+  from diffssr_jax.training.workdir import flatten
+  flat = flatten(json.loads(config.to_json()))
+  return {k: v for k, v in flat.items() if k in RECORDED_KEYS or k.startswith(RECORDED_PREFIXES)}
+
+
+def check_recorded_settings(config, meta: dict, where) -> None:
+  """Raises CheckpointMismatchError when `config` disagrees with the settings recorded in a step's meta
+  (steps saved before settings were recorded have none: nothing to check)."""
+  recorded = (meta or {}).get("settings")
+  if not recorded:
+    return
+  now = recorded_settings(config)
+  diff = {k: (v, now.get(k)) for k, v in recorded.items() if now.get(k) != v}
+  if diff:
+    detail = ", ".join(f"{k}={a!r} (config.json: {b!r})" for k, (a, b) in diff.items())
+    raise CheckpointMismatchError(f"config.json disagrees with the settings checkpoint {where} was trained with: "
+                                  f"{detail}; put the run's config.json back (earlier versions are kept as "
+                                  "config.<time>.json)")
+
+
 # ----------------------------------------------------------------------------- manifests
 def _sealed_files(step_dir: pathlib.Path) -> list[str]:
   return sorted(p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*")
@@ -470,6 +500,10 @@ def _restore_from_workdir(workdir, step: int | None, which: str) -> Restored:
       manager.close()
 
 
+def _step_dir_of(workdir, step: int) -> pathlib.Path:
+  return pathlib.Path(workdir) / "checkpoints" / str(step)
+
+
 def latest_verified_step(workdir, which: str = "checkpoints") -> int:
   """The newest step of WORKDIR/<which> that verifies (checksums, restore, finite arrays); damaged steps
   are skipped with one warning line each."""
@@ -496,7 +530,7 @@ class Checkpointer:
   flight one more step than `keep` may be on disk.
   """
 
-  def __init__(self, workdir, keep: int = 3, use_async: bool = True):
+  def __init__(self, workdir, keep: int = 3, use_async: bool = True, settings: dict | None = None):
     self.workdir = pathlib.Path(workdir).absolute()  # orbax requires absolute paths
     self.keep = max(1, int(keep))
     # Retention is ours (orbax would count damaged steps and delete good ones): max_to_keep stays None.
@@ -513,6 +547,10 @@ class Checkpointer:
     self._unfinished: set = set()                # managers with a save whose retention has not run
     self.restored: Restored | None = None         # what restore_latest resumed from
     self._closed = False
+    self._settings = dict(settings or {})  # recorded_settings(config), in every step's meta
+    # A failed save (disk full) abandons its other array writes the same way a failed restore abandons its
+    # reads: their "never retrieved" reports are dropped too (the error itself reaches the caller).
+    _drop_abandoned_read_errors()
     atexit.register(self.close)  # an exception out of the training loop must not leave orbax threads behind
 
   @staticmethod
@@ -610,7 +648,8 @@ class Checkpointer:
     self._finish([self.last])  # orbax's save waits for the previous one anyway
     if not self._make_room(self.last, step):
       return
-    self.last.save(step, args=self._args(tree, data_state, {"step": step, **(meta or {})}), force=True)
+    meta = {"step": step, **({"settings": self._settings} if self._settings else {}), **(meta or {})}
+    self.last.save(step, args=self._args(tree, data_state, meta), force=True)
     self._unfinished.add(self.last)
 
   def save_best(self, step: int, state, psnr_y: float, data_state=None, meta=None) -> None:
@@ -625,7 +664,8 @@ class Checkpointer:
       return
     if not self._make_room(self.best, step):
       return
-    meta = {"step": step, "psnr_y": float(psnr_y), **(meta or {})}
+    meta = {"step": step, "psnr_y": float(psnr_y), **({"settings": self._settings} if self._settings else {}),
+            **(meta or {})}
     self.best.save(step, args=self._args(tree, data_state, meta), force=True)
     self._unfinished.add(self.best)
 
@@ -697,7 +737,9 @@ def load_for_inference(workdir=None, checkpoint=None, step: int | None = None, u
     raise ValueError("give exactly one of workdir or checkpoint")
   if workdir is not None:
     config = config or load_config(workdir)
-    params, step = load_workdir_params(workdir, step, use_ema)
+    got = _restore_from_workdir(workdir, step, "checkpoints")
+    params, step = _params_from_state_tree(got.tree, use_ema), got.step
+    check_recorded_settings(config, got.meta, _step_dir_of(workdir, step))
   else:
     if config is None:
       from configs import base

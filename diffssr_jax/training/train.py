@@ -17,13 +17,11 @@ flax examples use, import TensorFlow, which this project does not install.)
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import pathlib
 import queue
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -34,7 +32,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from diffssr_jax import compilation_cache, fileio, parallel
+from diffssr_jax import compilation_cache, fileio, parallel, preemption
 from diffssr_jax.data import pipeline
 from diffssr_jax.diffusion import sampling
 from diffssr_jax.diffusion.model import build_model, compute_dtype
@@ -173,21 +171,6 @@ class Profiler:
       self.on = False
 
 
-@contextlib.contextmanager
-def preemption_guard():
-  """SIGTERM (preemption) sets a flag; the loop saves a checkpoint and exits cleanly."""
-  flag = threading.Event()
-  if threading.current_thread() is not threading.main_thread():
-    yield flag
-    return
-  previous = signal.getsignal(signal.SIGTERM)
-  signal.signal(signal.SIGTERM, lambda *_: flag.set())
-  try:
-    yield flag
-  finally:
-    signal.signal(signal.SIGTERM, previous)
-
-
 # ----------------------------------------------------------------------------- the loop
 def _check_finite(history, first_step):
   """Raises NonFiniteLossError naming the first step whose loss is NaN or infinite (and, when this process
@@ -257,8 +240,9 @@ def run_loop(*, workdir, state, step_fn, data_iter, mesh, train_cfg, num_steps, 
     if eval_metrics and "psnr_y" in eval_metrics:
       checkpointer.save_best(step, state, eval_metrics["psnr_y"], data_state)
 
+  preempted = False
   try:
-    with preemption_guard() as preempted:
+    with preemption.handle_sigterm():
       step = start
       while step < num_steps:
         batch, data_state = prefetch.next()
@@ -269,8 +253,11 @@ def run_loop(*, workdir, state, step_fn, data_iter, mesh, train_cfg, num_steps, 
         steps_since += 1
         pending.append(metrics)
         bar.update(1)
+        # Asked at every step on every process: with several processes JAX's preemption service makes
+        # them all answer True at the same step (see diffssr_jax.preemption).
+        preempted = preemption.reached_sync_point(step)
         last = step == num_steps or (stop_after is not None and done_here >= stop_after)
-        if step % log_every == 0 or last or preempted.is_set():
+        if step % log_every == 0 or last or preempted:
           flush_metrics(step)
         eval_metrics = None
         if evaluate_fn is not None and (step % train_cfg.eval_every == 0 or step == num_steps):
@@ -280,11 +267,12 @@ def run_loop(*, workdir, state, step_fn, data_iter, mesh, train_cfg, num_steps, 
             logger.scalars(step, {k: v for k, v in eval_metrics.items() if not k.startswith("_")}, kind="val")
             if eval_metrics.get("_panels"):
               logger.images(step, eval_metrics["_panels"])
-        if step % train_cfg.checkpoint_every == 0 or last or preempted.is_set() or eval_metrics:
+          # A SIGTERM during validation: this step is saved (with its metrics) and the run stops here.
+          preempted = preempted or preemption.reached_sync_point(step)
+        if step % train_cfg.checkpoint_every == 0 or last or preempted or eval_metrics:
           flush_metrics(step)  # never checkpoint a state whose losses were not checked
           save(step, {k: v for k, v in (eval_metrics or {}).items() if not k.startswith("_")})
-        if preempted.is_set():
-          log.warning("SIGTERM received: saved step %d, exiting", step)
+        if preempted and step < num_steps:
           break
         if stop_after is not None and done_here >= stop_after:
           break
@@ -295,6 +283,9 @@ def run_loop(*, workdir, state, step_fn, data_iter, mesh, train_cfg, num_steps, 
     if checkpointer is not None:
       checkpointer.wait()
     logger.close()
+  if preempted and step < num_steps:  # raised only once the step's checkpoint is complete on disk
+    raise preemption.Preempted(f"SIGTERM: saved {desc} step {step} of {num_steps} in {workdir}; run the same "
+                               "command again to continue from there")
   return state, history
 
 
@@ -326,7 +317,8 @@ def _mesh_and_batch(config):
 def _restore_or_start(state, config, workdir, mesh):
   """(state, data position or None, checkpointer): the newest verified checkpoint of the workdir (damaged
   steps skipped, see checkpointing), or the fresh `state`; replicated over the mesh either way."""
-  ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints,
+                                    settings=checkpointing.recorded_settings(config))
   # Replicated first, so the checkpoint is restored straight into the mesh's layout (each process reads its
   # own replicas), whatever number of processes wrote it.
   state = parallel.replicate(state, mesh)
@@ -392,12 +384,15 @@ def fit(config, workdir, task: Task, stop_after=None):
 
   step = int(jax.device_get(state.step))
   total = config.train.num_steps
-  if step < total:
-    data_iter, data_start = data_iterator(config, per_process, step, data_state)
-    state, _ = run_loop(workdir=workdir, state=state, step_fn=task.step_fn, data_iter=data_iter, mesh=mesh,
-                        train_cfg=config.train, num_steps=total, lr_schedule=task.lr_schedule, evaluate_fn=evaluate,
-                        checkpointer=ckpt, data_start=data_start, stop_after=stop_after, desc=task.name)
-  ckpt.close()
+  try:
+    if step < total:
+      data_iter, data_start = data_iterator(config, per_process, step, data_state)
+      state, _ = run_loop(workdir=workdir, state=state, step_fn=task.step_fn, data_iter=data_iter, mesh=mesh,
+                          train_cfg=config.train, num_steps=total, lr_schedule=task.lr_schedule,
+                          evaluate_fn=evaluate, checkpointer=ckpt, data_start=data_start, stop_after=stop_after,
+                          desc=task.name)
+  finally:
+    ckpt.close()
   return state, dict(last_summary)
 
 
@@ -467,6 +462,12 @@ def _rrdb_params(config, workdir, stop_after=None):
     sub.train.eval_every = sub.train.checkpoint_every = pre.num_steps
     sub.optim.ema_decay = 0.0
     state, _ = fit(sub, pathlib.Path(workdir) / "rrdb", rrdb_task(sub), stop_after=stop_after)
+    done = int(jax.device_get(state.step))
+    # The U-Net is trained on the encoder for good (its checkpoints keep these weights): never on an
+    # unfinished one. fit raises Preempted itself; this catches any other early return.
+    if done < pre.num_steps:
+      raise RuntimeError(f"the RRDB pre-training stopped at step {done} of {pre.num_steps}; the diffusion stage "
+                         "is not started on an unfinished encoder")
     return jax.device_get(state.model_params()["rrdb"])
   if config.optim.train_rrdb:
     return None
@@ -489,10 +490,32 @@ def write_summary(workdir, summary: dict, step: int, config) -> pathlib.Path:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False):
   """Runs the configured task in `workdir` (resuming from its latest verified checkpoint).
 
-  A workdir whose checkpoints were made with other settings is refused before anything is written
-  (workdir.check_config); `allow_config_change` lets the safe ones (steps, learning rate, intervals, ...)
-  differ. Multi-process runs call `parallel.initialize` first (diffssr_jax.main does).
+  In this order, so that a refused run leaves the workdir as it was: the config's values are checked
+  (config_check.validate: every problem in one ConfigError, nothing touched yet), a workdir whose
+  checkpoints were made with other settings is refused (workdir.check_config; `allow_config_change` lets
+  the safe ones (steps, learning rate, intervals, ...) differ), then the workdir is locked
+  (lock.workdir_lock: one writer per workdir, WorkdirLockedError naming the holder) and checked again. SIGTERM in any stage saves the current step
+  and raises preemption.Preempted; the diffusion stage never starts on an unfinished RRDB encoder.
+  Multi-process runs call `parallel.initialize` first (diffssr_jax.main does).
   """
+  from diffssr_jax.training import config_check, lock
+  config_check.validate(config, device_count=jax.device_count(), process_count=jax.process_count())
+  # Refusals before the lock file is made (the workdir stays byte-identical); checked again under the lock.
+  workdir_lib.check_config(config, workdir, allow_config_change=allow_config_change)
+  with lock.workdir_lock(workdir, process_index=jax.process_index(), broadcast=_broadcast_ok), \
+       preemption.handle_sigterm():
+    return _train_and_evaluate(config, workdir, allow_config_change)
+
+
+def _broadcast_ok(ok: bool) -> bool:
+  """Process 0's `ok` on every process (the lock's outcome); no collective in a single process."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
+
+
+def _train_and_evaluate(config, workdir, allow_config_change):
   compilation_cache.enable(config.compilation_cache)
   workdir = pathlib.Path(workdir)
   allowed = workdir_lib.check_config(config, workdir, allow_config_change=allow_config_change)
@@ -500,6 +523,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_co
     log.warning("%s: continuing with changed settings (--allow_config_change): %s", workdir,
                 ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in allowed.items()))
   workdir.mkdir(parents=True, exist_ok=True)
+  if is_main_process():
+    # Before any stage: a run stopped in the RRDB stage (whose checkpoints protect the workdir) must find
+    # the config it was started with when it is restarted.
+    checkpointing.save_config(config, workdir)
   if config.data.demo_dir:
     from diffssr_jax.data.demo import build_demo_dataset
     if is_main_process():
@@ -510,7 +537,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_co
     return state
   if config.task != "diffusion":
     raise ValueError(f"unknown task {config.task!r} (expected 'diffusion' or 'rrdb')")
-  state, summary = fit(config, workdir, diffusion_task(config, _rrdb_params(config, workdir)))
+  rrdb_params = _rrdb_params(config, workdir)
+  if preemption.requested():  # SIGTERM after the RRDB stage's last step: stop before the next stage starts
+    raise preemption.Preempted(f"SIGTERM: the RRDB pre-training is complete in {workdir / 'rrdb'}; run the same "
+                               "command again to train the diffusion model")
+  state, summary = fit(config, workdir, diffusion_task(config, rrdb_params))
   if summary and is_main_process():
     write_summary(workdir, summary, int(jax.device_get(state.step)), config)
   return state
