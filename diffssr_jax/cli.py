@@ -295,6 +295,8 @@ def run(argv: Sequence[str], *, define_flags: Callable[[flags.FlagValues], None]
     error(f"{e} (see --help)")
     return EXIT_USAGE
   setup_logging(fv.verbosity)
+  from diffssr_jax.storage import StorageError  # a location that cannot be served: one line, like UserError
+  user_errors = (*user_errors, StorageError)
   try:
     return int(main(rest, fv))
   except app.UsageError as e:

@@ -8,8 +8,7 @@ open files, so grain worker processes reopen the shards themselves. No jax.
 from __future__ import annotations
 
 import json
-import pathlib
-
+from diffssr_jax import storage
 from diffssr_jax.data import records, tfrecord
 
 
@@ -50,14 +49,14 @@ class TileSource:
 def manifest_for(files) -> dict | None:
   """The export manifest next to the shards (the split entry they belong to), if there is one."""
   paths = tfrecord.expand_files(files)
-  man = pathlib.Path(paths[0]).parent / "manifest.json"
+  man = storage.path(paths[0]).parent / "manifest.json"
   if not man.is_file():
     return None
   try:
     data = json.loads(man.read_text())
   except ValueError:
     return None
-  name = pathlib.Path(paths[0]).name
+  name = storage.path(paths[0]).name
   for split in data.get("splits", {}).values():
     if any(s.get("file") == name for s in split.get("shards", [])):
       return split
