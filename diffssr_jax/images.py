@@ -61,6 +61,9 @@ def list_images(root) -> list[pathlib.Path]:
     return [root]
   if not root.is_dir():
     raise FileNotFoundError(f"{root}: no such file or folder")
+  if storage.is_remote(root):  # a bucket folder is walked (epath refuses ** globs there)
+    return [root / rel for rel in storage.files_below(root)
+            if pathlib.PurePosixPath(rel).suffix.lower() in IMAGE_EXTENSIONS]
   return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 

@@ -85,6 +85,22 @@ def size(p) -> int:
   return os.path.getsize(q) if not is_remote(q) else int(q.stat().length)
 
 
+def files_below(folder) -> list[str]:
+  """Relative POSIX names of every file below `folder`, sorted (epath refuses `**` globs on buckets: one
+  listing per folder could be thousands of requests, so bucket folders are walked)."""
+  q = native(folder)
+  if not is_remote(q):
+    return sorted(p.relative_to(q).as_posix() for p in q.rglob("*") if p.is_file())
+  def bare(p) -> str:  # epath's walk yields its roots without the "gs://" prefix
+    return _URL.sub("", str(p)).rstrip("/")
+  base = bare(q)
+  out = []
+  for root, _, names in q.walk():
+    rel = bare(root)[len(base):].lstrip("/")
+    out.extend(f"{rel}/{n}" if rel else n for n in names)
+  return sorted(out)
+
+
 def point_at_emulator() -> str | None:
   """When STORAGE_EMULATOR_HOST is set: makes every GCS client of the process (and its children) use it;
   returns the endpoint. Variables already set are left alone."""

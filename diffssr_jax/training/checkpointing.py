@@ -143,8 +143,7 @@ def load_config(workdir) -> ml_collections.ConfigDict:
 
 # ----------------------------------------------------------------------------- manifests
 def _sealed_files(step_dir) -> list[str]:
-  return sorted(p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*")
-                if p.is_file() and not (p.parent == step_dir and p.name in _NOT_SEALED))
+  return [rel for rel in storage.files_below(step_dir) if not ("/" not in rel and rel in _NOT_SEALED)]
 
 
 def write_manifest(step_dir) -> None:
