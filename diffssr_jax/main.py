@@ -45,7 +45,8 @@ def check_locations(config, workdir) -> None:
   try:
     storage.check_all({"--workdir": workdir, "data.train_files": c.data.get("train_files"),
                        "data.demo_dir": c.data.get("demo_dir"), "eval.hr_dir": c.eval.get("hr_dir"),
-                       "eval.lr_dir": c.eval.get("lr_dir"), "train.rrdb_checkpoint": c.train.get("rrdb_checkpoint")})
+                       "eval.lr_dir": c.eval.get("lr_dir"), "train.rrdb_checkpoint": c.train.get("rrdb_checkpoint"),
+                       "compilation_cache": c.get("compilation_cache")})
   except storage.StorageError as e:
     raise SystemExit(f"error: {e}") from None
 

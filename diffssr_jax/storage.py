@@ -1,9 +1,11 @@
 """Where files live: one path type (`etils.epath.Path`) for every user-given location, local or in a bucket.
 
 Every location a user gives (workdir, data.train_files, eval folders, evaluate/upscale inputs and outputs,
-checkpoints, the export tool's --images/--out, the SAM checkpoint, metric weights) goes through `path`, so
-`gs://bucket/...` (and the other schemes epath serves: s3://, az://, hf:// through fsspec) works wherever a
-local path does; local paths behave exactly as before (epath's local backend is the os module).
+checkpoints, the export tool's --images/--out, the SAM checkpoint, metric weights) goes through `path` (an
+epath.Path always) or `native` (an epath.Path for a URL, a pathlib.Path for a local path, where code relies on
+pathlib's stat/rglob/resolve, which epath's differ from), so `gs://bucket/...` (and the other schemes epath
+serves: s3://, az://, hf:// through fsspec) works wherever a local path does, and local paths behave exactly
+as before.
 
 `check` refuses, before any work, a location that cannot be served: a scheme no backend handles, a bucket
 scheme whose fsspec backend is not installed, or a gs:// path with neither Google credentials nor an emulator
@@ -73,9 +75,9 @@ def native(p):
   return path(p) if is_remote(str(p)) else pathlib.Path(p)
 
 
-def absolute(p) -> epath.Path:
+def absolute(p):
   """An absolute path (orbax requires them): local paths against the current folder, URLs unchanged."""
-  q = path(p)
+  q = native(p)
   return q if is_remote(q) else q.absolute()
 
 

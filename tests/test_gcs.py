@@ -154,6 +154,7 @@ def test_training_in_a_bucket_is_killed_and_resumes_exactly(trained):
   step_dir = epath.Path(f"{run}/checkpoints/4")
   assert checkpointing.verify_files(step_dir)
   assert json.loads(epath.Path(f"{run}/config.json").read_text())["train"]["num_steps"] == 4
+  assert list(epath.Path(f"{ref}/tb").iterdir()), "TensorBoard events in the bucket"
 
 
 def test_evaluate_and_upscale_read_and_write_the_bucket(trained, bucket, tmp_path):

@@ -91,7 +91,7 @@ class DamagedCheckpointError(NoCheckpointError):
   """A checkpoint step whose files or arrays are not those that were saved."""
 
   def __init__(self, path, reason: str):
-    self.path, self.reason = storage.path(path), reason
+    self.path, self.reason = storage.native(path), reason
     super().__init__(f"checkpoint {path} is damaged: {reason}")
 
 
@@ -115,7 +115,7 @@ def trust_unverified() -> bool:
 # ----------------------------------------------------------------------------- config.json
 def save_config(config, workdir) -> None:
   """Writes WORKDIR/config.json; a different existing one is first kept as config.<UTC time>.json."""
-  path = storage.path(workdir) / "config.json"
+  path = storage.native(workdir) / "config.json"
   text = config.to_json(indent=2)
   if path.is_file():
     old = path.read_text()
@@ -132,7 +132,7 @@ def save_config(config, workdir) -> None:
 
 
 def load_config(workdir) -> ml_collections.ConfigDict:
-  path = storage.path(workdir) / "config.json"
+  path = storage.native(workdir) / "config.json"
   if not path.is_file():
     raise NoCheckpointError(f"{path}: not found (is {workdir} a training workdir?)")
   try:
@@ -148,7 +148,7 @@ def _sealed_files(step_dir) -> list[str]:
 
 def write_manifest(step_dir) -> None:
   """Records size and SHA-256 of every file of a finished checkpoint step (atomically)."""
-  step_dir = storage.path(step_dir)
+  step_dir = storage.native(step_dir)
   files = {rel: {"size": storage.size(step_dir / rel), "sha256": fileio.file_sha256(step_dir / rel)}
            for rel in _sealed_files(step_dir)}
   fileio.atomic_write_json(step_dir / MANIFEST_NAME, {"format": MANIFEST_FORMAT, "files": files}, indent=1)
@@ -157,7 +157,7 @@ def write_manifest(step_dir) -> None:
 def verify_files(step_dir) -> bool:
   """True when the step's files match its manifest, False when it has no manifest; raises
   DamagedCheckpointError when the manifest is unreadable or a file is missing, resized or changed."""
-  step_dir = storage.path(step_dir)
+  step_dir = storage.native(step_dir)
   path = step_dir / MANIFEST_NAME
   if not path.is_file():
     return False
@@ -188,9 +188,9 @@ class _SealingTemporaryPath(ocp.path.atomicity.AtomicRenameTemporaryPath):
   """
 
   async def finalize(self, *args, **kwargs):
-    final = storage.path(str(self.get_final()))
+    final = storage.native(str(self.get_final()))
     if final.name.isdigit():
-      await asyncio.to_thread(write_manifest, storage.path(str(self.get())))
+      await asyncio.to_thread(write_manifest, storage.native(str(self.get())))
     return await super().finalize(*args, **kwargs)
 
 
@@ -199,9 +199,9 @@ class _SealingCommitFilePath(ocp.path.atomicity.CommitFileTemporaryPath):
   last publishes it), writing our manifest just before that file."""
 
   async def finalize(self, *args, **kwargs):
-    final = storage.path(str(self.get_final()))
+    final = storage.native(str(self.get_final()))
     if final.name.isdigit():
-      await asyncio.to_thread(write_manifest, storage.path(str(self.get())))
+      await asyncio.to_thread(write_manifest, storage.native(str(self.get())))
     return await super().finalize(*args, **kwargs)
 
 
@@ -320,7 +320,7 @@ def _one_line(text: str, limit: int = 300) -> str:
 
 
 def _step_dir(manager: ocp.CheckpointManager, step: int):
-  return storage.path(str(manager.directory)) / str(step)
+  return storage.native(str(manager.directory)) / str(step)
 
 
 def _local_target(item_dir):
@@ -688,7 +688,7 @@ class Checkpointer:
 def load_rrdb_params(path) -> dict:
   """RRDB encoder weights {"params": ...} from our RRDB (or diffusion) workdir or an official checkpoint."""
   from diffssr_jax.models import convert
-  path = storage.path(path)
+  path = storage.native(path)
   if path.is_dir():
     params, _ = load_workdir_params(path, use_ema=False)
     if "rrdb" not in params:

@@ -218,7 +218,7 @@ def run_loop(*, workdir, state, step_fn, data_iter, mesh, train_cfg, num_steps, 
   at (saved with its position). history: list of (step, metrics dict) logged. evaluate_fn(state, step) ->
   dict of metrics with "psnr_y" (used for the best checkpoint) or None; every process calls it.
   """
-  workdir = storage.path(workdir)
+  workdir = storage.native(workdir)
   start = int(jax.device_get(state.step))
   logger = Logger(workdir, start)
   profiler = Profiler(workdir, train_cfg.profile_at, train_cfg.profile_steps)
@@ -369,7 +369,7 @@ def _sharded_model_fn(fn, mesh, params, key):
 def fit(config, workdir, task: Task, stop_after=None):
   """Trains `task` in `workdir` to config.train.num_steps, resuming from its newest verified checkpoint;
   validates every train.eval_every steps on config.eval's images. Returns (state, last validation summary)."""
-  workdir = storage.path(workdir)
+  workdir = storage.native(workdir)
   if is_main_process():
     checkpointing.save_config(config, workdir)
   mesh, per_process = _mesh_and_batch(config)
@@ -466,7 +466,7 @@ def _rrdb_params(config, workdir, stop_after=None):
     sub.optim.schedule = pre.schedule
     sub.train.eval_every = sub.train.checkpoint_every = pre.num_steps
     sub.optim.ema_decay = 0.0
-    state, _ = fit(sub, storage.path(workdir) / "rrdb", rrdb_task(sub), stop_after=stop_after)
+    state, _ = fit(sub, storage.native(workdir) / "rrdb", rrdb_task(sub), stop_after=stop_after)
     return jax.device_get(state.model_params()["rrdb"])
   if config.optim.train_rrdb:
     return None
@@ -481,7 +481,7 @@ def write_summary(workdir, summary: dict, step: int, config):
   steps = config.eval.steps or (config.diffusion.timesteps if config.eval.sampler == "ddpm" else None)
   out["eval"] = {"sampler": config.eval.sampler, "steps": steps, "crop_size": config.eval.crop_size,
                  "images": config.eval.hr_dir, "crop_border": config.model.scale}
-  path = storage.path(workdir) / "summary.json"
+  path = storage.native(workdir) / "summary.json"
   fileio.atomic_write_json(path, out, indent=2)
   return path
 
@@ -494,7 +494,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_co
   differ. Multi-process runs call `parallel.initialize` first (diffssr_jax.main does).
   """
   compilation_cache.enable(config.compilation_cache)
-  workdir = storage.path(workdir)
+  workdir = storage.native(workdir)
   allowed = workdir_lib.check_config(config, workdir, allow_config_change=allow_config_change)
   if allowed:
     log.warning("%s: continuing with changed settings (--allow_config_change): %s", workdir,

@@ -81,7 +81,7 @@ def run_validation(val_images, scale: int, *, model_fn, batch_size: int = 4, out
 
 def save_panels(panels, out_dir, step=None) -> list[pathlib.Path]:
   """LR (nearest-upscaled) | bicubic | RRDB | SR | HR, one PNG per image."""
-  out_dir = storage.path(out_dir)
+  out_dir = storage.native(out_dir)
   paths = []
   for im, outs in panels:
     s = im.hr.shape[0] // im.lr.shape[0]
