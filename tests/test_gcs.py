@@ -157,6 +157,7 @@ def trained(bucket, tmp_path_factory):
   return ref, run, out.stderr + out.stdout
 
 
+@pytest.mark.slow
 def test_training_in_a_bucket_is_killed_and_resumes_exactly(trained):
   ref, run, log = trained
   assert not pathlib.Path(ROOT, "gs:").exists()
@@ -173,6 +174,7 @@ def test_training_in_a_bucket_is_killed_and_resumes_exactly(trained):
   assert list(epath.Path(f"{ref}/tb").iterdir()), "TensorBoard events in the bucket"
 
 
+@pytest.mark.slow
 def test_evaluate_and_upscale_read_and_write_the_bucket(trained, bucket, tmp_path):
   ref = trained[0]
   args = ["--workdir", ref, "--datasets", f"val={bucket}/val", "--rrdb", "--nodiffusion", "--bicubic",
@@ -220,9 +222,11 @@ REFUSED = {
 }
 
 
-@pytest.mark.parametrize("command", sorted(REFUSED))
-@pytest.mark.parametrize("url,reason", [("gs://no-such-bucket/x", "no Google Cloud credentials"),
-                                        ("foo://bucket/x", "no storage backend serves 'foo://'")])
+CASES = [(c, "gs://no-such-bucket/x", "no Google Cloud credentials") for c in sorted(REFUSED)] + [
+    (c, "foo://bucket/x", "no storage backend serves 'foo://'") for c in ("train", "upscale")]
+
+
+@pytest.mark.parametrize("command,url,reason", CASES)
 def test_unservable_locations_are_refused_in_one_line(command, url, reason, shards, tmp_path):
   out = subprocess.run(REFUSED[command](url, shards / "val"), env=_no_gcs_env(tmp_path), cwd=tmp_path,
                        capture_output=True, text=True, timeout=120)
