@@ -370,6 +370,8 @@ def run(argv: Sequence[str], *, define_flags: Callable[[flags.FlagValues], None]
   setup_logging(fv.verbosity)
   from diffssr_jax import images  # numpy + cv2 only
   images.set_exif_orientation(fv.exif_orientation)
+  from diffssr_jax.storage import StorageError  # a location that cannot be served: one line, like UserError
+  user_errors = (*user_errors, StorageError)
   try:
     return int(main(rest, fv))
   except app.UsageError as e:

@@ -18,6 +18,8 @@ import pathlib
 
 import jax
 
+from diffssr_jax import storage
+
 AUTO = "auto"
 _OFF = ("", "off", "none", "false")
 
@@ -36,6 +38,11 @@ def enable(setting: str | None = AUTO) -> pathlib.Path | None:
   if setting is None or str(setting).strip().lower() in _OFF:
     jax.config.update("jax_enable_compilation_cache", False)
     return None
+  if setting != AUTO and storage.is_remote(setting):  # jax's cache reads and writes URLs itself (through epath)
+    path = storage.check(setting, "compilation_cache")
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    return path
   path = default_dir() if setting == AUTO else pathlib.Path(setting).expanduser()
   path.mkdir(parents=True, exist_ok=True)
   jax.config.update("jax_enable_compilation_cache", True)

@@ -23,7 +23,7 @@ import warnings
 import cv2
 import numpy as np
 
-from diffssr_jax import fileio
+from diffssr_jax import fileio, storage
 from diffssr_jax.conventions import GREY_MODES
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -54,12 +54,16 @@ class LoadedImage:
 
 
 def list_images(root) -> list[pathlib.Path]:
-  """All image files below `root` (a file or a folder), sorted, recursing into subfolders."""
-  root = pathlib.Path(root)
+  """All image files below `root` (a file or a folder, local or in a bucket), sorted, recursing into
+  subfolders."""
+  root = storage.native(root)
   if root.is_file():
     return [root]
   if not root.is_dir():
     raise FileNotFoundError(f"{root}: no such file or folder")
+  if storage.is_remote(root):  # a bucket folder is walked (epath refuses ** globs there)
+    return [root / rel for rel in storage.files_below(root)
+            if pathlib.PurePosixPath(rel).suffix.lower() in IMAGE_EXTENSIONS]
   return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
@@ -157,7 +161,7 @@ def load_image(path) -> LoadedImage:
   """Reads an image file keeping its bit depth (8 or 16) and alpha channel."""
   path = str(path)
   try:
-    with open(path, "rb") as f:
+    with (storage.path(path).open("rb") if storage.is_remote(path) else open(path, "rb")) as f:
       data = f.read()
   except FileNotFoundError:
     raise ImageReadError(f"{path}: file not found") from None
@@ -212,8 +216,9 @@ def encode_png(arr: np.ndarray, compression: int = 6) -> bytes:
 
 
 def save_png(path, arr: np.ndarray, overwrite: bool = True) -> None:
-  """Writes an (H, W), (H, W, 3) or (H, W, 4) uint8/uint16 array as PNG, atomically (temp file + rename)."""
-  path = pathlib.Path(path)
+  """Writes an (H, W), (H, W, 3) or (H, W, 4) uint8/uint16 array as PNG, atomically (temp file + rename; a
+  bucket object in one upload)."""
+  path = storage.path(path)
   if path.exists() and not overwrite:
     raise FileExistsError(f"{path}: exists (pass overwrite to replace it)")
   arr = np.asarray(arr)

@@ -37,6 +37,20 @@ flags.DEFINE_integer("heartbeat_timeout", 60, "Seconds after which the other pro
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def check_locations(config, workdir) -> None:
+  """Refuses, in one line naming it, a workdir, data or eval location, or RRDB checkpoint that no storage
+  backend can serve (unknown scheme, bucket without credentials or emulator)."""
+  from diffssr_jax import storage
+  c = config
+  try:
+    storage.check_all({"--workdir": workdir, "data.train_files": c.data.get("train_files"),
+                       "data.demo_dir": c.data.get("demo_dir"), "eval.hr_dir": c.eval.get("hr_dir"),
+                       "eval.lr_dir": c.eval.get("lr_dir"), "train.rrdb_checkpoint": c.train.get("rrdb_checkpoint"),
+                       "compilation_cache": c.get("compilation_cache")})
+  except storage.StorageError as e:
+    raise SystemExit(f"error: {e}") from None
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -50,6 +64,7 @@ def main(argv):
     # A config file that cannot be loaded: the line naming the file and the cause, not two tracebacks.
     lines = [" ".join(l.split()) for l in str(e).splitlines() if l.strip()]
     raise SystemExit("error: --config: " + next((l for l in lines if "Errno" in l), " ".join(lines))) from None
+  check_locations(FLAGS.config, FLAGS.workdir)  # before joining other processes or writing anything
   if FLAGS.distributed or FLAGS.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS"):
     from diffssr_jax import parallel
     parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,

@@ -194,3 +194,22 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(runs):
   assert all(f"from step {stopped}" in log for log in logs)
   _close(p0_ref, p0)
   _close(p0, p1, atol=0)
+
+
+def test_two_processes_write_one_checkpoint_into_a_bucket_and_it_restores(gcs, shards, tmp_path):
+  """A gs:// workdir (the GCS emulator): both processes write into one checkpoint step, published by orbax's
+  commit file after our manifest (a bucket has no atomic rename), which verifies and restores in this single
+  process to the params both processes hold."""
+  from etils import epath
+  wd = epath.Path(f"{gcs}/mp")
+  (p0, p1), _ = _run(wd, shards, tmp_path / "xla", tmp_path, 2, extra=["--config.train.num_steps=2"])
+  step = wd / "checkpoints" / "2"
+  assert (step / "commit_success.txt").exists() and checkpointing.verify_files(step)
+  assert sorted(p.name for p in (step / "data").glob("*.json")) == ["process_0-of-2.json", "process_1-of-2.json"]
+  params, got = checkpointing.load_workdir_params(wd, use_ema=False)
+  assert got == 2
+  import flax
+  flat = flax.traverse_util.flatten_dict({"unet": params["unet"], "rrdb": params["rrdb"]}, sep="/")
+  _close(p0, p1, atol=0)
+  _close({k: v for k, v in p0.items() if k != "step"}, {k: np.asarray(v) for k, v in flat.items()}, atol=0)
+  assert not (pathlib.Path(ROOT) / "gs:").exists()

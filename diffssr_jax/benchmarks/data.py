@@ -16,7 +16,7 @@ import pathlib
 import tempfile
 import time
 
-from diffssr_jax import cli
+from diffssr_jax import cli, storage
 
 
 
@@ -106,6 +106,10 @@ def main(argv=None) -> None:
   pe.add_argument("--workers", type=int, default=0, help="export worker processes")
   pe.add_argument("--scale", type=int, default=4, help="super-resolution factor")
   args = cli.parse_argparse(p, argv)
+  try:  # before any work: a location no backend can serve is refused in one line
+    storage.check_all({"--files": getattr(args, "files", None), "--images": getattr(args, "images", None)})
+  except storage.StorageError as e:
+    raise SystemExit(f"error: {e}") from None
   with tempfile.TemporaryDirectory() as tmp:
     if args.what == "pipeline":
       files = args.files

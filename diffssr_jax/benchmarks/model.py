@@ -48,12 +48,16 @@ import sys
 import time
 
 from diffssr_jax import cli  # noqa: E402  (numpy/absl only: --help stays fast)
+from diffssr_jax import storage  # noqa: E402
 
 _DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "base.py"
 
 
 def load_config(path: str | None):
   """`get_config()` of a config file (configs/base.py when None)."""
+  if path and storage.is_remote(path):  # importlib loads modules from local files only
+    raise SystemExit(f"error: --config {path}: a config is a Python module and is read from a local file only "
+                     "(copy it here first)")
   path = pathlib.Path(path) if path else _DEFAULT_CONFIG
   if not path.is_file():
     raise SystemExit(f"config file not found: {path}")

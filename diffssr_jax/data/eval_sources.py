@@ -19,7 +19,7 @@ import re
 
 import numpy as np
 
-from diffssr_jax import images
+from diffssr_jax import images, storage
 from diffssr_jax.conventions import make_lr_up, trim_to_scale
 from diffssr_jax.data.imresize import imresize
 
@@ -44,7 +44,7 @@ class HRFolder:
   """HR images of a folder; LR made by MATLAB bicubic down-scaling of the scale-trimmed HR."""
 
   def __init__(self, hr_dir, scale: int = 4, lr_up_divisor: float = 256.0):
-    self.root = pathlib.Path(hr_dir)
+    self.root = storage.native(hr_dir)
     self.scale, self.divisor = int(scale), float(lr_up_divisor)
     self.paths = images.list_images(self.root)
     if not self.paths:
@@ -88,7 +88,7 @@ class PairedFolders:
   """Given HR and LR images, matched by base name; HR trimmed to scale x LR size."""
 
   def __init__(self, hr_dir, lr_dir, scale: int = 4, lr_up_divisor: float = 256.0):
-    self.hr_root, self.lr_root = pathlib.Path(hr_dir), pathlib.Path(lr_dir)
+    self.hr_root, self.lr_root = storage.native(hr_dir), storage.native(lr_dir)
     self.scale, self.divisor = int(scale), float(lr_up_divisor)
     hr = {hr_base_name(_key(p, self.hr_root), scale): p for p in images.list_images(self.hr_root)}
     lr = {lr_base_name(_key(p, self.lr_root), scale): p for p in images.list_images(self.lr_root)}

@@ -29,6 +29,13 @@ temporary name in `.export/` with a journal line per finished image (records app
 an interrupted run resumes after the last journalled image (the partial file is truncated back to it),
 and a finished shard is renamed into place, so re-running produces byte-identical output. An image that
 cannot be read is skipped and listed in the manifest, or fails the run (`on_error`).
+
+An output folder in a bucket (gs://...): the partial shard and its journal stay in a local staging folder
+(`staging_dir`, the same on every run for the same --out, so a rerun on the same machine resumes the partial
+shard); a finished shard is published by writing its metadata object, then uploading the shard (an upload is
+all-or-nothing: the shard object appears complete or not at all); a run that finds the metadata but not the
+shard uploads the partial again when it is still staged, or redoes the shard. The manifest is one object
+written last.
 """
 from __future__ import annotations
 
@@ -37,11 +44,12 @@ import hashlib
 import json
 import os
 import pathlib
+import tempfile
 import time
 
 import numpy as np
 
-from diffssr_jax import conventions, fileio, images, preemption
+from diffssr_jax import conventions, fileio, images, preemption, storage
 from diffssr_jax.data import spe as spe_lib
 from diffssr_jax.data import records, rle, tfrecord
 from diffssr_jax.data.segmenters import Segmentation, compute_segmentation_spe
@@ -156,7 +164,7 @@ class MaskFolderProvider:
   """Reads masks saved earlier (ours, or amg.py's RLE JSON files): `<dir>/<image id>.json`."""
 
   def __init__(self, masks_dir):
-    self.dir = pathlib.Path(masks_dir)
+    self.dir = storage.native(masks_dir)
     if not self.dir.is_dir():
       raise ExportError(f"masks folder {self.dir} does not exist")
 
@@ -219,6 +227,25 @@ class RunContext:
   out_dir: pathlib.Path
   fingerprint: str
   on_error: str = "fail"
+  staging: pathlib.Path | None = None  # where partial shards and journals are written (default out_dir/.export)
+
+
+def staging_dir(out_dir) -> pathlib.Path:
+  """Local folder for the partial shards and journals of an export into a bucket (out_dir/.export for a
+  local out_dir): one per output URL, so a rerun on this machine finds its partial shards."""
+  if not storage.is_remote(out_dir):
+    return pathlib.Path(out_dir) / STATE_DIR
+  key = hashlib.sha256(str(out_dir).encode()).hexdigest()[:16]
+  return pathlib.Path(tempfile.gettempdir()) / f"diffssr-export-{key}"
+
+
+def _publish(partial: pathlib.Path, final) -> None:
+  """A finished shard into place: a rename locally, one upload (all-or-nothing) then removal for a bucket."""
+  if storage.is_remote(final):
+    storage.path(partial).copy(storage.path(final), overwrite=True)
+    partial.unlink()
+  else:
+    os.replace(partial, final)
 
 
 def _process_one(ctx: RunContext, image_id: str):
@@ -250,22 +277,24 @@ def export_shard(ctx: RunContext, k: int, ids: list[str], progress=None) -> dict
   name = shard_name(cfg.split, k, cfg.num_shards)
   final = ctx.out_dir / name
   state = ctx.out_dir / STATE_DIR
-  meta_path, partial, journal = state / f"{name}.json", state / f"{name}.partial", state / f"{name}.journal"
+  local = ctx.staging or state
+  meta_path, partial, journal = state / f"{name}.json", local / f"{name}.partial", local / f"{name}.journal"
   if meta_path.is_file():
     meta = json.loads(meta_path.read_text())
     if meta.get("fingerprint") == ctx.fingerprint:
-      if final.is_file() and final.stat().st_size == meta["bytes"]:
+      if final.is_file() and storage.size(final) == meta["bytes"]:
         if progress is not None:
           progress.update(meta["images"])
         return meta
       if partial.is_file() and fileio.file_sha256(partial) == meta["sha256"]:  # crashed between meta and rename
-        os.replace(partial, final)
+        _publish(partial, final)
         journal.unlink(missing_ok=True)
         if progress is not None:
           progress.update(meta["images"])
         return meta
     meta_path.unlink()
   state.mkdir(parents=True, exist_ok=True)
+  local.mkdir(parents=True, exist_ok=True)
   fp, entries = _read_journal(journal)
   if fp != ctx.fingerprint or not partial.is_file():
     entries = []
@@ -312,7 +341,7 @@ def export_shard(ctx: RunContext, k: int, ids: list[str], progress=None) -> dict
       "no_tiles": [e["id"] for e in entries if e["status"] == "no_tiles"],
   }
   _atomic_write_json(meta_path, meta)
-  os.replace(partial, final)
+  _publish(partial, final)
   journal.unlink(missing_ok=True)
   return meta
 
@@ -360,7 +389,7 @@ def check_run_settings(out_dir: pathlib.Path, split: str, fingerprint: str, sett
 
 def write_manifest(out_dir, split: str, source_desc: dict | None = None) -> dict:
   """(Re)writes manifest.json from the finished shards' metadata found in `out_dir`."""
-  out_dir = pathlib.Path(out_dir)
+  out_dir = storage.native(out_dir)
   cfg_path = out_dir / STATE_DIR / f"{split}-config.json"
   if not cfg_path.is_file():
     raise ExportError(f"{out_dir}: no '{split}' export found")
@@ -415,11 +444,12 @@ def run_export(source, out_dir, cfg: ExportConfig, segmenter=None, masks_dir=Non
   if (segmenter is None) == (masks_dir is None):
     raise ValueError("give exactly one of segmenter or masks_dir")
   provider = SegmenterProvider(segmenter) if segmenter is not None else MaskFolderProvider(masks_dir)
-  out_dir = pathlib.Path(out_dir)
+  out_dir = storage.native(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   fingerprint, settings = run_fingerprint(cfg, provider, source.ids)
   check_run_settings(out_dir, cfg.split, fingerprint, settings)
-  ctx = RunContext(source, provider, cfg, out_dir, fingerprint, on_error)
+  ctx = RunContext(source, provider, cfg, out_dir, fingerprint, on_error,
+                   staging_dir(out_dir) if storage.is_remote(out_dir) else None)
   plan = assign_shards(source.ids, cfg.num_shards)
   todo = list(range(cfg.num_shards)) if shard_indices is None else sorted(set(shard_indices))
   for k in todo:

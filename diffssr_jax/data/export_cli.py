@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from absl import app, flags
 
 from diffssr_jax import cli as shared_cli
+from diffssr_jax import storage
 from diffssr_jax.data import segmenters
 
 _SAM_OPTIONS = (("points_per_side", int), ("points_per_batch", int), ("pred_iou_thresh", float),
@@ -127,6 +128,9 @@ def main(argv, fv: flags.FlagValues) -> int:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not fv.out:
     raise app.UsageError("--out is required")
+  # Every location is checked before any work: an unservable one is refused in one line (StorageError).
+  storage.check_all({"--out": fv.out, "--images": fv.images, "--from_masks": fv.from_masks,
+                     "--checkpoint": fv.checkpoint, "--tfds_data_dir": fv.tfds_data_dir})
   shard_index = parse_shard_list(fv.shard_index)
   if fv.finalize:
     man = export.write_manifest(fv.out, fv.split)

@@ -17,7 +17,7 @@ import warnings
 
 import numpy as np
 
-from diffssr_jax import images
+from diffssr_jax import images, storage
 
 
 class SourceError(RuntimeError):
@@ -28,7 +28,7 @@ class FolderSource:
   """Image files below a folder (recursively); the id is the relative path without its suffix."""
 
   def __init__(self, root):
-    self.root = pathlib.Path(root)
+    self.root = storage.native(root)
     files = images.list_images(self.root)
     if not files:
       raise SourceError(f"{self.root}: no image files ({', '.join(images.IMAGE_EXTENSIONS)})")
@@ -185,7 +185,7 @@ def _to_rgb8(arr: np.ndarray, where: str) -> np.ndarray:
 
 def open_source(spec: str, tfds_data_dir=None, tfds_split: str = "train", tfds_image_key=None):
   """A folder/file source when `spec` exists on disk, else a TFDS dataset name (e.g. 'div2k')."""
-  p = pathlib.Path(spec)
+  p = storage.native(spec)
   if p.exists() and not (p / "dataset_info.json").is_file():
     return FolderSource(spec)
   if not p.exists() and (os.sep in spec or spec.startswith(".")):

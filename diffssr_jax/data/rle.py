@@ -18,7 +18,7 @@ import pathlib
 
 import numpy as np
 
-from diffssr_jax import fileio
+from diffssr_jax import fileio, storage
 
 
 class RLEError(ValueError):
@@ -121,7 +121,7 @@ def area(rle: dict) -> int:
 
 def write_mask_file(path, masks) -> None:
   """Writes (K, H, W) masks as an amg.py-style JSON list, atomically."""
-  path = pathlib.Path(path)
+  path = storage.native(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   entries = []
   for m in masks:
@@ -132,7 +132,7 @@ def write_mask_file(path, masks) -> None:
 
 def read_mask_file(path) -> np.ndarray:
   """(K, H, W) bool masks of an amg.py-style JSON file (list of {'segmentation': rle, ...} or of rles)."""
-  path = pathlib.Path(path)
+  path = storage.native(path)
   try:
     entries = json.loads(path.read_text())
   except (OSError, ValueError) as e:

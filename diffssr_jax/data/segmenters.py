@@ -19,7 +19,7 @@ import pathlib
 
 import numpy as np
 
-from diffssr_jax import fileio
+from diffssr_jax import fileio, storage
 
 SAM_DEFAULTS = dict(
     points_per_side=32, points_per_batch=64, pred_iou_thresh=0.88, stability_score_thresh=0.95,
@@ -130,7 +130,7 @@ def default_device() -> str:
 
 def check_checkpoint_file(checkpoint) -> pathlib.Path:
   """The checkpoint path, or a SegmenterError saying where the weights come from."""
-  path = pathlib.Path(checkpoint)
+  path = storage.native(checkpoint)
   if not path.is_file():
     raise SegmenterError(f"SAM checkpoint {path} not found (download e.g. {SAM_CHECKPOINT_NAMES['vit_h']} "
                          "from the segment-anything release and pass --checkpoint)")
@@ -142,7 +142,11 @@ def load_sam_weights(model, checkpoint) -> None:
   import torch
   path = check_checkpoint_file(checkpoint)
   try:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    if storage.is_remote(path):  # torch reads a file object as well as a file name
+      with path.open("rb") as f:
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    else:
+      state = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:
     raise SegmenterError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
   if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):

@@ -8,8 +8,8 @@ open files, so grain worker processes reopen the shards themselves. No jax.
 from __future__ import annotations
 
 import json
-import pathlib
 
+from diffssr_jax import storage
 from diffssr_jax.data import records, tfrecord
 
 
@@ -51,7 +51,7 @@ class MixedExportError(ValueError):
   """Training shards that come from different exports (splits or tile geometries)."""
 
 
-def _read_manifest(folder: pathlib.Path) -> dict | None:
+def _read_manifest(folder) -> dict | None:
   path = folder / "manifest.json"
   if not path.is_file():
     return None
@@ -71,13 +71,13 @@ def manifest_for(files) -> dict | None:
   manifests: dict = {}
   groups: dict = {}   # (split, scale, tile_size, tile_step, min_tile) -> (entry, [file names])
   for path in paths:
-    folder = pathlib.Path(path).parent
+    folder = storage.path(path).parent
     if folder not in manifests:
       manifests[folder] = _read_manifest(folder)
     man = manifests[folder]
     if man is None:
       continue
-    name = pathlib.Path(path).name
+    name = storage.path(path).name
     hit = [(split, entry) for split, entry in man["splits"].items()
            if any(s.get("file") == name for s in entry.get("shards", []))]
     if not hit:
@@ -98,7 +98,7 @@ def manifest_for(files) -> dict | None:
     data = json.loads(man.read_text())
   except ValueError:
     return None
-  name = pathlib.Path(paths[0]).name
+  name = storage.path(paths[0]).name
   for split in data.get("splits", {}).values():
     if any(s.get("file") == name for s in split.get("shards", [])):
       return split

@@ -14,6 +14,10 @@ The framing and index stay hand-written (~150 lines) because grain's data source
 record number with CRC checks: TensorFlow's reader needs TensorFlow, and grain's own
 `experimental.TFRecordIterDataset` reads sequentially and checks no CRC. The records themselves are
 `tf.train.Example` messages from tensorflow-datasets' protobuf definitions (see `records`).
+
+Shards in a bucket (gs://...) are read with ranged reads through fsspec: indexing reads each record's
+12-byte header only (one small ranged read per record, the shards indexed in parallel threads), never a
+shard start to finish, and each record is one ranged read of its exact bytes.
 """
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ import threading
 
 import google_crc32c
 import numpy as np
+
+from diffssr_jax import storage
 
 HEADER = 12  # length (8) + length CRC (4)
 FOOTER = 4  # data CRC
@@ -94,15 +100,48 @@ def _check_header(path, i, off, head) -> int:
   return struct.unpack("<Q", length_bytes)[0]
 
 
+def _remote_fs(path: str):
+  """(fsspec filesystem, its path) of a bucket URL; fsspec caches the filesystem per process."""
+  import fsspec
+  return fsspec.core.url_to_fs(path)
+
+
+def read_range(path: str, start: int, end: int) -> bytes:
+  """Bytes [start, end) of a bucket object (one ranged read; fewer at the end of the object)."""
+  fs, p = _remote_fs(path)
+  return fs.cat_file(p, start=start, end=end)
+
+
+class _RangedReader:
+  """seek/read over ranged reads of a bucket object, for the header walk of `build_index`."""
+
+  def __init__(self, path: str):
+    self.path, self.off = path, 0
+
+  def seek(self, off: int):
+    self.off = off
+
+  def read(self, n: int) -> bytes:
+    return read_range(self.path, self.off, self.off + n)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    pass
+
+
 def build_index(path) -> tuple[np.ndarray, np.ndarray]:
   """(offsets, lengths) int64 arrays of every record of a TFRecord file, headers verified.
 
   Raises RecordError naming the file and offset when a header is damaged or the last record is cut off.
+  A bucket object is walked with ranged reads of the headers only.
   """
   path = str(path)
-  size = os.path.getsize(path)
+  remote = storage.is_remote(path)
+  size = storage.size(path) if remote else os.path.getsize(path)
   offsets, lengths = [], []
-  with open(path, "rb") as f:
+  with (_RangedReader(path) if remote else open(path, "rb")) as f:
     off = 0
     i = 0
     while off < size:
@@ -119,9 +158,11 @@ def build_index(path) -> tuple[np.ndarray, np.ndarray]:
   return np.asarray(offsets, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
 
 
-def read_at(fd: int, path: str, index: int, offset: int, length: int, verify: bool = True) -> bytes:
-  """The data of the record at `offset` (of known `length`), read with pread and CRC-checked."""
-  buf = os.pread(fd, HEADER + length + FOOTER, offset)
+def read_at(fd: int | None, path: str, index: int, offset: int, length: int, verify: bool = True) -> bytes:
+  """The data of the record at `offset` (of known `length`), read with pread (a ranged read for a bucket
+  object, fd None) and CRC-checked."""
+  end = offset + HEADER + length + FOOTER
+  buf = os.pread(fd, HEADER + length + FOOTER, offset) if fd is not None else read_range(path, offset, end)
   if len(buf) < HEADER + length + FOOTER:
     raise RecordError(f"{path}: record {index} at offset {offset}: truncated (file shrank?)")
   if verify:
@@ -139,7 +180,7 @@ def read_at(fd: int, path: str, index: int, offset: int, length: int, verify: bo
 def iter_records(path, verify: bool = True):
   """Yields the data of every record of a file in order (sequential read, CRC-checked)."""
   path = str(path)
-  with open(path, "rb") as f:
+  with storage.path(path).open("rb") if storage.is_remote(path) else open(path, "rb") as f:
     off = 0
     i = 0
     while True:
@@ -169,6 +210,11 @@ class RecordIndex:
     self.paths = [str(p) for p in paths]
     if not self.paths:
       raise FileNotFoundError("no TFRecord files given")
+    if indexes is None and any(storage.is_remote(p) for p in self.paths):
+      # Bucket shards: header walks are latency-bound small reads, so the shards are walked in parallel.
+      import concurrent.futures
+      with concurrent.futures.ThreadPoolExecutor(min(16, len(self.paths))) as pool:
+        indexes = list(pool.map(build_index, self.paths))
     idx = indexes if indexes is not None else [build_index(p) for p in self.paths]
     self.offsets = [np.asarray(o, dtype=np.int64) for o, _ in idx]
     self.lengths = [np.asarray(n, dtype=np.int64) for _, n in idx]
@@ -188,7 +234,9 @@ class RecordIndex:
     j = i - int(self.starts[f])
     return f, j, int(self.offsets[f][j]), int(self.lengths[f][j])
 
-  def _fd(self, f: int) -> int:
+  def _fd(self, f: int) -> int | None:
+    if storage.is_remote(self.paths[f]):
+      return None  # read_at makes ranged reads
     fds = getattr(self._local, "fds", None)
     if fds is None or getattr(self._local, "pid", None) != os.getpid():
       fds = self._local.fds = {}
@@ -217,14 +265,17 @@ class RecordIndex:
 
 
 def expand_files(spec) -> list[pathlib.Path]:
-  """TFRecord files named by a glob, a directory (its `*.tfrecord*` files), a file or a list, sorted."""
+  """TFRecord files named by a glob, a directory (its `*.tfrecord*` files), a file or a list, sorted.
+  Bucket URLs (gs://...) give epath paths, listed and globbed in the bucket."""
   import glob as _glob
   if isinstance(spec, (list, tuple)):
     out = []
     for s in spec:
       out.extend(expand_files(s))
-    return sorted(set(out))
+    return sorted(set(out), key=lambda q: q.parts)  # pathlib's own order for local paths
   spec = str(spec)
+  if storage.is_remote(spec):
+    return _expand_remote(spec)
   p = pathlib.Path(spec)
   if p.is_dir():
     files = sorted(q for q in p.iterdir() if q.is_file() and ".tfrecord" in q.name
@@ -233,6 +284,27 @@ def expand_files(spec) -> list[pathlib.Path]:
     files = [p]
   else:
     files = sorted(pathlib.Path(q) for q in _glob.glob(spec))
+  if not files:
+    raise FileNotFoundError(f"no TFRecord files match {spec!r}")
+  return files
+
+
+def _expand_remote(spec: str) -> list:
+  p = storage.path(spec)
+  if any(c in spec for c in "*?["):
+    # epath globs relative to a folder: split the URL at its first component holding a wildcard.
+    parts = spec.split("/")
+    k = next(i for i, c in enumerate(parts) if any(ch in c for ch in "*?["))
+    files = sorted((q for q in storage.path("/".join(parts[:k])).glob("/".join(parts[k:])) if q.is_file()),
+                   key=str)
+  elif p.is_dir():
+    files = sorted((q for q in p.iterdir() if ".tfrecord" in q.name
+                    and not q.name.endswith((".json", ".tmp", ".partial")) and not q.name.startswith(".")
+                    and q.is_file()), key=str)
+  elif p.exists():
+    files = [p]
+  else:
+    files = []
   if not files:
     raise FileNotFoundError(f"no TFRecord files match {spec!r}")
   return files

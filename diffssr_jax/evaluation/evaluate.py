@@ -28,6 +28,7 @@ settings) print one line and exit with status 1; a bad command line exits with 2
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -42,7 +43,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from diffssr_jax import cli as shared_cli
-from diffssr_jax import conventions, fileio, images, preemption
+from diffssr_jax import conventions, fileio, images, preemption, storage
 from diffssr_jax.evaluation import results
 from diffssr_jax.data.eval_sources import EvalImage, EvalSourceError, PairedFolders, open_eval_source
 from diffssr_jax.data.imresize import imresize
@@ -97,7 +98,8 @@ def parse_named_paths(items: Sequence[str], flag: str = "datasets") -> dict[str,
 def _header_hw(path) -> tuple[int, int]:
   """(height, width) from an image file's header, without decoding the pixels."""
   try:
-    with Image.open(path) as im:
+    with (storage.path(path).open("rb") if storage.is_remote(path) else contextlib.nullcontext(path)) as f, \
+        Image.open(f) as im:
       w, h = im.size
   except FileNotFoundError:
     raise images.ImageReadError(f"{path}: file not found") from None
@@ -251,7 +253,7 @@ def evaluate_dataset(source, out_dir, method: Method, *, crop_border: int | None
   dataset's FID to the summary, computed from the SR PNGs and the HR images. `on_image(name)` is called after
   each image's row is recorded (a hook for progress reporting and tests).
   """
-  out_dir = pathlib.Path(out_dir)
+  out_dir = storage.native(out_dir)
   scale = source.scale
   crop = scale if crop_border is None else crop_border
   shapes = lr_shapes(source)
@@ -325,7 +327,7 @@ def _write_text(path: pathlib.Path, text: str) -> None:
 def collect_results(root, tags: Sequence[str], datasets_first: Sequence[str] = ()) -> tuple[dict, list[str]]:
   """{label: {dataset: summary}} from root/<dataset>/<tag>/summary.json for the given tags (rows in tag
   order), and the dataset order: `datasets_first`, then the others found, sorted."""
-  root = pathlib.Path(root)
+  root = storage.native(root)
   found = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
   order = list(datasets_first) + [d for d in found if d not in datasets_first]
   table: dict[str, dict] = {}
@@ -342,7 +344,7 @@ def collect_results(root, tags: Sequence[str], datasets_first: Sequence[str] = (
 def write_table(root, table_name: str, tags: Sequence[str], datasets_first: Sequence[str] = ()) -> pathlib.Path:
   """Writes root/table_<table_name>.md over every dataset with results for `tags`; returns its path."""
   table, datasets = collect_results(root, tags, datasets_first)
-  path = pathlib.Path(root) / f"table_{table_name}.md"
+  path = storage.native(root) / f"table_{table_name}.md"
   _write_text(path, results.markdown_table(table, metrics=TABLE_METRICS, datasets=datasets))
   return path
 
@@ -367,14 +369,14 @@ def evaluate_all(upscaler, datasets: Mapping[str, str], root, *, step_tag: str |
   divisor = upscaler.lr_up_divisor if upscaler is not None else conventions.OFFICIAL_LR_UP_DIVISOR
   sources = {}
   for name, hr_dir in datasets.items():
-    if not pathlib.Path(hr_dir).is_dir():
+    if not storage.native(hr_dir).is_dir():
       raise FileNotFoundError(f"dataset {name}: {hr_dir} is not a folder")
-    if name in paired_lr and not pathlib.Path(paired_lr[name]).is_dir():
+    if name in paired_lr and not storage.native(paired_lr[name]).is_dir():
       raise FileNotFoundError(f"dataset {name}: LR folder {paired_lr[name]} is not a folder")
     sources[name] = open_eval_source(hr_dir, paired_lr.get(name), scale, divisor)
     lr_shapes(sources[name])
   crop = scale if crop_border is None else int(crop_border)
-  root = pathlib.Path(root)
+  root = storage.native(root)
   for name, source in sources.items():
     # Setting names must differ from metric names: the table reads metrics from the same summary.
     common = {"scale": scale, "crop_border": crop, "lr_source": "paired" if name in paired_lr else "bicubic",
@@ -416,7 +418,7 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 # Errors the user can fix, printed as one line (exit status 1); the model loader's are `cli.UserError`s.
 USER_ERRORS = (EvalSourceError, images.ImageReadError, FileNotFoundError, NotADirectoryError, SettingsMismatchError,
-               results.CorruptResultsError)
+               results.CorruptResultsError, storage.StorageError)
 
 
 def _checkpoint_tag(step, checkpoint) -> str:
@@ -449,7 +451,12 @@ def run_from_flags(fv: flags.FlagValues) -> pathlib.Path:
   unknown = set(paired) - set(datasets)
   if unknown:
     raise app.UsageError(f"--paired_lr names datasets not in --datasets: {sorted(unknown)}")
-  root = pathlib.Path(fv.output) if fv.output else pathlib.Path(fv.workdir) / "eval"
+  # Every location is checked before any work: an unservable one is refused in one line (StorageError).
+  storage.check_all({"--workdir": fv.workdir, "--checkpoint": fv.checkpoint, "--output": fv.output,
+                     "--datasets": list(datasets.values()), "--paired_lr": list(paired.values()),
+                     "--lpips_backbone": fv.lpips_backbone, "--lpips_lin": fv.lpips_lin,
+                     "--fid_inception": fv.fid_inception})
+  root = storage.native(fv.output) if fv.output else storage.native(fv.workdir) / "eval"
   upscaler, step_tag, extra, settings = None, None, {}, {}
   if needs_model:
     workdir = fv.workdir if fv.checkpoint is None else None

@@ -12,11 +12,10 @@ import io
 import json
 import math
 import os
-import pathlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
-from diffssr_jax import fileio
+from diffssr_jax import fileio, storage
 
 METRIC_COLUMNS = ("image", "psnr_y", "ssim_y", "psnr_rgb", "lr_psnr", "artifact")
 
@@ -65,7 +64,10 @@ class MetricsCSV:
   """
 
   def __init__(self, path, extra: Sequence[str] = ()):
-    self.path = pathlib.Path(path)
+    # A bucket object cannot be truncated or appended to: there each change rewrites the (small) object in one
+    # all-or-nothing upload instead (see diffssr_jax.storage).
+    self.path = storage.native(path)
+    self.remote = storage.is_remote(self.path)
     self.columns = METRIC_COLUMNS + tuple(c for c in extra if c not in METRIC_COLUMNS)
     if len(set(self.columns)) != len(self.columns):
       raise ValueError(f"duplicate columns in {self.columns}")
@@ -110,7 +112,9 @@ class MetricsCSV:
         raise CorruptResultsError(f"{self.path}: image {row['image']!r} recorded twice (row {i + 2})")
       self._rows.append(row)
       keep += len(raw) + 1
-    if keep != len(data):
+    if keep != len(data) and self.remote:
+      fileio.atomic_write(self.path, data[:keep])
+    elif keep != len(data):
       with open(self.path, "r+b") as f:
         f.truncate(keep)
         f.flush()
@@ -129,6 +133,9 @@ class MetricsCSV:
       return None
 
   def _write_fresh(self, header: bytes) -> None:
+    if self.remote:
+      fileio.atomic_write(self.path, header)
+      return
     with open(self.path, "wb") as f:
       f.write(header)
       f.flush()
@@ -151,6 +158,10 @@ class MetricsCSV:
       raise ValueError(f"{image}: required metrics missing: {missing}")
     values = {c: None if metrics.get(c) is None else float(metrics[c]) for c in self.columns[1:]}
     line = _csv_line([image] + [_format_value(values[c]) for c in self.columns[1:]])
+    if self.remote:
+      fileio.atomic_write(self.path, self.path.read_bytes() + line)
+      self._rows.append({"image": image, **values})
+      return
     _append_durably(self.path, line)
     self._rows.append({"image": image, **values})
 
@@ -186,7 +197,8 @@ class DigestLog:
   """
 
   def __init__(self, path):
-    self.path = pathlib.Path(path)
+    self.path = storage.native(path)
+    self.remote = storage.is_remote(self.path)  # a bucket object: rewritten whole at each change
     self._digests: dict[str, str] = {}
     data = self.path.read_bytes() if self.path.exists() else b""
     complete = data[:data.rfind(b"\n") + 1]
@@ -195,9 +207,12 @@ class DigestLog:
       if m:  # anything else (a damaged line) just leaves that file unrecorded: it is then decoded instead
         self._digests[m.group(2)] = m.group(1)
     if len(complete) != len(data):
-      with open(self.path, "r+b") as f:
-        f.truncate(len(complete))
-        os.fsync(f.fileno())
+      if self.remote:
+        fileio.atomic_write(self.path, complete)
+      else:
+        with open(self.path, "r+b") as f:
+          f.truncate(len(complete))
+          os.fsync(f.fileno())
 
   def get(self, name: str) -> str | None:
     return self._digests.get(name)
@@ -207,7 +222,12 @@ class DigestLog:
     if any(ch in name for ch in "\r\n"):
       raise ValueError(f"file name {name!r} must be on one line")
     digest = fileio.file_sha256(path)
-    _append_durably(self.path, f"{digest}  {name}\n".encode("utf-8"))
+    line = f"{digest}  {name}\n".encode("utf-8")
+    if self.remote:
+      old = self.path.read_bytes() if self.path.exists() else b""
+      fileio.atomic_write(self.path, old + line)
+    else:
+      _append_durably(self.path, line)
     self._digests[name] = digest
 
 
@@ -243,7 +263,7 @@ def _json_safe(x):
 def write_summary_json(path, means: Mapping) -> None:
   """Writes `means` (any JSON-able mapping, e.g. {metric: mean} or {dataset: {metric: mean}}) atomically:
   to a temporary file in the same folder, fsynced, then renamed over `path`; non-finite floats as strings."""
-  path = pathlib.Path(path)
+  path = storage.native(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   text = json.dumps(_json_safe(means), indent=2, sort_keys=False, allow_nan=False) + "\n"
   fileio.atomic_write(path, text)
@@ -259,7 +279,7 @@ def read_summary_json(path) -> dict:
     if x in ("inf", "-inf", "nan"):
       return float(x)
     return x
-  return back(json.loads(pathlib.Path(path).read_text(encoding="utf-8")))
+  return back(json.loads(storage.native(path).read_text(encoding="utf-8")))
 
 
 def _best(values: list[float | None], higher: bool) -> set[int]:

@@ -36,7 +36,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from diffssr_jax import cli as shared_cli
-from diffssr_jax import fileio, images
+from diffssr_jax import fileio, images, storage
 
 SOFTWARE = "diffssr-jax upscale"  # the PNG `Software` text that marks our outputs (replaceable by --overwrite)
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -46,9 +46,14 @@ class JobError(ValueError):
   """The inputs cannot be mapped to outputs safely (an output onto an input, two inputs onto one output)."""
 
 
-def _is_within(path: pathlib.Path, folder: pathlib.Path) -> bool:
+def _resolve(p):
+  """The resolved local path; a URL as it is (epath's resolve() prefixes URLs with the current folder)."""
+  return p if storage.is_remote(p) else p.resolve()
+
+
+def _is_within(path, folder) -> bool:
   try:
-    path.resolve().relative_to(folder.resolve())
+    _resolve(path).relative_to(_resolve(folder))
     return True
   except ValueError:
     return False
@@ -59,10 +64,10 @@ def collect_jobs(inputs: Sequence[str], output) -> tuple[list[tuple[pathlib.Path
   Folders are mirrored under `output`; files map to output/<stem>.png. Raises `JobError` when `output` is
   inside (or is) an input folder, when an output would be an input file, or when two inputs map to one
   output."""
-  output = pathlib.Path(output)
+  output = storage.native(output)
   jobs, errors, owner = [], [], {}
   for item in inputs:
-    p = pathlib.Path(item)
+    p = storage.native(item)
     if p.is_dir():
       if _is_within(output, p):
         raise JobError(f"--output {output} is inside the input folder {p}: outputs would be written among the "
@@ -77,16 +82,16 @@ def collect_jobs(inputs: Sequence[str], output) -> tuple[list[tuple[pathlib.Path
       errors.append(f"{p}: no such file or folder")
       continue
     for src, dst in pairs:
-      key = dst.resolve()
-      if key in owner and owner[key] != src.resolve():
+      key = _resolve(dst)
+      if key in owner and owner[key] != _resolve(src):
         raise JobError(f"{owner[key]} and {src} would both be written to {dst}; upscale them separately")
       if key not in owner:
-        owner[key] = src.resolve()
+        owner[key] = _resolve(src)
         jobs.append((src, dst))
-  inputs_by_path = {src.resolve(): src for src, _ in jobs}
+  inputs_by_path = {_resolve(src): src for src, _ in jobs}
   for src, dst in jobs:
-    if dst.resolve() in inputs_by_path:
-      raise JobError(f"the output for {src} would be {dst}, which is the input {inputs_by_path[dst.resolve()]}; "
+    if _resolve(dst) in inputs_by_path:
+      raise JobError(f"the output for {src} would be {dst}, which is the input {inputs_by_path[_resolve(dst)]}; "
                      f"give another --output (inputs are never replaced)")
   return jobs, errors
 
@@ -120,7 +125,7 @@ def png_with_text(data: bytes, text: Mapping[str, object]) -> bytes:
 
 def save_output(path, arr, text: Mapping[str, object]) -> None:
   """Writes an SR image as PNG with `text` metadata, atomically (an interrupted write never leaves a
-  truncated file where an output was expected)."""
+  truncated file where an output was expected; a bucket object is uploaded once complete)."""
   with fileio.atomic_path(path) as tmp:
     images.save_png(tmp, arr)
     tmp = pathlib.Path(tmp)
@@ -130,6 +135,9 @@ def save_output(path, arr, text: Mapping[str, object]) -> None:
 def png_text(path) -> dict[str, str]:
   """The tEXt/iTXt metadata of a PNG file ({} for other or unreadable files)."""
   try:
+    if storage.is_remote(path):
+      with storage.path(path).open("rb") as f, Image.open(f) as im:
+        return dict(getattr(im, "text", {}) or {}) if im.format == "PNG" else {}
     with Image.open(path) as im:
       return dict(getattr(im, "text", {}) or {}) if im.format == "PNG" else {}
   except Exception:  # noqa: BLE001  (anything unreadable is simply not one of our outputs)
@@ -255,6 +263,8 @@ def main(argv, fv: flags.FlagValues) -> int:
   if tile < 1 or fv.overlap < 0 or 2 * fv.overlap > tile or fv.batch_size < 1:
     raise app.UsageError(f"need --tile >= 1, 0 <= --overlap <= tile/2 and --batch_size >= 1 (got tile {fv.tile or 'default, >= 64'}, "
                          f"overlap {fv.overlap}, batch_size {fv.batch_size})")
+  # Every location is checked before any work: an unservable one is refused in one line (StorageError).
+  storage.check_all({"--output": fv.output, "--workdir": fv.workdir, "--checkpoint": fv.checkpoint, "input": inputs})
   try:
     jobs, errors = collect_jobs(inputs, fv.output)
   except JobError as e:

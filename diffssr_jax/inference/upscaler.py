@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from diffssr_jax import conventions, images, parallel
+from diffssr_jax import conventions, images, parallel, storage
 from diffssr_jax.cli import UserError
 from diffssr_jax.diffusion import sampling
 from diffssr_jax.data.imresize import imresize
@@ -156,7 +156,7 @@ def upscale_alpha(alpha: np.ndarray, scale: int) -> np.ndarray:
 
 
 def _saved_steps(workdir) -> list[int]:
-  directory = pathlib.Path(workdir) / "checkpoints"
+  directory = storage.native(workdir) / "checkpoints"
   return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
 
 
@@ -207,7 +207,7 @@ class Upscaler:
     if (workdir is None) == (checkpoint is None):
       raise ValueError("give exactly one of workdir or checkpoint")
     if workdir is not None:
-      workdir = pathlib.Path(workdir)
+      workdir = storage.native(workdir)
       if not workdir.is_dir():
         raise ModelLoadError(f"{workdir}: no such folder (a training workdir holds config.json and checkpoints/)")
       if not (workdir / "config.json").is_file():
@@ -221,7 +221,7 @@ class Upscaler:
       where = workdir / "checkpoints" / (str(step) if step is not None else "")
       hint, load_step = f" (saved steps: {_saved_steps(workdir)})", step
     else:
-      where, hint, load_step = pathlib.Path(checkpoint), "", None
+      where, hint, load_step = storage.native(checkpoint), "", None
       if not where.is_file():
         raise ModelLoadError(f"{where}: no such file (--checkpoint takes an official SAM-DiffSR .ckpt)")
       step = step_from_checkpoint_name(where)
@@ -355,7 +355,7 @@ class Upscaler:
               margin: int | None = None, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """An image (path, `images.LoadedImage`, or (H, W[, 3|4]) uint8/uint16 array; alpha ignored) -> its
     (H*s, W*s, 3) SR in the input's dtype, by the official rounding."""
-    if isinstance(image, (str, pathlib.Path)):
+    if isinstance(image, (str, pathlib.PurePath)):  # epath paths are PurePaths too
       image = images.load_image(image)
     rgb = image.rgb if isinstance(image, images.LoadedImage) else _as_rgb(image)
     sr = self.upscale_signed(rgb, seed, tile, overlap, batch_size, margin, progress)

@@ -14,6 +14,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from diffssr_jax import storage
+
 # (torch key regex, our param path template, tensor kind); {p} is kernel|bias.
 _UNET_RULES = [
     (r"cond_proj\.(weight|bias)", "cond_proj/{p}", "convT"),
@@ -211,7 +213,11 @@ def load_torch_checkpoint(path) -> dict[str, np.ndarray]:
   state dict, returning numpy arrays. Uses torch.load(weights_only=True): no pickled code runs."""
   import torch  # only needed here; the rest of the converter is numpy
   try:
-    ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    if storage.is_remote(path):  # torch reads a file object as well as a file name
+      with storage.path(path).open("rb") as f:
+        ckpt = torch.load(f, map_location="cpu", weights_only=True)
+    else:
+      ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
   except FileNotFoundError:
     raise FileNotFoundError(f"{path}: checkpoint not found") from None
   except Exception as e:

@@ -23,7 +23,10 @@ finalised (OCDBT merged) and just before the temporary folder is renamed to `<st
 `TemporaryPath` subclass, `_SealingTemporaryPath`, on orbax's own background thread for async saves). A
 step folder therefore never exists without its manifest; only orbax's commit bookkeeping written after
 it (`_CHECKPOINT_METADATA`, the top-level `commit_success.txt`) is not covered. Local (POSIX) workdirs
-only: the class forces orbax's atomic-rename commit.
+use orbax's atomic-rename commit. A bucket has no atomic rename, so bucket workdirs (gs://...) use orbax's
+own commit protocol for them, `CommitFileTemporaryPath`: the step is written in place and published by the
+small `commit_success.txt` object written last (orbax lists a gs:// step only once that exists);
+`_SealingCommitFilePath` writes our manifest just before it.
 
 Restore (`restore_newest`, used for resuming training, `evaluate`, `upscale` and `load_for_inference`):
 newest step first; a step whose files do not match their manifest, whose arrays are not finite, or that
@@ -69,7 +72,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from diffssr_jax import fileio
+from diffssr_jax import fileio, storage
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +91,7 @@ class DamagedCheckpointError(NoCheckpointError):
   """A checkpoint step whose files or arrays are not those that were saved."""
 
   def __init__(self, path, reason: str):
-    self.path, self.reason = pathlib.Path(path), reason
+    self.path, self.reason = storage.native(path), reason
     super().__init__(f"checkpoint {path} is damaged: {reason}")
 
 
@@ -112,7 +115,7 @@ def trust_unverified() -> bool:
 # ----------------------------------------------------------------------------- config.json
 def save_config(config, workdir) -> None:
   """Writes WORKDIR/config.json; a different existing one is first kept as config.<UTC time>.json."""
-  path = pathlib.Path(workdir) / "config.json"
+  path = storage.native(workdir) / "config.json"
   text = config.to_json(indent=2)
   if path.is_file():
     old = path.read_text()
@@ -129,7 +132,7 @@ def save_config(config, workdir) -> None:
 
 
 def load_config(workdir) -> ml_collections.ConfigDict:
-  path = pathlib.Path(workdir) / "config.json"
+  path = storage.native(workdir) / "config.json"
   if not path.is_file():
     raise NoCheckpointError(f"{path}: not found (is {workdir} a training workdir?)")
   try:
@@ -169,15 +172,14 @@ def check_recorded_settings(config, meta: dict, where) -> None:
 
 
 # ----------------------------------------------------------------------------- manifests
-def _sealed_files(step_dir: pathlib.Path) -> list[str]:
-  return sorted(p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*")
-                if p.is_file() and not (p.parent == step_dir and p.name in _NOT_SEALED))
+def _sealed_files(step_dir) -> list[str]:
+  return [rel for rel in storage.files_below(step_dir) if not ("/" not in rel and rel in _NOT_SEALED)]
 
 
 def write_manifest(step_dir) -> None:
   """Records size and SHA-256 of every file of a finished checkpoint step (atomically)."""
-  step_dir = pathlib.Path(step_dir)
-  files = {rel: {"size": (step_dir / rel).stat().st_size, "sha256": fileio.file_sha256(step_dir / rel)}
+  step_dir = storage.native(step_dir)
+  files = {rel: {"size": storage.size(step_dir / rel), "sha256": fileio.file_sha256(step_dir / rel)}
            for rel in _sealed_files(step_dir)}
   fileio.atomic_write_json(step_dir / MANIFEST_NAME, {"format": MANIFEST_FORMAT, "files": files}, indent=1)
 
@@ -185,7 +187,7 @@ def write_manifest(step_dir) -> None:
 def verify_files(step_dir) -> bool:
   """True when the step's files match its manifest, False when it has no manifest; raises
   DamagedCheckpointError when the manifest is unreadable or a file is missing, resized or changed."""
-  step_dir = pathlib.Path(step_dir)
+  step_dir = storage.native(step_dir)
   path = step_dir / MANIFEST_NAME
   if not path.is_file():
     return False
@@ -200,8 +202,8 @@ def verify_files(step_dir) -> bool:
     f = step_dir / rel
     if not f.is_file():
       raise DamagedCheckpointError(step_dir, f"file {rel} is missing")
-    if f.stat().st_size != want["size"]:
-      raise DamagedCheckpointError(step_dir, f"file {rel} has {f.stat().st_size} bytes, {want['size']} were saved")
+    if storage.size(f) != want["size"]:
+      raise DamagedCheckpointError(step_dir, f"file {rel} has {storage.size(f)} bytes, {want['size']} were saved")
   for rel, want in files.items():
     if fileio.file_sha256(step_dir / rel) != want["sha256"]:
       raise DamagedCheckpointError(step_dir, f"file {rel} does not match its SHA-256 (bytes changed on disk)")
@@ -216,10 +218,25 @@ class _SealingTemporaryPath(ocp.path.atomicity.AtomicRenameTemporaryPath):
   """
 
   async def finalize(self, *args, **kwargs):
-    final = pathlib.Path(str(self.get_final()))
+    final = storage.native(str(self.get_final()))
     if final.name.isdigit():
-      await asyncio.to_thread(write_manifest, pathlib.Path(str(self.get())))
+      await asyncio.to_thread(write_manifest, storage.native(str(self.get())))
     return await super().finalize(*args, **kwargs)
+
+
+class _SealingCommitFilePath(ocp.path.atomicity.CommitFileTemporaryPath):
+  """orbax's commit-file protocol (bucket workdirs: the step is written in place, `commit_success.txt` written
+  last publishes it), writing our manifest just before that file."""
+
+  async def finalize(self, *args, **kwargs):
+    final = storage.native(str(self.get_final()))
+    if final.name.isdigit():
+      await asyncio.to_thread(write_manifest, storage.native(str(self.get())))
+    return await super().finalize(*args, **kwargs)
+
+
+def _temporary_path_class(directory):
+  return _SealingCommitFilePath if storage.is_remote(directory) else _SealingTemporaryPath
 
 
 # ----------------------------------------------------------------------------- finite checks
@@ -332,11 +349,11 @@ def _one_line(text: str, limit: int = 300) -> str:
   return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _step_dir(manager: ocp.CheckpointManager, step: int) -> pathlib.Path:
-  return pathlib.Path(str(manager.directory)) / str(step)
+def _step_dir(manager: ocp.CheckpointManager, step: int):
+  return storage.native(str(manager.directory)) / str(step)
 
 
-def _local_target(item_dir: pathlib.Path):
+def _local_target(item_dir):
   """The saved arrays' shapes and dtypes placed on this process' first device: the restore target when no
   template is given (orbax refuses to restore onto the saving topology when it differs, e.g. a checkpoint
   written by two processes read by one)."""
@@ -465,15 +482,15 @@ def restore_latest(manager: ocp.CheckpointManager, state_template=None):
   return None if got is None else tuple(got[:3])
 
 
-def _read_only_manager(directory: pathlib.Path) -> ocp.CheckpointManager:
+def _read_only_manager(directory) -> ocp.CheckpointManager:
   # Explicit values for what read_only would otherwise override with a warning each.
   with _quiet_orbax():
     return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
         read_only=True, create=False, save_interval_steps=0))
 
 
-def _checkpoint_dir(workdir, which: str) -> pathlib.Path:
-  directory = pathlib.Path(workdir).absolute() / which  # orbax requires absolute paths
+def _checkpoint_dir(workdir, which: str):
+  directory = storage.absolute(workdir) / which  # orbax requires absolute paths
   if not directory.is_dir():
     raise NoCheckpointError(f"{directory}: no checkpoints (is {workdir} a training workdir?)")
   return directory
@@ -531,10 +548,11 @@ class Checkpointer:
   """
 
   def __init__(self, workdir, keep: int = 3, use_async: bool = True, settings: dict | None = None):
-    self.workdir = pathlib.Path(workdir).absolute()  # orbax requires absolute paths
+    self.workdir = storage.absolute(workdir)  # orbax requires absolute paths
     self.keep = max(1, int(keep))
     # Retention is ours (orbax would count damaged steps and delete good ones): max_to_keep stays None.
-    opts = dict(enable_async_checkpointing=use_async, create=True, temporary_path_class=_SealingTemporaryPath)
+    opts = dict(enable_async_checkpointing=use_async, create=True,
+                temporary_path_class=_temporary_path_class(self.workdir))
     # Each manager gets its own barrier names: on several processes both save step N at the same time, and
     # orbax names its barriers by step only ("Barrier _async_write_complete.N is already ongoing").
     mp = lambda prefix: ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix)  # noqa: E731
@@ -710,7 +728,7 @@ class Checkpointer:
 def load_rrdb_params(path) -> dict:
   """RRDB encoder weights {"params": ...} from our RRDB (or diffusion) workdir or an official checkpoint."""
   from diffssr_jax.models import convert
-  path = pathlib.Path(path)
+  path = storage.native(path)
   if path.is_dir():
     params, _ = load_workdir_params(path, use_ema=False)
     if "rrdb" not in params:

@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from diffssr_jax import compilation_cache, fileio, parallel, preemption
+from diffssr_jax import compilation_cache, fileio, parallel, preemption, storage
 from diffssr_jax.data import pipeline
 from diffssr_jax.diffusion import sampling
 from diffssr_jax.diffusion.model import build_model, compute_dtype
@@ -114,7 +114,7 @@ def data_iterator(config, per_process_batch: int, step: int, saved=None):
 class Logger:
   """metrics.jsonl + TensorBoard (tensorboardX) + the `diffssr_jax` logger; writes on process 0 only."""
 
-  def __init__(self, workdir: pathlib.Path, resume_step: int):
+  def __init__(self, workdir, resume_step: int):
     self.enabled = is_main_process()
     self.jsonl = workdir / "metrics.jsonl"
     self.tb = None
@@ -130,8 +130,8 @@ class Logger:
   def scalars(self, step: int, values: dict, kind: str = "train"):
     if not self.enabled:
       return
-    with open(self.jsonl, "a") as f:
-      f.write(json.dumps({"step": step, "kind": kind, **{k: float(v) for k, v in values.items()}}) + "\n")
+    fileio.append_text(self.jsonl, json.dumps({"step": step, "kind": kind, **{k: float(v) for k, v in values.items()}})
+                       + "\n")
     for k, v in values.items():
       self.tb.add_scalar(f"{kind}/{k}", float(v), step)
 
@@ -151,7 +151,7 @@ class Logger:
 class Profiler:
   """A JAX profiler trace of steps [at, at + steps) into WORKDIR/profile (process 0; off when at is 0)."""
 
-  def __init__(self, workdir: pathlib.Path, at: int, steps: int):
+  def __init__(self, workdir, at: int, steps: int):
     self.dir, self.at, self.end, self.on = workdir / "profile", at, at + steps, False
 
   def step(self, step: int):
@@ -201,7 +201,7 @@ def run_loop(*, workdir, state, step_fn, data_iter, mesh, train_cfg, num_steps, 
   at (saved with its position). history: list of (step, metrics dict) logged. evaluate_fn(state, step) ->
   dict of metrics with "psnr_y" (used for the best checkpoint) or None; every process calls it.
   """
-  workdir = pathlib.Path(workdir)
+  workdir = storage.native(workdir)
   start = int(jax.device_get(state.step))
   logger = Logger(workdir, start)
   profiler = Profiler(workdir, train_cfg.profile_at, train_cfg.profile_steps)
@@ -361,7 +361,7 @@ def _sharded_model_fn(fn, mesh, params, key):
 def fit(config, workdir, task: Task, stop_after=None):
   """Trains `task` in `workdir` to config.train.num_steps, resuming from its newest verified checkpoint;
   validates every train.eval_every steps on config.eval's images. Returns (state, last validation summary)."""
-  workdir = pathlib.Path(workdir)
+  workdir = storage.native(workdir)
   if is_main_process():
     checkpointing.save_config(config, workdir)
   mesh, per_process = _mesh_and_batch(config)
@@ -461,7 +461,7 @@ def _rrdb_params(config, workdir, stop_after=None):
     sub.optim.schedule = pre.schedule
     sub.train.eval_every = sub.train.checkpoint_every = pre.num_steps
     sub.optim.ema_decay = 0.0
-    state, _ = fit(sub, pathlib.Path(workdir) / "rrdb", rrdb_task(sub), stop_after=stop_after)
+    state, _ = fit(sub, storage.native(workdir) / "rrdb", rrdb_task(sub), stop_after=stop_after)
     done = int(jax.device_get(state.step))
     # The U-Net is trained on the encoder for good (its checkpoints keep these weights): never on an
     # unfinished one. fit raises Preempted itself; this catches any other early return.
@@ -475,14 +475,14 @@ def _rrdb_params(config, workdir, stop_after=None):
                    "workdir or an official .ckpt, or enable rrdb_pretrain")
 
 
-def write_summary(workdir, summary: dict, step: int, config) -> pathlib.Path:
+def write_summary(workdir, summary: dict, step: int, config):
   """WORKDIR/summary.json: {"bicubic": {...}, "rrdb": {...}, "diffusion": {...}} on the held-out images."""
   out = dict(summary)
   out["step"] = step
   steps = config.eval.steps or (config.diffusion.timesteps if config.eval.sampler == "ddpm" else None)
   out["eval"] = {"sampler": config.eval.sampler, "steps": steps, "crop_size": config.eval.crop_size,
                  "images": config.eval.hr_dir, "crop_border": config.model.scale}
-  path = pathlib.Path(workdir) / "summary.json"
+  path = storage.native(workdir) / "summary.json"
   fileio.atomic_write_json(path, out, indent=2)
   return path
 
@@ -517,7 +517,7 @@ def _broadcast_ok(ok: bool) -> bool:
 
 def _train_and_evaluate(config, workdir, allow_config_change):
   compilation_cache.enable(config.compilation_cache)
-  workdir = pathlib.Path(workdir)
+  workdir = storage.native(workdir)
   allowed = workdir_lib.check_config(config, workdir, allow_config_change=allow_config_change)
   if allowed:
     log.warning("%s: continuing with changed settings (--allow_config_change): %s", workdir,

@@ -12,7 +12,7 @@ import pathlib
 import jax
 import numpy as np
 
-from diffssr_jax import conventions
+from diffssr_jax import conventions, storage
 from diffssr_jax import images as image_io
 from diffssr_jax.evaluation import metrics
 from diffssr_jax.data.eval_sources import EvalImage, open_eval_source
@@ -81,7 +81,7 @@ def run_validation(val_images, scale: int, *, model_fn, batch_size: int = 4, out
 
 def save_panels(panels, out_dir, step=None) -> list[pathlib.Path]:
   """LR (nearest-upscaled) | bicubic | RRDB | SR | HR, one PNG per image."""
-  out_dir = pathlib.Path(out_dir)
+  out_dir = storage.native(out_dir)
   paths = []
   for im, outs in panels:
     s = im.hr.shape[0] // im.lr.shape[0]

@@ -33,7 +33,8 @@ A workdir without any checkpoint has nothing to protect: its config.json is repl
 from __future__ import annotations
 
 import json
-import pathlib
+
+from diffssr_jax import storage
 
 IDENTITY_KEYS = ("optim.train_rrdb", "train.rrdb_checkpoint")
 SAFE_PREFIXES = ("train.", "optim.", "eval.")
@@ -79,7 +80,7 @@ def is_safe(key: str, before, after) -> bool:
 def has_checkpoints(workdir) -> bool:
   """Whether anything in the workdir looks like a checkpoint step (finished, damaged or in progress),
   including the RRDB pre-training stage's (WORKDIR/rrdb/)."""
-  workdir = pathlib.Path(workdir)
+  workdir = storage.native(workdir)
   for sub in ("checkpoints", "best", "rrdb/checkpoints", "rrdb/best"):
     d = workdir / sub
     if d.is_dir() and any(p.name[:1].isdigit() for p in d.iterdir()):
@@ -102,7 +103,7 @@ def check_config(config, workdir, allow_config_change: bool = False) -> dict:
   Reads only: config.json is written afterwards by the training job (checkpointing.save_config keeps the
   previous version).
   """
-  workdir = pathlib.Path(workdir)
+  workdir = storage.native(workdir)
   path = workdir / "config.json"
   protected = has_checkpoints(workdir)
   if not path.is_file():
