@@ -297,7 +297,7 @@ def facts(text: str, min_bytes: int = MIB, weight_sizes=frozenset()) -> dict:
   """The facts listed in the module docstring, as a JSON-able dict."""
   comps, entry = parse_module(text)
   convs = collections.Counter()
-  dilated, large, transposes, host = [], [], [], collections.Counter()
+  dilated, wide, transposes, host = [], [], [], collections.Counter()
   windows = collections.Counter()
   loops = []
   for cname, comp in comps.items():
@@ -311,7 +311,7 @@ def facts(text: str, min_bytes: int = MIB, weight_sizes=frozenset()) -> dict:
           dilated.append({"kind": kind, "dtype": dtype, "window": re.search(r"window=\{([^}]*)\}", inst.attrs)[1]})
         windows["x".join(map(str, _window_sides(inst)))] += 1
         if any(side > LARGE_WINDOW for side in _window_sides(inst)):
-          large.append({"kind": kind, "dtype": dtype, "window": re.search(r"window=\{([^}]*)\}", inst.attrs)[1]})
+          wide.append({"kind": kind, "dtype": dtype, "window": re.search(r"window=\{([^}]*)\}", inst.attrs)[1]})
       if (inst.opcode == "transpose" or _is_physical_copy(inst, comp)) and inst.bytes >= min_bytes:
         transposes.append((inst.bytes, _elements(inst) in weight_sizes, _changes_minor_dim(inst, comp)))
       if inst.opcode in ("send", "recv") and "is_host_transfer=true" in inst.attrs:
@@ -342,8 +342,8 @@ def facts(text: str, min_bytes: int = MIB, weight_sizes=frozenset()) -> dict:
       "dilated_convs": len(dilated),
       "dilated_conv_windows": dilated[:20],
       "conv_windows": dict(sorted(windows.items())),
-      "large_window_convs": len(large),
-      "large_window_conv_windows": large[:20],
+      "large_window_convs": len(wide),
+      "large_window_conv_windows": wide[:20],
       "transposes_1mib": len(transposes),
       "transposes_mib": round(sum(b for b, _, _ in transposes) / MIB, 2),
       "transposes_activations_1mib": sum(not w for _, w, _ in transposes),
