@@ -124,8 +124,11 @@ def _train_cmd(workdir, data, cache):
           *TRAIN_STEPS]
 
 
+LEASE_S = 3  # the bucket workdir lock's lease in these runs (60 s by default): a killed run's expires quickly
+
+
 def _env():
-  return dict(os.environ, XLA_FLAGS="", PYTHONPATH=str(ROOT))
+  return dict(os.environ, XLA_FLAGS="", PYTHONPATH=str(ROOT), DIFFSSR_GCS_LOCK_LEASE_S=str(LEASE_S))
 
 
 def _losses(workdir):
@@ -151,6 +154,9 @@ def trained(bucket, tmp_path_factory):
     time.sleep(0.2)
   p.kill()
   p.wait()
+  # The killed run left its workdir lease in the bucket (no kernel releases it): the restart can take it once
+  # the lease has expired (test_bucket_workdir_lock_... checks the refusal before that).
+  time.sleep(LEASE_S + 1)
   out = subprocess.run(_train_cmd(run, f"{bucket}/shards/train-*.tfrecord", cache), env=_env(), cwd=ROOT,
                        capture_output=True, text=True)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -234,3 +240,34 @@ def test_unservable_locations_are_refused_in_one_line(command, url, reason, shar
   lines = [l for l in out.stderr.splitlines() if l.startswith("error:")]
   assert len(lines) == 1 and url in lines[0] and reason in lines[0], out.stderr[-2000:]
   assert not [p for p in tmp_path.rglob("*") if p.name in ("gs:", "foo:")]
+
+
+def test_bucket_workdir_lock_is_exclusive_and_a_dead_runs_lease_expires(gcs, monkeypatch):
+  """One writer per gs:// workdir (issue 19): the lock object is created only if absent, so a second run is
+  refused in one line naming the holder; released, it can be taken again; a holder that dies (stops refreshing
+  its lease, leaves the object behind) blocks a restart only until its lease expires, then it is taken over,
+  and the dead holder's late refresh cannot take it back."""
+  from diffssr_jax.training import lock
+  monkeypatch.setenv(lock.GcsLeaseLock.LEASE_ENV, "2")
+  wd = f"{gcs}/locked_run"
+  first = lock.acquire(wd)
+  assert isinstance(first, lock.GcsLeaseLock)
+  time.sleep(1.2)  # refreshed at least once: still held, and not stale although older than one refresh
+  with pytest.raises(lock.WorkdirLockedError) as e:
+    lock.acquire(wd)
+  assert "\n" not in str(e.value) and f"pid {os.getpid()}" in str(e.value) and wd in str(e.value)
+  first.release()
+  assert not epath.Path(wd, lock.LOCK_NAME).exists()
+
+  dead = lock.acquire(wd)
+  dead.stop_refreshing()  # the process died: the object stays, nobody refreshes it
+  with pytest.raises(lock.WorkdirLockedError):
+    lock.acquire(wd)  # the lease is still fresh
+  time.sleep(2.5)
+  taken = lock.acquire(wd)  # stale: taken over
+  assert taken.generation != dead.generation
+  with pytest.raises(Exception):  # the dead holder's generation no longer matches: it cannot write or delete
+    dead._write(dead.generation)
+  dead.release()
+  assert epath.Path(wd, lock.LOCK_NAME).exists(), "the dead holder's release leaves the new holder's lock"
+  taken.release()
