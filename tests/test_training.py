@@ -6,6 +6,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -51,6 +52,26 @@ def _wait_for(path, proc, timeout=240):
     time.sleep(0.2)
 
 
+def _signal_when(proc, text, sig, timeout=240):
+  """Sends `sig` to `proc` as soon as a line of its output contains `text`; returns its whole output once it
+  has exited."""
+  lines, seen = [], threading.Event()
+
+  def pump():
+    for raw in proc.stdout:
+      lines.append(raw.decode(errors="replace"))
+      if text in lines[-1]:
+        seen.set()
+
+  reader = threading.Thread(target=pump, daemon=True)
+  reader.start()
+  assert seen.wait(timeout), f"{text!r} never appeared:\n" + "".join(lines)[-3000:]
+  proc.send_signal(sig)
+  proc.wait(timeout=timeout)
+  reader.join(timeout=10)
+  return "".join(lines)
+
+
 @pytest.mark.slow
 def test_killed_and_preempted_runs_resume_exactly(shards, tmp_path):
   """A run SIGKILLed mid-way, restarted, SIGTERMed (preemption), restarted again, ends bit-identical to an
@@ -66,15 +87,16 @@ def test_killed_and_preempted_runs_resume_exactly(shards, tmp_path):
   p.wait()
   assert not (run / "checkpoints" / "8").exists()
 
+  # SIGTERM once the resumed diffusion stage has logged where it resumes (it is compiling then, seconds before
+  # its first step): earlier versions waited for the step-4 checkpoint, by which time a fast machine had
+  # sometimes finished all 8 steps, and a finished run rightly exits 0.
   p = subprocess.Popen(_cmd(run, shards), env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-  _wait_for(run / "checkpoints" / "4", p)
-  p.send_signal(signal.SIGTERM)
-  out = p.communicate(timeout=240)[0].decode()
+  out = _signal_when(p, f"resuming {run} from step", signal.SIGTERM)
   # Preempted: saved, then a non-zero exit (a scheduler reruns the job) with one line, no traceback.
   assert p.returncode == 143, out[-3000:]
   assert "Traceback" not in out and [l for l in out.splitlines() if l.startswith("error: SIGTERM: saved diffusion step")]
   saved = sorted(int(d.name) for d in (run / "checkpoints").iterdir() if d.name.isdigit())
-  assert saved[-1] >= 4
+  assert 3 <= saved[-1] < 8
 
   subprocess.run(_cmd(run, shards), env=_env(), check=True, cwd=ROOT, capture_output=True)
   a, b = _final_params(ref, 8), _final_params(run, 8)
