@@ -59,17 +59,17 @@ def _launch(workdir, shards, cache, tmp, n_proc, extra=(), crash=None, sigterm=N
 
 
 def _finish(procs, timeout=300):
+  """Waits for the processes of one run; returns their exit codes and their logs."""
   codes = []
   for p, _, log in procs:
     codes.append(p.wait(timeout=timeout))
     log.close()
-  return codes
+  return codes, [pathlib.Path(log.name).read_text() for _, _, log in procs]
 
 
 def _run(workdir, shards, cache, tmp, n_proc, extra=()):
   procs = _launch(workdir, shards, cache, tmp, n_proc, extra)
-  codes = _finish(procs)
-  logs = [pathlib.Path(log.name).read_text() for _, _, log in procs]
+  codes, logs = _finish(procs)
   assert codes == [0] * n_proc, "\n".join(l[-3000:] for l in logs)
   return [dict(np.load(out)) for _, out, _ in procs], logs
 
@@ -162,8 +162,7 @@ def test_sigterm_to_one_process_then_a_dead_process_then_a_restart(runs):
      and end as the uninterrupted run."""
   tmp, cache, one, *_, shards = runs
   wd = tmp / "interrupted"
-  codes = _finish(_launch(wd, shards, cache, tmp, 2, sigterm=(1, 3)), timeout=240)
-  logs = [(tmp / f"{wd.name}_p{pid}.log").read_text() for pid in range(2)]
+  codes, logs = _finish(_launch(wd, shards, cache, tmp, 2, sigterm=(1, 3)), timeout=240)
   assert codes == [143, 143], "\n".join(l[-3000:] for l in logs)
   saved = [[l for l in log.splitlines() if l.startswith("error: SIGTERM: saved diffusion step")] for log in logs]
   assert len(saved[0]) == len(saved[1]) == 1 and saved[0][0] == saved[1][0], saved
@@ -173,8 +172,7 @@ def test_sigterm_to_one_process_then_a_dead_process_then_a_restart(runs):
       ["process_0-of-2.json", "process_1-of-2.json"]
 
   t0 = time.time()
-  codes = _finish(_launch(wd, shards, cache, tmp, 2, crash=(1, 7)), timeout=240)
-  logs = [(tmp / f"{wd.name}_p{pid}.log").read_text() for pid in range(2)]
+  codes, logs = _finish(_launch(wd, shards, cache, tmp, 2, crash=(1, 7)), timeout=240)
   assert codes[1] == -9, logs[1][-3000:]
   assert codes[0] != 0 and "another task died" in logs[0], logs[0][-3000:]
   assert time.time() - t0 < 200

@@ -54,7 +54,7 @@ def _wait_for(path, proc, timeout=240):
 
 def _signal_when(proc, text, sig, timeout=240):
   """Sends `sig` to `proc` as soon as a line of its output contains `text`; returns its whole output once it
-  has exited."""
+  has exited. Fails at once if the process ends without printing `text`."""
   lines, seen = [], threading.Event()
 
   def pump():
@@ -62,10 +62,12 @@ def _signal_when(proc, text, sig, timeout=240):
       lines.append(raw.decode(errors="replace"))
       if text in lines[-1]:
         seen.set()
+    seen.set()  # end of output: the waiter below checks whether `text` came
 
   reader = threading.Thread(target=pump, daemon=True)
   reader.start()
-  assert seen.wait(timeout), f"{text!r} never appeared:\n" + "".join(lines)[-3000:]
+  seen.wait(timeout)
+  assert any(text in l for l in lines), f"{text!r} never appeared:\n" + "".join(lines)[-3000:]
   proc.send_signal(sig)
   proc.wait(timeout=timeout)
   reader.join(timeout=10)
