@@ -88,7 +88,7 @@ def test_evaluation_files_values_and_table(up, folders, tmp_path):
   header = text.splitlines()[0]
   assert "A PSNR-Y" in header and "B SSIM-Y" in header
   assert [ln.split("|")[1].strip() for ln in text.splitlines()[2:]] == [
-      "Bicubic", "RRDB", "SAM-DiffSR (ddim, 2 steps, eta 0)"]
+      "Bicubic", "RRDB", "SAM-DiffSR (ddim, 2 steps, eta 1)"]
 
 
 def test_interrupted_evaluation_resumes(up, folders, tmp_path):
@@ -275,7 +275,7 @@ def test_table_keeps_every_method_on_disk(up, folders, tmp_path):
   evaluate.evaluate_all(up, {"B": folders["B"]}, tmp_path, methods=("rrdb", "bicubic"), **kw)
   table = evaluate.evaluate_all(up, {"B": folders["B"]}, tmp_path, methods=("diffusion",), **kw)
   rows = [ln.split("|")[1].strip() for ln in table.read_text().splitlines()[2:]]
-  assert rows == ["Bicubic", "RRDB", "SAM-DiffSR (ddim, 2 steps, eta 0)"]
+  assert rows == ["Bicubic", "RRDB", "SAM-DiffSR (ddim, 2 steps, eta 1)"]
   # Another step's table holds that step's model rows only (bicubic is step-independent).
   other = evaluate.evaluate_all(up, {"B": folders["B"]}, tmp_path, methods=("rrdb",), **{**kw, "step_tag": "8"})
   assert other.name == "table_8.md"

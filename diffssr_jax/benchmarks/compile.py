@@ -37,6 +37,7 @@ from __future__ import annotations
 import os
 import time
 
+from diffssr_jax import conventions
 from diffssr_jax.benchmarks import targets as targets_mod
 
 PROGRAMS = ("train", "sample")
@@ -92,7 +93,7 @@ def train_program(model, config, mesh, batch_size: int, patch_size: int, grad_ac
 
 
 def sampler_program(model, mesh, size: tuple[int, int], batch_size: int = 1, sampler: str = "ddpm",
-                    steps: int | None = None, eta: float = 0.0):
+                    steps: int | None = None, eta: float = conventions.DEFAULT_ETA):
   """(the Upscaler's jitted sampler, abstract (params, lr, lr_up, keys)) for `batch_size` HR images of `size`."""
   import jax
   import jax.numpy as jnp

@@ -2,7 +2,7 @@
 
   python -m diffssr_jax.benchmarks.model train --batch_size 64 --patch_size 160
   python -m diffssr_jax.benchmarks.model sample --size 1356x2040 --sampler ddpm
-  python -m diffssr_jax.benchmarks.model sample --size 1356x2040 --sampler ddim --steps 25 --eta 1
+  python -m diffssr_jax.benchmarks.model sample --size 1356x2040 --sampler ddim --steps 25
   python -m diffssr_jax.benchmarks.model sample --size 256 --runs 0          # parts only, no whole run
   python -m diffssr_jax.benchmarks.model compile --target h200 --program both  # for a GPU/TPU not there
 
@@ -48,6 +48,7 @@ import sys
 import time
 
 from diffssr_jax import cli  # noqa: E402  (numpy/absl only: --help stays fast)
+from diffssr_jax import conventions  # noqa: E402  (numpy only)
 from diffssr_jax import storage  # noqa: E402
 
 _DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "base.py"
@@ -328,7 +329,7 @@ def parse_args(argv=None):
   sa.add_argument("--batch_size", type=int, default=1, help="images per sampling run")
   sa.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="reverse process")
   sa.add_argument("--steps", type=int, default=None, help="reverse steps (ddpm: all T; ddim: default T)")
-  sa.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+  sa.add_argument("--eta", type=float, default=conventions.DEFAULT_ETA, help="DDIM eta")
   sa.add_argument("--runs", type=int, default=1,
         help="timed whole sampling runs after a warm-up run; 0 skips them (estimate from the parts)")
   co = sub.add_parser("compile", help="compile the train step and/or sampler for a GPU/TPU not present "
@@ -347,7 +348,7 @@ def parse_args(argv=None):
   co.add_argument("--sample_batch_size", type=int, default=1, help="sample: images (tiles) per sampling run")
   co.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="sample: reverse process")
   co.add_argument("--steps", type=int, default=None, help="sample: reverse steps (ddpm: all T; ddim: default T)")
-  co.add_argument("--eta", type=float, default=0.0, help="sample: DDIM eta")
+  co.add_argument("--eta", type=float, default=conventions.DEFAULT_ETA, help="sample: DDIM eta")
   args = cli.parse_argparse(parser, argv)
   if args.command == "compile":
     return args

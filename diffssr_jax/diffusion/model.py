@@ -46,8 +46,9 @@ class SRDiffusion:
     return jax.eval_shape(self._init_variables, jax.random.key(0))
 
   def init(self, rng) -> dict:
-    """Random params for both networks, PyTorch's default init drawn on the host from `rng`
-    (`models.initializers`: seconds faster than compiling ~170 initialisers) and put on the device."""
+    """Random params for both networks, Flax's default layer init (lecun_normal kernels, zero biases) drawn
+    on the host from `rng` (`models.initializers`: seconds faster than compiling ~170 initialisers) and put on
+    the device."""
     return jax.device_put(draw_params(self.param_shapes(), seed_of(rng)))
 
   @property

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffssr_jax import conventions
 from diffssr_jax.diffusion import process
 from diffssr_jax.diffusion.model import SRDiffusion
 
@@ -80,7 +81,7 @@ def _reverse(model, unet_vars, cond, x_T, ts, sampler, eta, key=None, noises=Non
   return x
 
 
-def sample(model: SRDiffusion, params, lr, lr_up, key, *, sampler="ddpm", steps=None, eta=0.0):
+def sample(model: SRDiffusion, params, lr, lr_up, key, *, sampler="ddpm", steps=None, eta=conventions.DEFAULT_ETA):
   """Super-resolves a batch: (SR image in [-1, 1] space (not clipped, as the official res2img), RRDB image).
 
   `lr` (B, h, w, 3) and `lr_up` (B, h*s, w*s, 3) in [-1, 1]; HR sizes must be multiples of 8 (the
@@ -104,7 +105,7 @@ def sample_with_noises(model: SRDiffusion, params, lr, lr_up, noises):
   return model.res2img(x, lr_up), rrdb_out
 
 
-def make_sampler(model: SRDiffusion, *, sampler="ddpm", steps=None, eta=0.0):
+def make_sampler(model: SRDiffusion, *, sampler="ddpm", steps=None, eta=conventions.DEFAULT_ETA):
   """One compiled function (params, lr, lr_up, key) -> (sr, rrdb_out) for a whole sampling run."""
   return jax.jit(functools.partial(sample, model, sampler=sampler, steps=steps, eta=eta))
 
@@ -118,7 +119,7 @@ def image_keys(seed: int, indices) -> jax.Array:
 
 @functools.lru_cache(maxsize=32)
 def make_image_sampler(model: SRDiffusion, *, mode: str = "diffusion", sampler: str = "ddpm", steps=None,
-                       eta: float = 0.0, mesh=None):
+                       eta: float = conventions.DEFAULT_ETA, mesh=None):
   """One compiled function (params, lr, lr_up, keys) -> (sr, rrdb) over a batch in which image i draws all
   its noise from keys[i], so its result does not depend on the other images of its batch, on the batch
   size or on how the batch is split over devices. mode "rrdb": the encoder's image for both outputs (no
