@@ -1,47 +1,43 @@
-"""What every diffssr command line shares: flag spelling, logging, help, errors, and the console scripts.
+"""What every diffssr command line shares: flag spelling, help, errors, and the command body (`run`).
+
+A helper module: it knows no entry point. Each command (diffssr_jax.main, evaluation.evaluate,
+inference.upscale, data.export_cli, benchmarks.model) defines its flags, owns its `cli(argv=None)` (the console
+script pyproject.toml names) and calls `run`, `run_subcommand` or `run_absl` from here.
 
 One style for all commands: absl flags spelled with underscores (`--batch_size`, booleans `--progress` /
 `--noprogress`), as the flax examples; the dashed spellings (`--batch-size`, `--no-progress`, `--no_progress`)
 are accepted as aliases by `normalize_argv`, which works from the flag names of an absl `FlagValues`
-(`absl_flag_names`) or an argparse parser (`argparse_flag_names`, `parse_argparse`).
-
-Logging: libraries (orbax, absl, jax, grain, ...) are quiet by default (errors only); `--verbosity 1` (`-v`)
-shows their info and warnings, `--verbosity 2` (`-vv`) debug output and the traceback behind a one-line
-error. Our own progress (loggers under `diffssr_jax`) stays at INFO.
+(`absl_flag_names`).
 
 `run` is the body of the evaluate, upscale and export commands: private flag values (so several commands can
 run in one process, e.g. in tests), `--help` listing every flag with its default, usage errors (exit 2) and
-user errors such as missing folders or checkpoints (exit 1) as one line on stderr instead of a traceback.
-`run_absl` does the same for the training entry point, which keeps absl's global flags (ml_collections'
-config flags need them).
+user errors (`errors.UserError`: missing folders or checkpoints, exit 1) as one line on stderr instead of a
+traceback. `run_subcommand` does the same for a command with subcommands (the benchmark: `train`, `sample`,
+`compile`, each with its own flags). `run_absl` does it for the training entry point, which keeps absl's
+global flags (ml_collections' config flags need them). Logging is set up by `diffssr_jax.logging_setup`.
 
 Start-up: importing this module (every command imports it before anything imports jax) calls
 `cpu_if_no_accelerator`, which sets JAX_PLATFORMS=cpu on machines without GPU or TPU device nodes, so that an
 installed accelerator plugin (the CUDA compiler plugin `diffssr-benchmark compile` uses, or libtpu) does not
-print its failed start-up on CPU-only machines.
-
-Console scripts (pyproject.toml): diffssr-train, diffssr-evaluate, diffssr-upscale, diffssr-benchmark and
-diffssr-export-masks are the functions at the end of this module. This module imports no jax (the export tool
-must run on machines without it), and the commands import theirs lazily.
+print its failed start-up on CPU-only machines. This module imports no jax (the export tool must run on
+machines without it).
 """
 from __future__ import annotations
 
-import argparse
-import errno
 import glob
-import logging
 import os
 import re
 import sys
 import textwrap
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from absl import app, flags
 
-# Loggers of the libraries whose INFO/WARNING chatter is hidden by default (orbax logs through absl).
-LIBRARY_LOGGERS = ("absl", "orbax", "jax", "jaxlib", "flax", "grain", "tensorflow", "tensorflow_datasets",
-                   "PIL", "torch", "urllib3", "h5py")
+from diffssr_jax.errors import UserError, os_error_message
+from diffssr_jax.logging_setup import setup_logging
+
 HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull")
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -71,11 +67,6 @@ def cpu_if_no_accelerator(environ=os.environ) -> bool:
 cpu_if_no_accelerator()
 
 
-class UserError(Exception):
-  """An error the user can fix (a missing folder, a file that is not a checkpoint, ...): commands print its
-  message as one line and exit with status 1, without a traceback."""
-
-
 # ---------------------------------------------------------------- flag spelling
 def _key(name: str) -> str:
   return name.replace("-", "_")
@@ -84,7 +75,7 @@ def _key(name: str) -> str:
 def normalize_argv(argv: Sequence[str], names: Iterable[str], booleans: Iterable[str] = ()) -> list[str]:
   """argv with every `--flag` spelled as the command defines it.
 
-  `names` are the flag names as defined (absl: `batch_size`; argparse: `batch-size` or `batch_size`), and
+  `names` are the flag names as defined (`batch_size`, or a dashed `batch-size`), and
   `--batch-size`, `--batch_size` both become the defined spelling. For `booleans` (absl booleans, negated as
   `--no<name>`), `--no-name` and `--no_name` become `--noname`. Values after `=` and other arguments are kept;
   everything after a bare `--` is left alone, as are unknown flags (the parser reports them as typed). When
@@ -132,73 +123,6 @@ def absl_flag_names(fv: flags.FlagValues) -> tuple[set[str], set[str]]:
   return names, {n for n in names if fv[n].boolean}
 
 
-def argparse_flag_names(parser: argparse.ArgumentParser) -> set[str]:
-  """The long option names (without `--`) of an argparse parser and of its subcommands, for
-  `normalize_argv`."""
-  names = set()
-  for action in parser._actions:  # argparse has no public accessor; _actions is stable since Python 2.7
-    names.update(s[2:] for s in action.option_strings if s.startswith("--"))
-    if isinstance(action, argparse._SubParsersAction):
-      for sub in action.choices.values():
-        names |= argparse_flag_names(sub)
-  return names
-
-
-def parse_argparse(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
-  """`parser.parse_args` accepting both the dashed and the underscored spelling of every option (argv
-  without the program name, as argparse takes it; default sys.argv[1:])."""
-  argv = sys.argv[1:] if argv is None else list(argv)
-  return parser.parse_args(normalize_argv(["prog", *argv], argparse_flag_names(parser))[1:])
-
-
-class ArgparseHelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-  """For argparse commands: the description kept as written, and every option's default in its help."""
-
-
-# ---------------------------------------------------------------- logging
-class _StderrHandler(logging.Handler):
-  """Writes records to whatever sys.stderr is at the time (test runners and progress bars swap it)."""
-
-  def emit(self, record):
-    try:
-      sys.stderr.write(self.format(record) + "\n")
-    except Exception:  # noqa: BLE001  (logging must never raise; the standard handlers do the same)
-      self.handleError(record)
-
-
-class _Formatter(logging.Formatter):
-  def format(self, record):
-    msg = super().format(record)
-    return msg if record.levelno == logging.INFO else f"{record.levelname.lower()}: {msg}"
-
-
-def library_level(verbosity: int) -> int:
-  """The logging level of third-party libraries at a `--verbosity`."""
-  return logging.ERROR if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
-
-
-def setup_logging(verbosity: int = 0) -> None:
-  """Libraries at ERROR (verbosity <= 0), INFO (1) or DEBUG (>= 2); our `diffssr_jax` loggers at INFO (DEBUG
-  from 2, WARNING below 0). Adds a stderr handler to the root logger when it has none (absl.app.run installs
-  its own, which is kept)."""
-  lib = library_level(verbosity)
-  root = logging.getLogger()
-  root.setLevel(lib)
-  for name in LIBRARY_LOGGERS:
-    logging.getLogger(name).setLevel(lib)
-  ours = logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity >= 2 else logging.INFO
-  logging.getLogger("diffssr_jax").setLevel(ours)
-  absl_logger = logging.getLogger("absl")
-  for f in [f for f in absl_logger.filters if isinstance(f, _BackgroundErrorFilter)]:
-    absl_logger.removeFilter(f)
-  if verbosity <= 0:
-    absl_logger.addFilter(_BackgroundErrorFilter())
-  if not root.handlers:
-    handler = _StderrHandler()
-    handler.setFormatter(_Formatter("%(message)s"))
-    root.addHandler(handler)
-
-
 def define_common_flags(fv: flags.FlagValues) -> None:
   """The flags every command has: --verbosity (-v), --exif_orientation (every command reads images)."""
   flags.DEFINE_integer("verbosity", 0, _VERBOSITY_HELP, short_name="v", flag_values=fv)
@@ -239,9 +163,19 @@ def enable_compilation_cache(setting: str) -> None:
 
 
 # ---------------------------------------------------------------- help
+# The flags made required through `mark_required` (absl keeps "required" only as an anonymous validator).
+_REQUIRED: weakref.WeakSet = weakref.WeakSet()
+
+
+def mark_required(names: Iterable[str], fv: flags.FlagValues = flags.FLAGS) -> None:
+  """absl's `mark_flags_as_required`, remembered so that --help can say "required"."""
+  names = list(names)
+  flags.mark_flags_as_required(names, flag_values=fv)
+  _REQUIRED.update(fv[n] for n in names)
+
+
 def _is_required(flag) -> bool:
-  # absl's mark_flag_as_required registers a validator with this message; there is no public accessor.
-  return any("must have a value other than None" in str(getattr(v, "message", "")) for v in flag.validators)
+  return flag in _REQUIRED
 
 
 def flag_help(flag) -> str:
@@ -307,40 +241,22 @@ def error(message: str) -> None:
   print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
 
 
-# tensorstore (orbax's array writer) reports OS errors inside a ValueError's text:
-#   ... Failed writing: "/w/checkpoints/2.orbax-checkpoint-tmp/.../d/5421f0": ...: File too large [os_error_code='27']
-_TENSORSTORE_OS_ERROR = re.compile(r'"(?P<path>/[^"]+)"[^"]*?\[os_error_code=\'(?P<code>\d+)\'\]')
-_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+def _parse(argv: list[str], fv: flags.FlagValues) -> list[str] | None:
+  """fv parsed from argv (both spellings accepted); the positional arguments, or None after printing a
+  one-line usage error."""
+  names, booleans = absl_flag_names(fv)
+  try:
+    return fv(normalize_argv(argv, names, booleans))
+  except flags.Error as e:
+    error(f"{e} (see --help)")
+    return None
 
 
-def os_error_message(exc: BaseException) -> str | None:
-  """'<path>: <cause>' for an exception that is (or was caused by) an OS error, such as a full disk, from
-  Python's own file calls or from tensorstore (orbax's checkpoint writes); None for anything else."""
-  seen = set()
-  while exc is not None and id(exc) not in seen:
-    seen.add(id(exc))
-    code, path = None, None
-    if isinstance(exc, OSError) and exc.errno:
-      code, path = exc.errno, exc.filename
-    else:
-      m = _TENSORSTORE_OS_ERROR.search(str(exc))
-      if m:
-        code, path = int(m["code"]), m["path"]
-    if code is not None:
-      hint = " (free some space and run the same command again: finished results and checkpoints are kept)" \
-          if code in _FULL else ""
-      return f"{path or '?'}: {os.strerror(code)}{hint}"
-    exc = exc.__cause__ or exc.__context__
-  return None
-
-
-class _BackgroundErrorFilter(logging.Filter):
-  """Drops the tracebacks orbax logs from its background threads when a save fails (four of them per
-  failed checkpoint): the same error reaches the main thread, which reports it in one line. Shown from
-  --verbosity 1."""
-
-  def filter(self, record):
-    return not (record.exc_info and "orbax" in record.pathname)
+def _start(fv: flags.FlagValues) -> None:
+  """What every command does once its flags are parsed: logging, and how images' EXIF orientation is read."""
+  setup_logging(fv.verbosity)
+  from diffssr_jax import images  # numpy + cv2 only
+  images.set_exif_orientation(fv.exif_orientation)
 
 
 def run(argv: Sequence[str], *, define_flags: Callable[[flags.FlagValues], None],
@@ -360,16 +276,10 @@ def run(argv: Sequence[str], *, define_flags: Callable[[flags.FlagValues], None]
   if wants_help(argv):
     print_help(render_help(fv, doc))
     return EXIT_OK
-  names, booleans = absl_flag_names(fv)
-  argv = normalize_argv(argv, names, booleans)
-  try:
-    rest = fv(argv)
-  except flags.Error as e:
-    error(f"{e} (see --help)")
+  rest = _parse(argv, fv)
+  if rest is None:
     return EXIT_USAGE
-  setup_logging(fv.verbosity)
-  from diffssr_jax import images  # numpy + cv2 only
-  images.set_exif_orientation(fv.exif_orientation)
+  _start(fv)
   from diffssr_jax.storage import StorageError  # a location that cannot be served: one line, like UserError
   user_errors = (*user_errors, StorageError)
   try:
@@ -399,6 +309,52 @@ def run(argv: Sequence[str], *, define_flags: Callable[[flags.FlagValues], None]
     return EXIT_ERROR
 
 
+def render_subcommands(commands: Mapping[str, tuple[str, Callable]], doc: str | None, prog: str) -> str:
+  """The --help text of a command with subcommands: its docstring and one line per subcommand."""
+  width = max(map(len, commands))
+  lines = [f"  {name:<{width}}  {summary}" for name, (summary, _) in commands.items()]
+  return (f"{textwrap.dedent(doc or '').strip()}\n\nsubcommands ({prog} SUBCOMMAND --help lists its flags):\n"
+          + "\n".join(lines) + "\n")
+
+
+def parse_subcommand(argv: Sequence[str], commands: Mapping[str, tuple[str, Callable[[flags.FlagValues], None]]],
+                     doc: str | None) -> tuple[str, flags.FlagValues]:
+  """(subcommand, its parsed flag values) for `PROG SUBCOMMAND [flags]`; argv[0] is the program.
+
+  `commands` maps each subcommand to (one-line summary, define_flags(fv)); each gets its own FlagValues with
+  the common flags, spelled as in `run`. `PROG --help` lists the subcommands, `PROG SUB --help` the flags of
+  one (exit 0); a missing or unknown subcommand, a bad flag or a stray positional argument prints one line
+  (exit 2). Exits by SystemExit, as argparse's `parse_args` does, so that the caller's result stays its own.
+  Logging is set up as in `run`."""
+  argv = list(argv) or ["prog"]
+  prog = os.path.basename(argv[0])
+  name = argv[1] if len(argv) > 1 else None
+  if name not in commands:
+    if name in HELP_FLAGS:
+      print_help(render_subcommands(commands, doc, prog))
+      raise SystemExit(EXIT_OK)
+    choices = ", ".join(commands)
+    error(f"unknown subcommand {name!r}: expected one of {choices} (see --help)" if name is not None else
+          f"give a subcommand: one of {choices} (see --help)")
+    raise SystemExit(EXIT_USAGE)
+  summary, define_flags = commands[name]
+  fv = flags.FlagValues()
+  define_common_flags(fv)
+  define_flags(fv)
+  sub_argv = [f"{argv[0]} {name}", *argv[2:]]
+  if wants_help(sub_argv):
+    print_help(render_help(fv, f"{prog} {name}: {summary}"))
+    raise SystemExit(EXIT_OK)
+  rest = _parse(sub_argv, fv)
+  if rest is None:
+    raise SystemExit(EXIT_USAGE)
+  if len(rest) > 1:
+    error(f"unexpected arguments: {' '.join(rest[1:])} (see --help)")
+    raise SystemExit(EXIT_USAGE)
+  _start(fv)
+  return name, fv
+
+
 def run_absl(main: Callable[[list[str]], object], argv: Sequence[str] | None = None, doc: str | None = None):
   """Runs an absl app that keeps the global FLAGS (the training entry point): argv normalised as in `run`,
   `--help` listing the flags of `main`'s module with their defaults, then `absl.app.run` (which exits)."""
@@ -426,41 +382,3 @@ def run_absl(main: Callable[[list[str]], object], argv: Sequence[str] | None = N
     error(f"unknown config key {key!r} ({', '.join(given) or 'command line'}): not in the config file; see the "
           "keys of configs/base.py")
     sys.exit(EXIT_USAGE)
-
-
-# ---------------------------------------------------------------- console scripts
-def _argv(argv):
-  return list(sys.argv if argv is None else argv)
-
-
-def train(argv: Sequence[str] | None = None):
-  """diffssr-train: `python -m diffssr_jax.main`."""
-  os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as diffssr_jax.main sets before numpy loads
-  from diffssr_jax import main as train_main
-  run_absl(train_main.main, _argv(argv), train_main.__doc__)
-
-
-def evaluate(argv: Sequence[str] | None = None) -> int:
-  """diffssr-evaluate: `python -m diffssr_jax.evaluation.evaluate`."""
-  from diffssr_jax.evaluation import evaluate as evaluate_cmd
-  return evaluate_cmd.cli(_argv(argv))
-
-
-def upscale(argv: Sequence[str] | None = None) -> int:
-  """diffssr-upscale: `python -m diffssr_jax.inference.upscale`."""
-  from diffssr_jax.inference import upscale as upscale_cmd
-  return upscale_cmd.cli(_argv(argv))
-
-
-def export_masks(argv: Sequence[str] | None = None) -> int:
-  """diffssr-export-masks: `python tools/export_sam_masks.py` (torch only, never imports jax)."""
-  from diffssr_jax.data import export_cli
-  return export_cli.cli(_argv(argv))
-
-
-def benchmark(argv: Sequence[str] | None = None) -> int:
-  """diffssr-benchmark: `python -m diffssr_jax.benchmarks.model` (its main prints a JSON line and returns the
-  result dict, which must not become the exit status)."""
-  from diffssr_jax.benchmarks import model as benchmark_cmd
-  result = benchmark_cmd.main(_argv(argv)[1:])
-  return result if isinstance(result, int) else EXIT_OK

@@ -17,7 +17,8 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from diffssr_jax import cli  # noqa: E402
+from diffssr_jax import cli as shared_cli  # noqa: E402
+from diffssr_jax import errors, logging_setup  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and summary.json.")
@@ -34,7 +35,7 @@ flags.DEFINE_integer("process_id", None, "This process' index, 0 .. num_processe
                      "detected).")
 flags.DEFINE_integer("heartbeat_timeout", 60, "Seconds after which the other processes stop with an error when "
                      "one has died (missed heartbeats).")
-flags.mark_flags_as_required(["config", "workdir"])
+shared_cli.mark_required(["config", "workdir"])
 
 
 def check_locations(config, workdir) -> None:
@@ -55,8 +56,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Our progress at INFO; libraries (orbax logs every file it writes) quiet unless --verbosity is given (absl's
-  # own flag, whose unset default absl turns into 0 after parsing; cli.setup_logging gives 0 our meaning).
-  cli.setup_logging(FLAGS.verbosity if FLAGS["verbosity"].present else 0)
+  # own flag, whose unset default absl turns into 0 after parsing; logging_setup gives 0 our meaning).
+  logging_setup.setup_logging(FLAGS.verbosity if FLAGS["verbosity"].present else 0)
   config = FLAGS.config
   try:
     config.keys()  # a config file that failed to load gives a stand-in that raises on first use
@@ -78,14 +79,20 @@ def main(argv):
   except refusals as e:  # the workdir is protected, nothing crashed: the message without a traceback
     raise SystemExit(f"error: {e}") from None
   except preemption.Preempted as e:  # saved; non-zero so that a scheduler runs the job again
-    cli.error(str(e))
+    shared_cli.error(str(e))
     raise SystemExit(preemption.EXIT_PREEMPTED) from None
   except Exception as e:  # noqa: BLE001 - a full disk or another OS error: one line naming path and cause
-    message = cli.os_error_message(e)
+    message = errors.os_error_message(e)
     if message is None or FLAGS.verbosity >= 2:
       raise
     raise SystemExit(f"error: {message}") from None
 
 
+def cli(argv=None) -> None:
+  """diffssr-train (pyproject's console script; argv[0] the program, default sys.argv): `absl.app.run(main)`
+  with dashed flag aliases and a --help that lists the defaults. Exits."""
+  shared_cli.run_absl(main, argv, __doc__)
+
+
 if __name__ == "__main__":
-  cli.run_absl(main)  # app.run with dashed flag aliases and a --help that lists defaults
+  cli()

@@ -32,13 +32,13 @@ import flax  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from diffssr_jax import cli, parallel  # noqa: E402
+from diffssr_jax import logging_setup, parallel  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if args.num_processes > 1:
   parallel.initialize(f"localhost:{args.port}", args.num_processes, args.process_id,
                       heartbeat_timeout=args.heartbeat_timeout)
-cli.setup_logging(0)
+logging_setup.setup_logging(0)
 
 from diffssr_jax.training import train, train_step  # noqa: E402
 

@@ -1,7 +1,7 @@
 """The shared command-line conventions (diffssr_jax.cli): one flag style with dashed aliases, quiet library
-logging, --help with every default, one sampler default, and console scripts that resolve."""
-import argparse
+logging, --help with every default, subcommands, one sampler default, and console scripts that resolve."""
 import importlib.metadata
+import json
 import logging
 import pathlib
 import re
@@ -10,13 +10,14 @@ import tomllib
 import pytest
 from absl import flags
 
-from diffssr_jax import cli, conventions
+from diffssr_jax import cli, conventions, errors, logging_setup
 from diffssr_jax.data import export_cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SCRIPTS = {"diffssr-train": "diffssr_jax.cli:train", "diffssr-evaluate": "diffssr_jax.cli:evaluate",
-           "diffssr-upscale": "diffssr_jax.cli:upscale", "diffssr-benchmark": "diffssr_jax.cli:benchmark",
-           "diffssr-export-masks": "diffssr_jax.cli:export_masks"}
+# Each entry point owns its console script (diffssr_jax.cli, the flags helper, names none of them).
+SCRIPTS = {"diffssr-train": "diffssr_jax.main:cli", "diffssr-evaluate": "diffssr_jax.evaluation.evaluate:cli",
+           "diffssr-upscale": "diffssr_jax.inference.upscale:cli", "diffssr-benchmark": "diffssr_jax.benchmarks.model:cli",
+           "diffssr-export-masks": "diffssr_jax.data.export_cli:cli"}
 
 
 def _fv():
@@ -44,37 +45,64 @@ def test_normalize_argv_for_absl():
   assert rest == ["p", "pos"] and fv.batch_size == 7 and not fv.progress and fv.verbosity == 2
 
 
-def test_normalize_argv_for_argparse():
-  """An argparse command (dashed or underscored names, subcommands) accepts both spellings via
-  `parse_argparse`, as the benchmark will."""
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--top-level", type=int, default=0)
-  sub = parser.add_subparsers(dest="cmd", required=True)
-  tr = sub.add_parser("train")
-  tr.add_argument("--batch-size", type=int, default=4)
-  tr.add_argument("--no-progress", action="store_true")
-  tr.add_argument("--patch_size", type=int, default=160)
-  assert cli.argparse_flag_names(parser) >= {"top-level", "batch-size", "no-progress", "patch_size", "help"}
-  args = cli.parse_argparse(parser, ["--top_level", "1", "train", "--batch_size", "2", "--no_progress",
-                                     "--patch-size", "64"])
-  assert (args.top_level, args.batch_size, args.no_progress, args.patch_size) == (1, 2, True, 64)
+def test_subcommands_have_their_own_flags(capsys):
+  """`PROG SUB [flags]` (the benchmarks): each subcommand parses its own flags in both spellings; help lists
+  the subcommands or one's flags; a missing or unknown subcommand, a bad or missing required flag, or a stray
+  argument is one line and exit 2."""
+  def define_a(fv):
+    flags.DEFINE_integer("batch_size", 4, "Batch.", flag_values=fv)
+    flags.DEFINE_bool("progress", True, "Bars.", flag_values=fv)
+
+  def define_b(fv):
+    flags.DEFINE_string("target", None, "Where.", flag_values=fv)
+    cli.mark_required(["target"], fv)
+
+  commands = {"a": ("the first", define_a), "b": ("the second", define_b)}
+  name, fv = cli.parse_subcommand(["p", "a", "--batch-size", "2", "--no-progress"], commands, "Doc.")
+  assert (name, fv.batch_size, fv.progress) == ("a", 2, False) and "target" not in fv
+  for argv in (["p"], ["p", "c"], ["p", "a", "--batch_size=x"], ["p", "b"], ["p", "a", "extra"]):
+    with pytest.raises(SystemExit) as e:
+      cli.parse_subcommand(argv, commands, "Doc.")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), (argv, err)
+  with pytest.raises(SystemExit) as e:
+    cli.parse_subcommand(["p", "--help"], commands, "Doc.")
+  out = capsys.readouterr().out
+  assert e.value.code == 0 and out.startswith("Doc.") and "  a  the first\n  b  the second" in out
+  with pytest.raises(SystemExit) as e:
+    cli.parse_subcommand(["p", "b", "-h"], commands, "Doc.")
+  blocks = _flag_blocks(capsys.readouterr().out)
+  assert e.value.code == 0 and "required" in blocks["target"] and "batch_size" not in blocks
+
+
+def test_required_is_told_by_mark_required_not_by_message_text(capsys):
+  """--help says "required" for the flags marked through `cli.mark_required`, and only for those: a flag with
+  a validator whose message happens to read like absl's own is not one."""
+  fv = flags.FlagValues()
+  flags.DEFINE_string("needed", None, "A.", flag_values=fv)
+  flags.DEFINE_string("checked", None, "B.", flag_values=fv)
+  cli.mark_required(["needed"], fv)
+  flags.register_validator("checked", lambda v: True, message="Flag --checked must have a value other than None.",
+                           flag_values=fv)
+  blocks = _flag_blocks(cli.render_help(fv, "Doc."))
+  assert "required" in blocks["needed"] and "required" not in blocks["checked"], blocks
 
 
 def test_setup_logging_quiets_libraries_until_verbosity():
   try:
-    cli.setup_logging(0)
+    logging_setup.setup_logging(0)
     for name in ("absl", "orbax", "jax._src.xla_bridge"):
       assert not logging.getLogger(name).isEnabledFor(logging.WARNING), name
       assert logging.getLogger(name).isEnabledFor(logging.ERROR)
     assert logging.getLogger("diffssr_jax.inference").isEnabledFor(logging.INFO)
-    cli.setup_logging(1)
+    logging_setup.setup_logging(1)
     assert logging.getLogger("absl").isEnabledFor(logging.INFO)
     assert logging.getLogger("orbax.checkpoint").isEnabledFor(logging.INFO)
     assert not logging.getLogger("diffssr_jax").isEnabledFor(logging.DEBUG)
-    cli.setup_logging(2)
+    logging_setup.setup_logging(2)
     assert logging.getLogger("diffssr_jax").isEnabledFor(logging.DEBUG)
   finally:
-    cli.setup_logging(0)
+    logging_setup.setup_logging(0)
 
 
 def test_run_turns_errors_into_one_line(capsys):
@@ -83,7 +111,7 @@ def test_run_turns_errors_into_one_line(capsys):
 
   def main(argv, fv):
     if fv.n == 0:
-      raise cli.UserError("the thing\nis missing")
+      raise errors.UserError("the thing\nis missing")
     if fv.n == 1:
       raise FileNotFoundError("nope.txt")
     if fv.n == 2:
@@ -113,13 +141,45 @@ def test_console_scripts_resolve():
   for name, value in SCRIPTS.items():
     assert callable(importlib.metadata.EntryPoint(name, value, "console_scripts").load())
   assert (ROOT / "requirements.txt").read_text().splitlines()[-1].strip() == "-e ."
-  try:
+  if _installed_from_here():  # when this checkout is the installed package, its metadata says the same
     installed = {e.name: e.value for e in importlib.metadata.entry_points(group="console_scripts")
                  if e.name.startswith("diffssr-")}
-  except Exception:  # noqa: BLE001
-    installed = {}
-  if installed:  # when the package is installed, its metadata says the same
     assert installed == SCRIPTS
+
+
+def _installed_from_here() -> bool:
+  """Whether the installed diffssr-jax is this checkout (an editable install of another checkout, such as a
+  worktree's main one, has that checkout's entry points)."""
+  try:
+    url = json.loads(importlib.metadata.distribution("diffssr-jax").read_text("direct_url.json") or "{}")
+  except importlib.metadata.PackageNotFoundError:
+    return False
+  return url.get("url", "").removeprefix("file://") == str(ROOT)
+
+
+ENTRY_MODULES = {"diffssr_jax.main", "diffssr_jax.evaluation.evaluate", "diffssr_jax.inference.upscale",
+                 "diffssr_jax.data.export_cli", "diffssr_jax.benchmarks.model", "diffssr_jax.benchmarks.data"}
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+  """The diffssr_jax modules a file imports (anywhere in it, also inside functions)."""
+  import ast
+  found = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      found |= {a.name for a in node.names}
+    elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+      found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+  return {m for m in found if m.startswith("diffssr_jax")}
+
+
+def test_no_import_circle_through_the_flags_helper():
+  """diffssr_jax.cli (the flags helper) imports no entry point, and only entry points import it: the library
+  (the Upscaler's load errors, ...) raises errors.UserError without the command line."""
+  modules = {".".join(p.relative_to(ROOT).with_suffix("").parts): p for p in (ROOT / "diffssr_jax").rglob("*.py")}
+  assert not _imports(modules["diffssr_jax.cli"]) & ENTRY_MODULES
+  importers = {name for name, path in modules.items() if "diffssr_jax.cli" in _imports(path)}
+  assert importers == ENTRY_MODULES, importers
 
 
 def _flag_blocks(text):
@@ -160,7 +220,12 @@ def test_benchmark_script_runs_its_parser(capsys):
   fn = importlib.metadata.EntryPoint("b", SCRIPTS["diffssr-benchmark"], "console_scripts").load()
   with pytest.raises(SystemExit) as e:
     fn(["diffssr-benchmark", "--help"])
-  assert e.value.code == 0 and "{train,sample,compile}" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert e.value.code == 0 and "  train    one data-parallel optimizer step\n  sample" in out and "  compile  " in out
+  with pytest.raises(SystemExit) as e:
+    fn(["diffssr-benchmark", "compile", "--target", "no-such-chip"])
+  assert e.value.code == 2
+  assert "error: flag --target=no-such-chip" in capsys.readouterr().err
 
 
 def test_one_sampler_default_for_evaluate_and_upscale():

@@ -9,12 +9,15 @@ export and the time per image spent in each stage (read, segment, SPE, LR resize
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
 import tempfile
+import sys
 import time
+import types
+
+from absl import flags
 
 from diffssr_jax import cli, storage
 
@@ -87,25 +90,36 @@ def bench_export(images_dir, segmenter_name: str, workers: int, scale: int) -> d
           "cpu_count": os.cpu_count()}
 
 
+def define_pipeline_flags(fv) -> None:
+  d = dict(flag_values=fv)
+  flags.DEFINE_string("files", None, "Shards (glob, folder, file); default: the demo shards.", **d)
+  flags.DEFINE_integer("batch_size", 16, "Examples per batch.", **d)
+  flags.DEFINE_integer("num_workers", 2, "Grain worker processes.", **d)
+  flags.DEFINE_integer("read_threads", 2, "Reader threads per process.", **d)
+  flags.DEFINE_integer("steps", 30, "Timed batches.", **d)
+  flags.DEFINE_integer("warmup", 3, "Untimed batches first.", **d)
+  flags.DEFINE_integer("patch_size", 160, "HR patch side.", **d)
+  flags.DEFINE_bool("augment", False, "Random flips and rotations.", **d)
+  flags.DEFINE_integer("scale", 4, "The shards' scale.", **d)
+
+
+def define_export_flags(fv) -> None:
+  d = dict(flag_values=fv)
+  flags.DEFINE_string("images", None, "Folder of HR images; default: the demo photographs.", **d)
+  flags.DEFINE_enum("segmenter", "felzenszwalb", ["felzenszwalb", "slic"], "Classical segmenter.", **d)
+  flags.DEFINE_integer("workers", 0, "Export worker processes.", **d)
+  flags.DEFINE_integer("scale", 4, "Super-resolution factor.", **d)
+
+
+COMMANDS = {"pipeline": ("training samples/s of the input pipeline", define_pipeline_flags),
+            "export": ("images/s and tiles/s of the mask export, per stage", define_export_flags)}
+
+
 def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.ArgparseHelpFormatter)
-  sub = p.add_subparsers(dest="what", required=True)
-  pp = sub.add_parser("pipeline", formatter_class=cli.ArgparseHelpFormatter)
-  pp.add_argument("--files", default=None, help="shards (glob, folder, file); default: the demo shards")
-  pp.add_argument("--batch_size", type=int, default=16, help="examples per batch")
-  pp.add_argument("--num_workers", type=int, default=2, help="grain worker processes")
-  pp.add_argument("--read_threads", type=int, default=2, help="reader threads per process")
-  pp.add_argument("--steps", type=int, default=30, help="timed batches")
-  pp.add_argument("--warmup", type=int, default=3, help="untimed batches first")
-  pp.add_argument("--patch_size", type=int, default=160, help="HR patch side")
-  pp.add_argument("--augment", action="store_true", help="random flips and rotations")
-  pp.add_argument("--scale", type=int, default=4, help="the shards' scale")
-  pe = sub.add_parser("export", formatter_class=cli.ArgparseHelpFormatter)
-  pe.add_argument("--images", default=None, help="folder of HR images; default: the demo photographs")
-  pe.add_argument("--segmenter", default="felzenszwalb", choices=["felzenszwalb", "slic"], help="classical segmenter")
-  pe.add_argument("--workers", type=int, default=0, help="export worker processes")
-  pe.add_argument("--scale", type=int, default=4, help="super-resolution factor")
-  args = cli.parse_argparse(p, argv)
+  """argv without the program name (default sys.argv[1:])."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  what, fv = cli.parse_subcommand(["python -m diffssr_jax.benchmarks.data", *argv], COMMANDS, __doc__)
+  args = types.SimpleNamespace(what=what, **fv.flag_values_dict())
   try:  # before any work: a location no backend can serve is refused in one line
     storage.check_all({"--files": getattr(args, "files", None), "--images": getattr(args, "images", None)})
   except storage.StorageError as e:

@@ -36,7 +36,6 @@ Keys of the JSON line:
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import importlib.util
 import json
@@ -46,8 +45,11 @@ import resource
 import statistics
 import sys
 import time
+import types
 
-from diffssr_jax import cli  # noqa: E402  (numpy/absl only: --help stays fast)
+from absl import flags
+
+from diffssr_jax import cli as shared_cli  # noqa: E402  (numpy/absl only: --help stays fast)
 from diffssr_jax import conventions  # noqa: E402  (numpy only)
 from diffssr_jax import storage  # noqa: E402
 
@@ -76,11 +78,11 @@ def parse_size(text: str) -> tuple[int, int]:
   try:
     hw = tuple(int(p) for p in parts)
   except ValueError:
-    raise argparse.ArgumentTypeError(f"expected SIZE or HxW, got {text!r}") from None
+    raise ValueError(f"expected SIZE or HxW, got {text!r}") from None
   if len(hw) == 1:
     hw = hw * 2
   if len(hw) != 2 or min(hw) < 1:
-    raise argparse.ArgumentTypeError(f"expected SIZE or HxW with positive sides, got {text!r}")
+    raise ValueError(f"expected SIZE or HxW with positive sides, got {text!r}")
   return hw
 
 
@@ -303,61 +305,101 @@ def bench_sample(args) -> dict:
 
 
 # ----------------------------------------------------------------------------- CLI
-def parse_args(argv=None):
-  fmt = cli.ArgparseHelpFormatter
-  parser = argparse.ArgumentParser(prog="python -m diffssr_jax.benchmarks.model", description=__doc__.split("\n")[0],
-                                   formatter_class=fmt)
-  sub = parser.add_subparsers(dest="command", required=True)
+class _SizeParser(flags.ArgumentParser):
+  """absl parser of `--size`: SIZE or HxW -> (height, width)."""
 
-  def common(p):
-    p.add_argument("--config", default=None, help="config file with get_config() (default: configs/base.py)")
-    p.add_argument("--dtype", default="config", choices=["config", "auto", "float32", "bfloat16"],
-          help="compute dtype (config: the config's model.dtype)")
-    p.add_argument("--repeats", type=int, default=5, help="timed calls after one warm-up call (median)")
-    p.add_argument("--compilation_cache", default="auto",
-          help='persistent compilation cache folder; "auto": ~/.cache/diffssr_jax/xla; "": off (cold compiles)')
-    p.add_argument("--remat", action="store_true", help="recompute activations in the backward pass (model.remat_*)")
+  def parse(self, argument):
+    return tuple(argument) if isinstance(argument, (tuple, list)) else parse_size(argument)
 
-  tr = sub.add_parser("train", help="one data-parallel optimizer step", formatter_class=fmt)
-  common(tr)
-  tr.add_argument("--batch_size", type=int, default=4, help="global batch (split over devices)")
-  tr.add_argument("--patch_size", type=int, default=160, help="HR patch size")
-  tr.add_argument("--grad_accum_steps", type=int, default=0, help="micro-batches per step (0: the config's)")
-  sa = sub.add_parser("sample", help="reverse steps and whole sampling runs", formatter_class=fmt)
-  common(sa)
-  sa.add_argument("--size", type=parse_size, default=(256, 256), help="HR output size, SIZE or HxW (e.g. 1356x2040)")
-  sa.add_argument("--batch_size", type=int, default=1, help="images per sampling run")
-  sa.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="reverse process")
-  sa.add_argument("--steps", type=int, default=None, help="reverse steps (ddpm: all T; ddim: default T)")
-  sa.add_argument("--eta", type=float, default=conventions.DEFAULT_ETA, help="DDIM eta")
-  sa.add_argument("--runs", type=int, default=1,
-        help="timed whole sampling runs after a warm-up run; 0 skips them (estimate from the parts)")
-  co = sub.add_parser("compile", help="compile the train step and/or sampler for a GPU/TPU not present "
-                      "(memory, FLOPs, HLO facts)", formatter_class=fmt)
+  def flag_type(self):
+    return "size"
+
+
+class _SizeSerializer(flags.ArgumentSerializer):
+  def serialize(self, value):
+    return "x".join(map(str, value))
+
+
+def _define_size(fv, help_text):
+  flags.DEFINE(_SizeParser(), "size", "256x256", help_text, serializer=_SizeSerializer(), flag_values=fv)
+
+
+_DTYPES = ["config", "auto", "float32", "bfloat16"]
+
+
+def _define_model(fv, dtype_help="Compute dtype (config: the config's model.dtype)."):
+  d = dict(flag_values=fv)
+  flags.DEFINE_string("config", None, "Config file with get_config() (default: configs/base.py).", **d)
+  flags.DEFINE_enum("dtype", "config", _DTYPES, dtype_help, **d)
+  flags.DEFINE_bool("remat", False, "Recompute activations in the backward pass (model.remat_*).", **d)
+
+
+def _define_timing(fv):
+  d = dict(flag_values=fv)
+  _define_model(fv)
+  flags.DEFINE_integer("repeats", 5, "Timed calls after one warm-up call (median).", lower_bound=1, **d)
+  shared_cli.define_compilation_cache_flag(fv)
+
+
+def define_train_flags(fv):
+  d = dict(flag_values=fv)
+  _define_timing(fv)
+  flags.DEFINE_integer("batch_size", 4, "Global batch (split over devices).", **d)
+  flags.DEFINE_integer("patch_size", 160, "HR patch size.", **d)
+  flags.DEFINE_integer("grad_accum_steps", 0, "Micro-batches per step (0: the config's).", **d)
+
+
+def _define_sampler(fv, prefix=""):
+  d = dict(flag_values=fv)
+  flags.DEFINE_enum("sampler", conventions.DEFAULT_SAMPLER, list(conventions.SAMPLERS), f"{prefix}Reverse process.",
+                    **d)
+  flags.DEFINE_integer("steps", None, f"{prefix}Reverse steps (ddpm: all T; ddim: default T).", **d)
+  flags.DEFINE_float("eta", conventions.DEFAULT_ETA, f"{prefix}DDIM eta.", **d)
+
+
+def define_sample_flags(fv):
+  d = dict(flag_values=fv)
+  _define_timing(fv)
+  _define_size(fv, "HR output size, SIZE or HxW (e.g. 1356x2040).")
+  flags.DEFINE_integer("batch_size", 1, "Images per sampling run.", **d)
+  _define_sampler(fv)
+  flags.DEFINE_integer("runs", 1, "Timed whole sampling runs after a warm-up run; 0 skips them (estimate from the "
+                       "parts).", **d)
+
+
+def define_compile_flags(fv):
   from diffssr_jax.benchmarks import targets
-  co.add_argument("--target", required=True, choices=list(targets.TARGETS), help="the accelerator to compile for")
-  co.add_argument("--program", default="both", choices=["train", "sample", "both"], help="what to compile")
-  co.add_argument("--config", default=None, help="config file with get_config() (default: configs/base.py)")
-  co.add_argument("--dtype", default="config", choices=["config", "auto", "float32", "bfloat16"],
-        help="compute dtype (config: the config's model.dtype; auto: the target's, bfloat16 on GPU/TPU)")
-  co.add_argument("--remat", action="store_true", help="recompute activations in the backward pass (model.remat_*)")
-  co.add_argument("--batch_size", type=int, default=16, help="train: global batch")
-  co.add_argument("--patch_size", type=int, default=160, help="train: HR patch size")
-  co.add_argument("--grad_accum_steps", type=int, default=0, help="train: micro-batches per step (0: the config's)")
-  co.add_argument("--size", type=parse_size, default=(256, 256), help="sample: HR output size, SIZE or HxW")
-  co.add_argument("--sample_batch_size", type=int, default=1, help="sample: images (tiles) per sampling run")
-  co.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="sample: reverse process")
-  co.add_argument("--steps", type=int, default=None, help="sample: reverse steps (ddpm: all T; ddim: default T)")
-  co.add_argument("--eta", type=float, default=conventions.DEFAULT_ETA, help="sample: DDIM eta")
-  args = cli.parse_argparse(parser, argv)
-  if args.command == "compile":
-    return args
-  if args.repeats < 1:
-    parser.error("--repeats must be at least 1")
-  return args
+  d = dict(flag_values=fv)
+  flags.DEFINE_enum("target", None, list(targets.TARGETS), "The accelerator to compile for.", **d)
+  shared_cli.mark_required(["target"], fv)
+  flags.DEFINE_enum("program", "both", ["train", "sample", "both"], "What to compile.", **d)
+  _define_model(fv, "Compute dtype (config: the config's model.dtype; auto: the target's, bfloat16 on GPU/TPU).")
+  flags.DEFINE_integer("batch_size", 16, "train: global batch.", **d)
+  flags.DEFINE_integer("patch_size", 160, "train: HR patch size.", **d)
+  flags.DEFINE_integer("grad_accum_steps", 0, "train: micro-batches per step (0: the config's).", **d)
+  _define_size(fv, "sample: HR output size, SIZE or HxW.")
+  flags.DEFINE_integer("sample_batch_size", 1, "sample: images (tiles) per sampling run.", **d)
+  _define_sampler(fv, "sample: ")
+
+
+COMMANDS = {
+    "train": ("one data-parallel optimizer step", define_train_flags),
+    "sample": ("reverse steps and whole sampling runs", define_sample_flags),
+    "compile": ("compile the train step and/or sampler for a GPU/TPU not present (memory, FLOPs, HLO facts)",
+                define_compile_flags),
+}
+
+
+def parse_args(argv=None):
+  """The subcommand and its flag values as a namespace (`args.command`, `args.size`, ...); argv without the
+  program name (default sys.argv[1:]). Help and usage errors exit (SystemExit), as argparse does."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  command, fv = shared_cli.parse_subcommand(["diffssr-benchmark", *argv], COMMANDS, __doc__)
+  return types.SimpleNamespace(command=command, **fv.flag_values_dict())
 
 
 def main(argv=None):
+  """Runs the benchmark; returns its result (a dict, or the compile subcommand's list of dicts)."""
   args = parse_args(sys.argv[1:] if argv is None else argv)
   if args.command == "compile":
     from diffssr_jax.benchmarks import compile as compile_cmd, targets
@@ -365,12 +407,19 @@ def main(argv=None):
     try:
       return compile_cmd.run(args)
     except (targets.TargetUnavailable, ValueError) as e:
-      cli.error(str(e))
-      return cli.EXIT_ERROR
+      shared_cli.error(str(e))
+      return shared_cli.EXIT_ERROR
   result = bench_train(args) if args.command == "train" else bench_sample(args)
   print(json.dumps(result), flush=True)
   return result
 
 
+def cli(argv=None) -> int:
+  """diffssr-benchmark (pyproject's console script; argv[0] the program, default sys.argv): `main`, with the
+  exit status instead of the result."""
+  result = main(None if argv is None else list(argv)[1:])
+  return result if isinstance(result, int) else shared_cli.EXIT_OK
+
+
 if __name__ == "__main__":
-  main()
+  sys.exit(cli())

@@ -163,10 +163,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
   return (export.ExportError, segmenters.SegmenterError, hr_sources.SourceError, FileNotFoundError, ValueError)
 
 
-def cli(argv: Sequence[str]) -> int:
-  """The command line in-process, with its own flag values; returns the exit status."""
-  return shared_cli.run(argv, define_flags=define_flags, main=main, doc=__doc__, user_errors=user_errors())
+def cli(argv: Sequence[str] | None = None) -> int:
+  """diffssr-export-masks (pyproject's console script; argv default sys.argv), in-process with its own flag
+  values; returns the exit status."""
+  return shared_cli.run(sys.argv if argv is None else argv, define_flags=define_flags, main=main, doc=__doc__,
+                        user_errors=user_errors())
 
 
 if __name__ == "__main__":
-  sys.exit(cli(sys.argv))
+  sys.exit(cli())

@@ -416,7 +416,7 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_bool("progress", True, "Show progress bars.", **d)
 
 
-# Errors the user can fix, printed as one line (exit status 1); the model loader's are `cli.UserError`s.
+# Errors the user can fix, printed as one line (exit status 1); the model loader's are `errors.UserError`s.
 USER_ERRORS = (EvalSourceError, images.ImageReadError, FileNotFoundError, NotADirectoryError, SettingsMismatchError,
                results.CorruptResultsError, storage.StorageError)
 
@@ -491,11 +491,13 @@ def main(argv, fv: flags.FlagValues) -> int:
   return shared_cli.EXIT_OK
 
 
-def cli(argv: Sequence[str]) -> int:
-  """The command line in-process, with its own flag values: `cli(["evaluate", "--workdir", ...])`; returns the
-  exit status (user errors print one line and give 1, a bad command line 2)."""
-  return shared_cli.run(argv, define_flags=define_flags, main=main, doc=__doc__, user_errors=USER_ERRORS)
+def cli(argv: Sequence[str] | None = None) -> int:
+  """diffssr-evaluate (pyproject's console script; argv default sys.argv), in-process with its own flag
+  values: `cli(["evaluate", "--workdir", ...])`; returns the exit status (user errors print one line and give
+  1, a bad command line 2)."""
+  return shared_cli.run(sys.argv if argv is None else argv, define_flags=define_flags, main=main, doc=__doc__,
+                        user_errors=USER_ERRORS)
 
 
 if __name__ == "__main__":
-  sys.exit(cli(sys.argv))
+  sys.exit(cli())

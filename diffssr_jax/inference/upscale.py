@@ -301,11 +301,11 @@ def main(argv, fv: flags.FlagValues) -> int:
   return shared_cli.EXIT_ERROR if failed else shared_cli.EXIT_OK
 
 
-def cli(argv: Sequence[str]) -> int:
-  """The command line in-process, with its own flag values: `cli(["upscale", "in/", "--output", "out"])`;
-  returns the exit status."""
-  return shared_cli.run(argv, define_flags=define_flags, main=main, doc=__doc__)
+def cli(argv: Sequence[str] | None = None) -> int:
+  """diffssr-upscale (pyproject's console script; argv default sys.argv), in-process with its own flag values:
+  `cli(["upscale", "in/", "--output", "out"])`; returns the exit status."""
+  return shared_cli.run(sys.argv if argv is None else argv, define_flags=define_flags, main=main, doc=__doc__)
 
 
 if __name__ == "__main__":
-  sys.exit(cli(sys.argv))
+  sys.exit(cli())

@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from diffssr_jax import conventions, images, parallel, storage
-from diffssr_jax.cli import UserError
+from diffssr_jax.errors import UserError
 from diffssr_jax.diffusion import sampling
 from diffssr_jax.data.imresize import imresize
 from diffssr_jax.diffusion.model import SRDiffusion
