@@ -380,5 +380,5 @@ def run_absl(main: Callable[[list[str]], object], argv: Sequence[str] | None = N
     given = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--") and "." in a.split("=", 1)[0]]
     given = [a for a in given if key in a[2:].split(".")] or given
     error(f"unknown config key {key!r} ({', '.join(given) or 'command line'}): not in the config file; see the "
-          "keys of configs/base.py")
+          "keys of diffssr_jax/configs/base.py")
     sys.exit(EXIT_USAGE)

@@ -1,4 +1,7 @@
-"""Entry point: `python -m diffssr_jax.main --config configs/X.py --workdir DIR [--config.key=value ...]`.
+"""Entry point: `python -m diffssr_jax.main --config NAME_OR_FILE --workdir DIR [--config.key=value ...]`.
+
+--config is a packaged config's name (`demo`, `diffssr_df2k_x4`, ...: diffssr_jax/configs/NAME.py) or the path
+of a config file of one's own.
 
 Several processes (one per host, or one per GPU): run the same command in each, with --distributed
 (JAX detects TPU pod slices, SLURM, Open MPI and Kubernetes by itself) or with --coordinator_address,
@@ -9,6 +12,7 @@ train.batch_size is then the global batch over all processes' devices.
 (-v); --verbosity 2 (-vv) shows debug output.
 """
 import os
+import sys
 
 # numpy's OpenBLAS threads spin against XLA's for the same cores, slowing the input pipeline's small
 # matrix products 10-100x on a busy CPU; one BLAS thread per process is what the data path needs.
@@ -22,7 +26,8 @@ from diffssr_jax import errors, logging_setup  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and summary.json.")
-config_flags.DEFINE_config_file("config", None, "Training configuration file (configs/*.py).", lock_config=True)
+config_flags.DEFINE_config_file("config", None, "Training configuration: a config file, or the name of a packaged "
+                                "one (demo, diffssr_df2k_x4, ...: diffssr_jax/configs/NAME.py).", lock_config=True)
 flags.DEFINE_bool("allow_config_change", False, "Resume a workdir whose config.json differs in safe settings only "
                   "(steps, learning rate, intervals, data paths; see diffssr_jax/training/workdir.py). Model, "
                   "diffusion and data-layout settings can never change in a workdir.")
@@ -64,7 +69,9 @@ def main(argv):
   except OSError as e:
     # A config file that cannot be loaded: the line naming the file and the cause, not two tracebacks.
     lines = [" ".join(l.split()) for l in str(e).splitlines() if l.strip()]
-    raise SystemExit("error: --config: " + next((l for l in lines if "Errno" in l), " ".join(lines))) from None
+    from diffssr_jax import configs
+    raise SystemExit("error: --config: " + next((l for l in lines if "Errno" in l), " ".join(lines))
+                     + f" (a file path, or a packaged config: {', '.join(configs.names())})") from None
   check_locations(FLAGS.config, FLAGS.workdir)  # before joining other processes or writing anything
   if FLAGS.distributed or FLAGS.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS"):
     from diffssr_jax import parallel
@@ -91,7 +98,8 @@ def main(argv):
 def cli(argv=None) -> None:
   """diffssr-train (pyproject's console script; argv[0] the program, default sys.argv): `absl.app.run(main)`
   with dashed flag aliases and a --help that lists the defaults. Exits."""
-  shared_cli.run_absl(main, argv, __doc__)
+  from diffssr_jax import configs  # --config NAME: the packaged config of that name
+  shared_cli.run_absl(main, configs.resolve_argv(sys.argv if argv is None else argv), __doc__)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ import re
 
 import numpy as np
 
-from configs import base
+from diffssr_jax.configs import base
 
 
 def tiny_config(modulation="reference", loss="l1"):

@@ -24,7 +24,7 @@ from diffssr_jax.benchmarks import hlo, targets  # noqa: E402
 from diffssr_jax.benchmarks import model as benchmark  # noqa: E402
 
 TARGET = "h200"
-RRDB_BLOCKS = 17       # configs/base.py model.rrdb_num_blocks
+RRDB_BLOCKS = 17       # diffssr_jax/configs/base.py model.rrdb_num_blocks
 SAMPLE_STEPS = 2       # the sampler's loop: a trip count other than the RRDB's tells the two loops apart
 
 

@@ -73,7 +73,7 @@ def test_sample_subcommand(capsys):
 def test_sample_sizes_are_padded_like_the_upscaler(capsys, size, padded):
   """The demo's 4-level U-Net needs HR multiples of 8 and at least 16 px: a 20x36 request (LR 5x9) runs at
   24x40, a 4x4 one (LR 1x1) at 16x16, as the Upscaler pads user images; the times are for that size."""
-  r = _run(capsys, ["sample", "--config", str(ROOT / "configs" / "demo.py"), "--size", size, "--sampler", "ddim",
+  r = _run(capsys, ["sample", "--config", "demo", "--size", size, "--sampler", "ddim",
                     "--steps", "2", "--repeats", "1", "--runs", "1", "--compilation_cache", ""])
   assert r["padded_size"] == padded and r["seconds_per_image"] > 0
 

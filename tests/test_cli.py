@@ -137,7 +137,7 @@ def test_console_scripts_resolve():
   importlib.metadata, as the installed scripts do)."""
   project = tomllib.loads((ROOT / "pyproject.toml").read_text())
   assert project["project"]["scripts"] == SCRIPTS
-  assert set(project["tool"]["setuptools"]["packages"]["find"]["include"]) == {"diffssr_jax*", "configs"}
+  assert project["tool"]["setuptools"]["packages"]["find"]["include"] == ["diffssr_jax*"]
   for name, value in SCRIPTS.items():
     assert callable(importlib.metadata.EntryPoint(name, value, "console_scripts").load())
   assert (ROOT / "requirements.txt").read_text().splitlines()[-1].strip() == "-e ."
@@ -237,7 +237,7 @@ def test_one_sampler_default_for_evaluate_and_upscale():
     assert fv["sampler"].default == conventions.DEFAULT_SAMPLER == "ddpm", module.__name__
     assert fv["eta"].default == conventions.DEFAULT_ETA
   # DDIM's eta: the value the README measured best (eta 0 was 5.3 dB worse), the same everywhere.
-  from configs import base
+  from diffssr_jax.configs import base
   from diffssr_jax.benchmarks import model as benchmark
   assert conventions.DEFAULT_ETA == 1.0 and base.get_config().eval.eta == conventions.DEFAULT_ETA
   assert benchmark.parse_args(["sample"]).eta == benchmark.parse_args(["compile", "--target", "h200"]).eta == 1.0

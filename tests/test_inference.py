@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import base
+from diffssr_jax.configs import base
 from diffssr_jax import conventions, images, parallel
 from diffssr_jax.inference import upscaler as inference
 from diffssr_jax.diffusion import sampling

@@ -192,10 +192,10 @@ def test_missing_inputs_and_unknown_keys_are_one_line(shards, tmp_path):
 
 def test_every_shipped_config_is_valid():
   import importlib
-  for path in sorted((ROOT / "configs").glob("*.py")):
+  for path in sorted((ROOT / "diffssr_jax" / "configs").glob("*.py")):
     if path.stem in ("__init__", "base"):
       continue
-    cfg = importlib.import_module(f"configs.{path.stem}").get_config()
+    cfg = importlib.import_module(f"diffssr_jax.configs.{path.stem}").get_config()
     cfg.data.train_files = cfg.data.train_files or "x"
     found = [p for p in config_check.problems(cfg, device_count=1)
              if not p.startswith(("data.train_files", "eval.hr_dir", "eval.lr_dir", "train.rrdb_checkpoint"))]

@@ -82,7 +82,7 @@ def test_full_sampling_run_matches_official():
   ref = rd.load()
   if ref is None or "samp/img_sr" not in ref:
     pytest.skip("no reference")
-  from configs import base
+  from diffssr_jax.configs import base
   model = build_model(base.get_config(), dtype="float32")  # pinned: "auto" is bfloat16 on GPUs
   params = jax.tree.map(jnp.asarray, convert.torch_to_flax(reference_state_dict(ref)))
   noises = jnp.asarray(np.transpose(ref["samp/noises"], (0, 1, 3, 4, 2)))

@@ -110,7 +110,7 @@ def test_training_loss_matches_official():
   ref = rd.load()
   if ref is None or "fwd/loss" not in ref:
     pytest.skip("no reference")
-  from configs import base
+  from diffssr_jax.configs import base
   model = build_model(base.get_config(), dtype="float32")  # pinned: "auto" is bfloat16 on GPUs
   params = jax.tree.map(jnp.asarray, convert.torch_to_flax(reference_state_dict(ref)))
   batch = {"hr": nchw_to_nhwc(ref["in/img_hr"]), "lr": nchw_to_nhwc(ref["in/img_lr"]),

@@ -207,7 +207,7 @@ def run(args) -> list[dict]:
   model = build(target, config, args.dtype, args.remat)
   common = {"target": target.name, "device_kind": mesh.devices.flat[0].device_kind, "num_devices": mesh.size,
             "dtype": np.dtype(model.dtype).name, "remat": bool(args.remat), "jax": jax.__version__,
-            "cpu_count": os.cpu_count(), "config": args.config or "configs/base.py"}
+            "cpu_count": os.cpu_count(), "config": args.config or "diffssr_jax/configs/base.py"}
   programs = PROGRAMS if args.program == "both" else (args.program,)
   flops_of = lambda name, **kw: (lambda: program_flops(name, target, config, args.dtype, args.remat, mesh, **kw))  # noqa: E731
   results = []

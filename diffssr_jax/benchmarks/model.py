@@ -9,7 +9,7 @@
 `compile` (diffssr_jax.benchmarks.compile) compiles for a GPU or TPU target without the device and reports
 memory, FLOPs and HLO facts; the other subcommands run on this machine's devices.
 
-The network is the paper's (configs/base.py) unless `--config` names another config file; `--dtype` overrides
+The network is the paper's (diffssr_jax/configs/base.py) unless `--config` names another config file; `--dtype` overrides
 `model.dtype` ("auto": bfloat16 on GPU/TPU, float32 on CPU). Params are random (speed does not depend on them)
 and inputs are random arrays already on the device: the numbers are the model's, without the data pipeline.
 Flags take underscores; the dashed spellings (--batch-size) are accepted too, as in every command.
@@ -51,19 +51,19 @@ from absl import flags
 
 from diffssr_jax import cli as shared_cli  # noqa: E402  (numpy/absl only: --help stays fast)
 from diffssr_jax import conventions  # noqa: E402  (numpy only)
-from diffssr_jax import storage  # noqa: E402
+from diffssr_jax import configs, storage  # noqa: E402
 
-_DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "base.py"
+_DEFAULT_CONFIG = configs.HERE / "base.py"
 
 
 def load_config(path: str | None):
-  """`get_config()` of a config file (configs/base.py when None)."""
+  """`get_config()` of a config file or packaged config name (`configs.resolve`; base when None)."""
   if path and storage.is_remote(path):  # importlib loads modules from local files only
     raise SystemExit(f"error: --config {path}: a config is a Python module and is read from a local file only "
                      "(copy it here first)")
-  path = pathlib.Path(path) if path else _DEFAULT_CONFIG
+  path = pathlib.Path(configs.resolve(path)) if path else _DEFAULT_CONFIG
   if not path.is_file():
-    raise SystemExit(f"config file not found: {path}")
+    raise SystemExit(f"error: --config {path}: no such file, and not a packaged config ({', '.join(configs.names())})")
   spec = importlib.util.spec_from_file_location(f"_bench_config_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -329,7 +329,8 @@ _DTYPES = ["config", "auto", "float32", "bfloat16"]
 
 def _define_model(fv, dtype_help="Compute dtype (config: the config's model.dtype)."):
   d = dict(flag_values=fv)
-  flags.DEFINE_string("config", None, "Config file with get_config() (default: configs/base.py).", **d)
+  flags.DEFINE_string("config", None, "Config file with get_config(), or a packaged config's name (demo, "
+                      "diffssr_df2k_x4, ...; default: base, the paper network).", **d)
   flags.DEFINE_enum("dtype", "config", _DTYPES, dtype_help, **d)
   flags.DEFINE_bool("remat", False, "Recompute activations in the backward pass (model.remat_*).", **d)
 

@@ -38,8 +38,8 @@ from diffssr_jax.data import spe as spe_lib
 from diffssr_jax.data.source import TileSource, manifest_for
 
 def default_data_config():
-  """The `data` section of configs/base.py, the single source of its defaults; set `train_files`."""
-  from configs import base
+  """The `data` section of diffssr_jax/configs/base.py, the single source of its defaults; set `train_files`."""
+  from diffssr_jax.configs import base
   return base.get_config().data
 
 

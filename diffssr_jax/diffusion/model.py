@@ -98,7 +98,7 @@ def compute_dtype(name: str, platform: str | None = None):
 
 
 def build_model(config, dtype: str | None = None, platform: str | None = None) -> SRDiffusion:
-  """From a config with `model` and `diffusion` sections (see configs/base.py); `dtype` overrides
+  """From a config with `model` and `diffusion` sections (see diffssr_jax/configs/base.py); `dtype` overrides
   `config.model.dtype`; `platform` is the one the model's programs are compiled for (see `compute_dtype`)."""
   m, d = config.model, config.diffusion
   if d.modulation not in process.MODULATIONS:

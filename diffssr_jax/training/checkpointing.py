@@ -747,7 +747,7 @@ def load_for_inference(workdir=None, checkpoint=None, step: int | None = None, u
 
   workdir: reads WORKDIR/config.json and the newest verified (or exactly `step`) checkpoint. checkpoint:
   an official `.ckpt` (`state_dict['model']` with denoise_fn.* and rrdb.*), converted on the fly;
-  `config` defaults to the paper setting (configs/base.py).
+  `config` defaults to the paper setting (diffssr_jax/configs/base.py).
   """
   from diffssr_jax.models import convert
   from diffssr_jax.diffusion.model import build_model
@@ -760,7 +760,7 @@ def load_for_inference(workdir=None, checkpoint=None, step: int | None = None, u
     check_recorded_settings(config, got.meta, _step_dir_of(workdir, step))
   else:
     if config is None:
-      from configs import base
+      from diffssr_jax.configs import base
       config = base.get_config()
     params = convert.torch_to_flax(convert.load_torch_checkpoint(checkpoint))
     step = None

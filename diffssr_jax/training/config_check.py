@@ -7,7 +7,7 @@ RRDB stage, a negative batch size after the RRDB stage had already written confi
 (so the corrected rerun was refused as a config change). Now every problem is collected and reported in
 one `ConfigError` naming each key; nothing has been written, so fixing the value and rerunning just works.
 
-Keys are those of configs/base.py; a key the code does not know (a typo in a config file) is a problem
+Keys are those of diffssr_jax/configs/base.py; a key the code does not know (a typo in a config file) is a problem
 too (`--config.x.y=1` on the command line is already refused by ml_collections' locked config flags, which
 `diffssr_jax.main` reports in one line).
 """
@@ -56,7 +56,7 @@ class _Checker:
       self.get(key)
       return True
     except (KeyError, AttributeError):
-      self.problems.append(f"{key}: missing (configs/base.py defines it)")
+      self.problems.append(f"{key}: missing (diffssr_jax/configs/base.py defines it)")
       return False
 
   # -- one check per kind of value; each returns whether the value passed (for dependent checks)
@@ -127,7 +127,7 @@ class _Checker:
 
 
 def _unknown_keys(config) -> list[str]:
-  from configs import base
+  from diffssr_jax.configs import base
   from diffssr_jax.training import workdir as workdir_lib
   known = set(workdir_lib.flatten(base.get_config().to_dict()))
   given = set(workdir_lib.flatten(config.to_dict()))
@@ -137,7 +137,7 @@ def _unknown_keys(config) -> list[str]:
 def problems(config, device_count: int = 1, process_count: int = 1) -> list[str]:
   """Every problem of a training config, one string per key ("key=value: why")."""
   k = _Checker(config)
-  k.problems += [f"{key}: unknown key (not in configs/base.py)" for key in _unknown_keys(config)]
+  k.problems += [f"{key}: unknown key (not in diffssr_jax/configs/base.py)" for key in _unknown_keys(config)]
   k.int_("seed", 0, 2**32 - 1)
   k.choice("task", ("diffusion", "rrdb"))
   k.string("compilation_cache")

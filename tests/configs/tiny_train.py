@@ -2,7 +2,7 @@
 
   python -m diffssr_jax.main --config tests/configs/tiny_train.py --workdir W --config.data.train_files=SHARDS
 """
-from configs import base
+from diffssr_jax.configs import base
 
 
 def get_config():

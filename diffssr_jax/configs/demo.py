@@ -1,13 +1,13 @@
 """Demo: a small SAM-DiffSR x4 that trains on CPU in a few minutes, on photographs bundled with scikit-image.
 
-  python -m diffssr_jax.main --config configs/demo.py --workdir runs/demo
+  python -m diffssr_jax.main --config demo --workdir runs/demo
 
 Builds the demo TFRecords (Felzenszwalb segments -> RoPE SPE) under data/demo if missing, pre-trains a
 small RRDB, trains the diffusion U-Net with the official (`reference`) noise modulation, evaluates on
 the two held-out photos (chelsea, coffee) and writes runs/demo/summary.json and side-by-side PNGs.
 Same structure as the paper network, smaller widths/depths and a short schedule.
 """
-from configs import base
+from diffssr_jax.configs import base
 
 
 def get_config():
