@@ -150,6 +150,18 @@ def define_model_flags(fv: flags.FlagValues, workdir_help: str, step_help: str) 
   flags.DEFINE_bool("use_ema", True, "Use the EMA weights when the checkpoint has them.", **d)
 
 
+def check_model_flags(fv: flags.FlagValues, *, needs_model: bool = True, workdir_also_output: bool = False) -> None:
+  """The usage rules of `define_model_flags`' flags, in one place for evaluate and upscale (app.UsageError):
+  where the weights come from (exactly one of --workdir / --checkpoint; at least one where --workdir also
+  names the output folder, so both may be given) and --steps only for ddim (ddpm runs all T steps)."""
+  if needs_model and workdir_also_output and fv.workdir is None and fv.checkpoint is None:
+    raise app.UsageError("give --workdir or --checkpoint")
+  if needs_model and not workdir_also_output and (fv.workdir is None) == (fv.checkpoint is None):
+    raise app.UsageError("give exactly one of --workdir or --checkpoint")
+  if fv.sampler == "ddpm" and fv.steps is not None:
+    raise app.UsageError("--steps is for --sampler ddim (ddpm runs all T steps)")
+
+
 def define_compilation_cache_flag(fv: flags.FlagValues) -> None:
   """--compilation_cache, for the commands that compile with jax (see `diffssr_jax.compilation_cache`)."""
   flags.DEFINE_string("compilation_cache", "auto", 'JAX persistent compilation cache folder: "auto" is '

@@ -13,6 +13,11 @@ reduces 16-bit RGB(A) to 8 bits, imageio reads PNG through Pillow, and pypng is 
 
 Writers encode in memory and go through `fileio.atomic_write` (temporary file + rename), so an interrupted
 write never leaves a truncated PNG where a good one was expected.
+
+Pillow is used here, and only here among the package's image readers, for what OpenCV cannot do: read a file's
+header without decoding its pixels (`header_hw`: sizes checked before any model runs), its EXIF orientation
+(`exif_orientation`) and a PNG's text chunks (`png_text`: OpenCV's decoder drops them). (segment-anything's
+own API takes Pillow images: data/torchvision_fallback.py.)
 """
 from __future__ import annotations
 
@@ -110,6 +115,40 @@ def exif_orientation(data: bytes) -> int:
   except Exception:  # noqa: BLE001 - no or unreadable EXIF: the pixels are taken as stored
     return 1
   return value if value in _ORIENT else 1
+
+
+def _open_header(path):
+  """A Pillow image of `path` (local or remote) with only its header read, as a context manager."""
+  from PIL import Image
+  path = str(path)
+  f = storage.path(path).open("rb") if storage.is_remote(path) else open(path, "rb")
+  try:
+    return Image.open(f)  # closes `f` when the image is closed
+  except BaseException:
+    f.close()
+    raise
+
+
+def header_hw(path) -> tuple[int, int]:
+  """(height, width) of an image file from its header, without decoding the pixels; ImageReadError naming
+  the file when it is missing or not an image."""
+  try:
+    with _open_header(path) as im:
+      w, h = im.size
+  except FileNotFoundError:
+    raise ImageReadError(f"{path}: file not found") from None
+  except Exception as e:  # noqa: BLE001 - Pillow raises many kinds for broken files
+    raise ImageReadError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+  return h, w
+
+
+def png_text(path) -> dict[str, str]:
+  """The tEXt/iTXt metadata of a PNG file ({} for other or unreadable files)."""
+  try:
+    with _open_header(path) as im:
+      return dict(getattr(im, "text", {}) or {}) if im.format == "PNG" else {}
+  except Exception:  # noqa: BLE001  (anything unreadable has no metadata)
+    return {}
 
 
 def _upright(rgb, alpha, data: bytes, where: str):

@@ -241,7 +241,7 @@ def test_shards_split_over_machines_equal_single_run(tmp_path):
   assert export.assign_shards(["d", "a", "c", "b"], 3) == [["a", "d"], ["b"], ["c"]]
   ids = sorted({t.image_id for t in _tiles(out / "train-00000-of-00003.tfrecord")})
   assert ids == ["im0", "im3"]
-  with pytest.raises(export.ExportError, match="other settings"):
+  with pytest.raises(export.ExportError, match=r"other settings \(config\.spe_kind: '\w+' there, 'cosine' now\)"):
     export.run_export(src, out, export.ExportConfig(**SMALL, num_shards=3, spe_kind="cosine"),
                       segmenter=seg, progress=False)
 

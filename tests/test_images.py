@@ -372,3 +372,16 @@ def test_missing_file_and_folder(tmp_path):
 def test_decode_png_names_record():
   with pytest.raises(images.ImageReadError, match=r"^shard-1: record 3: cannot decode image"):
     images.decode_png(b"\x89PNG\r\n\x1a\n" + b"\1" * 40, "shard-1: record 3")
+
+
+def test_header_reads_need_no_decode(tmp_path):
+  """Size and PNG text from the header (Pillow's lazy open), errors naming the file."""
+  path = tmp_path / "a.png"
+  images.save_png(path, np.zeros((5, 7, 3), np.uint8))
+  assert images.header_hw(path) == (5, 7) and images.png_text(path) == {}
+  (tmp_path / "junk.png").write_bytes(b"not an image")
+  with pytest.raises(images.ImageReadError, match="junk.png: cannot read image"):
+    images.header_hw(tmp_path / "junk.png")
+  with pytest.raises(images.ImageReadError, match="missing.png: file not found"):
+    images.header_hw(tmp_path / "missing.png")
+  assert images.png_text(tmp_path / "junk.png") == {} and images.png_text(tmp_path / "missing.png") == {}

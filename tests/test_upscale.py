@@ -69,7 +69,7 @@ def test_tree_layouts_and_broken_file(tree, workdir, tmp_path, capsys):
   assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == [
       "a/grey.png", "b/deep16.png", "rgba.png"]
   for p in out.rglob("*.png"):
-    text = upscale.png_text(p)
+    text = images.png_text(p)
     assert text["Software"] == upscale.SOFTWARE and text["diffssr:step"] == "1"
     assert text["diffssr:checkpoint"] == str(workdir / "checkpoints" / "1")
     assert text["diffssr:sampler"] == "RRDB encoder" and text["diffssr:source"] == p.name
@@ -165,7 +165,7 @@ def test_tiny_images_and_a_bad_file_do_not_stop_the_rest(tmp_path, capsys):
   assert rc == 1 and "3 written, 0 skipped (existing), 1 failed" in err and "broken.png" in err
   for name, shape in {"p1x1": (4, 4), "p2x1": (8, 4), "p1x2": (4, 8)}.items():
     assert images.load_image(out / f"{name}.png").rgb.shape == shape + (3,)
-    assert upscale.png_text(out / f"{name}.png")["diffssr:step"] == "2"
+    assert images.png_text(out / f"{name}.png")["diffssr:step"] == "2"
 
 
 def test_any_exception_of_one_image_is_reported_and_the_rest_done(tree, tmp_path):
@@ -214,7 +214,7 @@ def test_png_text_metadata_round_trip(tmp_path):
   for arr in (_rgb(0), _rgb(1).astype(np.uint16) * 257, _rgb(2)[:, :, 0]):
     path = tmp_path / f"x{arr.ndim}{arr.dtype}.png"
     upscale.save_output(path, arr, {"Software": upscale.SOFTWARE, "diffssr:step": 7, "diffssr:source": "café€.png"})
-    assert upscale.png_text(path) == {"Software": upscale.SOFTWARE, "diffssr:step": "7",
+    assert images.png_text(path) == {"Software": upscale.SOFTWARE, "diffssr:step": "7",
                                       "diffssr:source": "café€.png"}
     np.testing.assert_array_equal(images.load_image(path).rgb[..., 0], arr if arr.ndim == 2 else arr[..., 0])
     assert upscale.is_upscale_output(path)

@@ -49,7 +49,7 @@ import time
 
 import numpy as np
 
-from diffssr_jax import conventions, fileio, images, preemption, storage
+from diffssr_jax import conventions, fileio, images, preemption, run_settings, storage
 from diffssr_jax.data import spe as spe_lib
 from diffssr_jax.data import records, rle, tfrecord
 from diffssr_jax.data.segmenters import Segmentation, compute_segmentation_spe
@@ -375,16 +375,11 @@ def check_run_settings(out_dir: pathlib.Path, split: str, fingerprint: str, sett
   if others:
     raise ExportError(f"{out_dir} holds the '{others[0]}' split; one split per folder (training reads every "
                       f"shard of its folder): export '{split}' into another --out, e.g. {out_dir / split}")
-  path = out_dir / STATE_DIR / f"{split}-config.json"
-  if path.is_file():
-    old = json.loads(path.read_text())
-    if old.get("fingerprint") != fingerprint:
-      diff = sorted(k for k in set(old["settings"]) | set(settings)
-                    if old["settings"].get(k) != settings.get(k))
-      raise ExportError(f"{out_dir} holds a '{split}' export made with other settings (differs in {diff}); "
-                        "use another output folder, or delete it to start over")
-    return
-  _atomic_write_json(path, {"fingerprint": fingerprint, "settings": settings})
+  # The fingerprint is the digest of the settings (`run_fingerprint`): comparing the settings tells which differ.
+  run_settings.check(out_dir / STATE_DIR / f"{split}-config.json", settings, key="settings",
+                     record={"fingerprint": fingerprint, "settings": settings},
+                     holder=f"{out_dir} holds a '{split}' export", error=ExportError,
+                     remedy="use another output folder, or delete it to start over")
 
 
 def write_manifest(out_dir, split: str, source_desc: dict | None = None) -> dict:

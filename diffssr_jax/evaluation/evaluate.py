@@ -28,7 +28,6 @@ settings) print one line and exit with status 1; a bad command line exits with 2
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -39,11 +38,10 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from absl import app, flags
-from PIL import Image
 from tqdm import tqdm
 
 from diffssr_jax import cli as shared_cli
-from diffssr_jax import conventions, fileio, images, preemption, storage
+from diffssr_jax import conventions, fileio, images, preemption, run_settings, storage
 from diffssr_jax.evaluation import results
 from diffssr_jax.data.eval_sources import EvalImage, EvalSourceError, PairedFolders, open_eval_source
 from diffssr_jax.data.imresize import imresize
@@ -68,7 +66,7 @@ def table_tags(step_tag: str | None) -> list[str]:
   return [method_tag(k, step_tag) for k in METHODS if step_tag is not None or k == "bicubic"]
 
 
-class SettingsMismatchError(ValueError):
+class SettingsMismatchError(run_settings.SettingsMismatchError):
   """Results already on disk were made with other settings than this run's."""
 
 
@@ -95,19 +93,6 @@ def parse_named_paths(items: Sequence[str], flag: str = "datasets") -> dict[str,
 
 
 # ---------------------------------------------------------------- sources
-def _header_hw(path) -> tuple[int, int]:
-  """(height, width) from an image file's header, without decoding the pixels."""
-  try:
-    with (storage.path(path).open("rb") if storage.is_remote(path) else contextlib.nullcontext(path)) as f, \
-        Image.open(f) as im:
-      w, h = im.size
-  except FileNotFoundError:
-    raise images.ImageReadError(f"{path}: file not found") from None
-  except Exception as e:  # PIL raises many kinds for broken files
-    raise images.ImageReadError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
-  return h, w
-
-
 def lr_shapes(source) -> list[tuple[int, int]]:
   """The LR (h, w) of every image of an eval source, read from file headers: finds unreadable files,
   images smaller than the scale and HR/LR size mismatches before any model runs."""
@@ -115,14 +100,14 @@ def lr_shapes(source) -> list[tuple[int, int]]:
   if isinstance(source, PairedFolders):
     shapes = []
     for hp, lp in source.pairs:
-      (hh, hw), (lh, lw) = _header_hw(hp), _header_hw(lp)
+      (hh, hw), (lh, lw) = images.header_hw(hp), images.header_hw(lp)
       if not (lh * s <= hh < lh * s + s and lw * s <= hw < lw * s + s):
         raise EvalSourceError(f"{hp} is {hh}x{hw} but {lp} x{s} is {lh * s}x{lw * s}")
       shapes.append((lh, lw))
     return shapes
   shapes = []
   for p in source.paths:
-    h, w = _header_hw(p)
+    h, w = images.header_hw(p)
     if h < s or w < s:
       raise EvalSourceError(f"{p}: {h}x{w} is smaller than the scale {s}")
     shapes.append((h // s, w // s))
@@ -207,19 +192,10 @@ def make_methods(kinds: Sequence[str], upscaler, step_tag: str | None, seed: int
 
 # ---------------------------------------------------------------- one dataset, one method
 def check_settings(out_dir: pathlib.Path, settings: Mapping) -> None:
-  """Records the settings in out_dir/run.json, or checks them against those of the results already there."""
-  path = out_dir / "run.json"
-  settings = json.loads(json.dumps(settings))  # the form they take on disk (tuples -> lists)
-  if path.exists():
-    before = json.loads(path.read_text(encoding="utf-8"))
-    keys = sorted(set(before) | set(settings))
-    diff = {k: (before.get(k), settings.get(k)) for k in keys if before.get(k) != settings.get(k)}
-    if diff:
-      detail = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
-      raise SettingsMismatchError(f"{out_dir} holds results made with other settings ({detail}); "
-                                  f"pass another --output or delete that folder")
-    return
-  results.write_summary_json(path, settings)
+  """Records the settings in out_dir/run.json, or checks them against those of the results already there
+  (`run_settings.check`, the rule training and the export follow too)."""
+  run_settings.check(out_dir / "run.json", settings, holder=f"{out_dir} holds results",
+                     remedy="pass another --output or delete that folder", error=SettingsMismatchError)
 
 
 def _sr_path(out_dir: pathlib.Path, name: str) -> pathlib.Path:
@@ -435,12 +411,9 @@ def run_from_flags(fv: flags.FlagValues) -> pathlib.Path:
   if not methods:
     raise app.UsageError("nothing to evaluate: --nodiffusion without --rrdb or --bicubic")
   needs_model = methods != ["bicubic"]
-  if needs_model and fv.workdir is None and fv.checkpoint is None:
-    raise app.UsageError("give --workdir or --checkpoint")
+  shared_cli.check_model_flags(fv, needs_model=needs_model, workdir_also_output=True)
   if fv.workdir is None and fv.output is None:
     raise app.UsageError("--output is required without --workdir")
-  if fv.sampler == "ddpm" and fv.steps is not None:
-    raise app.UsageError("--steps is for --sampler ddim (ddpm runs all T steps)")
   if bool(fv.lpips_backbone) != bool(fv.lpips_lin):
     raise app.UsageError("LPIPS needs both --lpips_backbone and --lpips_lin")
   try:

@@ -32,7 +32,6 @@ import zlib
 from collections.abc import Callable, Mapping, Sequence
 
 from absl import app, flags
-from PIL import Image
 from tqdm import tqdm
 
 from diffssr_jax import cli as shared_cli
@@ -132,21 +131,9 @@ def save_output(path, arr, text: Mapping[str, object]) -> None:
     tmp.write_bytes(png_with_text(tmp.read_bytes(), text))
 
 
-def png_text(path) -> dict[str, str]:
-  """The tEXt/iTXt metadata of a PNG file ({} for other or unreadable files)."""
-  try:
-    if storage.is_remote(path):
-      with storage.path(path).open("rb") as f, Image.open(f) as im:
-        return dict(getattr(im, "text", {}) or {}) if im.format == "PNG" else {}
-    with Image.open(path) as im:
-      return dict(getattr(im, "text", {}) or {}) if im.format == "PNG" else {}
-  except Exception:  # noqa: BLE001  (anything unreadable is simply not one of our outputs)
-    return {}
-
-
 def is_upscale_output(path) -> bool:
   """Whether `path` is a PNG written by this command (its `Software` text says so)."""
-  return png_text(path).get("Software") == SOFTWARE
+  return images.png_text(path).get("Software") == SOFTWARE
 
 
 def output_text(upscaler, src, seed: int) -> dict[str, str]:
@@ -254,10 +241,7 @@ def main(argv, fv: flags.FlagValues) -> int:
     raise app.UsageError("give at least one input file or folder")
   if fv.output is None:
     raise app.UsageError("--output is required")
-  if (fv.workdir is None) == (fv.checkpoint is None):
-    raise app.UsageError("give exactly one of --workdir or --checkpoint")
-  if fv.sampler == "ddpm" and fv.steps is not None:
-    raise app.UsageError("--steps is for --sampler ddim (ddpm runs all T steps)")
+  shared_cli.check_model_flags(fv)
   # Without --tile the tile is at least 64 (Upscaler.default_tile), so an overlap up to 32 always fits.
   tile = 64 if fv.tile is None else fv.tile
   if tile < 1 or fv.overlap < 0 or 2 * fv.overlap > tile or fv.batch_size < 1:

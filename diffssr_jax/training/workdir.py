@@ -29,12 +29,16 @@ A key present in only one of the two (a setting added to or removed from the cod
 counts as a safe difference: refused without the flag, so it is seen, but never locking a workdir out of
 newer code.
 A workdir without any checkpoint has nothing to protect: its config.json is replaced (and kept).
+
+The comparison is `diffssr_jax.run_settings` (the rule evaluate and the export follow too); this module adds
+training's policy on top of it.
 """
 from __future__ import annotations
 
 import json
 
-from diffssr_jax import storage
+from diffssr_jax import run_settings, storage
+from diffssr_jax.run_settings import ABSENT as _MISSING, flatten  # noqa: F401  (flatten: part of this API)
 
 IDENTITY_KEYS = ("optim.train_rrdb", "train.rrdb_checkpoint")
 SAFE_PREFIXES = ("train.", "optim.", "eval.")
@@ -46,23 +50,10 @@ SAFE_KEYS = frozenset({
     "data.verify_crc", "data.check_manifest"})
 # Safe as values, but 0 <-> non-zero changes the structure of the train state in the checkpoints.
 ON_OFF_KEYS = ("optim.ema_decay", "optim.grad_clip")
-_MISSING = "<absent>"
 
 
 class ConfigMismatchError(ValueError):
   """The config given differs from the one the workdir's checkpoints were made with."""
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-  """{"a": {"b": 1}} -> {"a.b": 1} (lists and tuples are leaves)."""
-  out = {}
-  for k, v in tree.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, dict):
-      out.update(flatten(v, key + "."))
-    else:
-      out[key] = v
-  return out
 
 
 def is_safe(key: str, before, after) -> bool:
@@ -88,13 +79,6 @@ def has_checkpoints(workdir) -> bool:
   return False
 
 
-def config_differences(saved: dict, config: dict) -> dict:
-  """{key: (saved value, new value)} for every dotted key whose values differ (absent counts)."""
-  a, b = flatten(saved), flatten(config)
-  return {k: (a.get(k, _MISSING), b.get(k, _MISSING)) for k in sorted(set(a) | set(b))
-          if a.get(k, _MISSING) != b.get(k, _MISSING)}
-
-
 def check_config(config, workdir, allow_config_change: bool = False) -> dict:
   """Refuses (ConfigMismatchError) to train `config` in a workdir whose checkpoints were made with other
   settings; returns the differences let through by `allow_config_change` (empty when the configs are equal
@@ -106,20 +90,20 @@ def check_config(config, workdir, allow_config_change: bool = False) -> dict:
   workdir = storage.native(workdir)
   path = workdir / "config.json"
   protected = has_checkpoints(workdir)
-  if not path.is_file():
-    if protected:
-      raise ConfigMismatchError(
-          f"{workdir} holds checkpoints but no config.json, so there is no telling which model they belong "
-          "to; put the run's config.json back or train in a new --workdir")
-    return {}
   try:
-    saved = json.loads(path.read_text())
+    saved = run_settings.read(path)
   except json.JSONDecodeError as e:
     if protected:
       raise ConfigMismatchError(f"{path} is not valid JSON ({e}); put the run's config.json back or train in "
                                 "a new --workdir") from None
     return {}
-  diff = config_differences(saved, json.loads(config.to_json()))
+  if saved is None:
+    if protected:
+      raise ConfigMismatchError(
+          f"{workdir} holds checkpoints but no config.json, so there is no telling which model they belong "
+          "to; put the run's config.json back or train in a new --workdir")
+    return {}
+  diff = run_settings.differences(saved, json.loads(config.to_json()))
   if not diff or not protected:
     return {}
   identity = {k: v for k, v in diff.items() if not is_safe(k, *v)}
