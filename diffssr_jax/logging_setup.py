@@ -6,10 +6,11 @@ and warnings, `--verbosity 2` (`-vv`) debug output. Our own progress (loggers un
 INFO.
 
 Progress bars: tqdm redraws its bar on stderr with a carriage return and no newline, so a log line written
-while a bar is on screen would continue the bar's line. Our handler writes through `tqdm.write` whenever a bar
-is active (tqdm clears the bar, prints the line, redraws the bar below it), as tqdm's own
-`tqdm.contrib.logging.logging_redirect_tqdm` does, but for every bar at once instead of inside a context
-each caller would have to open.
+while a bar is on screen would continue the bar's line. Log records go to `BAR_SAFE_STDERR`, which writes
+through `tqdm.write` whenever a bar is active (tqdm clears the bar, prints the line, redraws the bar below
+it), as tqdm's own `tqdm.contrib.logging.logging_redirect_tqdm` does, but for every bar at once instead of
+inside a context each caller would have to open; both our handler and absl's (the training entry point runs
+under absl.app.run, which installs its own) write to it.
 
 numpy/absl/tqdm only (no jax): the torch-only export tool uses it.
 """
@@ -31,20 +32,35 @@ def _bars_active() -> bool:
   return any(not getattr(bar, "disable", False) for bar in list(getattr(tqdm.tqdm, "_instances", ())))
 
 
-class StderrHandler(logging.Handler):
-  """Writes records to whatever sys.stderr is at the time (test runners swap it), through `tqdm.write` while
-  a progress bar is active so that each record starts on a line of its own."""
+class _BarSafeStderr:
+  """A stream for logging handlers: whatever sys.stderr is at the time (test runners swap it), through
+  `tqdm.write` while a progress bar is active so that each record starts on a line of its own."""
 
-  def emit(self, record):
-    try:
-      msg = self.format(record)
-      if _bars_active():
-        from tqdm import tqdm
-        tqdm.write(msg, file=sys.stderr)
-      else:
-        sys.stderr.write(msg + "\n")
-    except Exception:  # noqa: BLE001  (logging must never raise; the standard handlers do the same)
-      self.handleError(record)
+  def write(self, text: str) -> None:
+    if text.strip() and _bars_active():
+      from tqdm import tqdm
+      tqdm.write(text.rstrip("\n"), file=sys.stderr)
+    else:
+      sys.stderr.write(text)
+
+  def flush(self) -> None:
+    sys.stderr.flush()
+
+  # absl's handler also copies records to sys.stderr when its stream is not sys.stderr: this stream is stderr.
+  def __eq__(self, other):
+    return other is self or other is sys.stderr
+
+  __hash__ = object.__hash__
+
+
+BAR_SAFE_STDERR = _BarSafeStderr()
+
+
+def stderr_handler() -> logging.Handler:
+  """A handler writing our format (INFO plain, other levels prefixed) to `BAR_SAFE_STDERR`."""
+  handler = logging.StreamHandler(BAR_SAFE_STDERR)
+  handler.setFormatter(_Formatter("%(message)s"))
+  return handler
 
 
 class _Formatter(logging.Formatter):
@@ -69,8 +85,8 @@ def library_level(verbosity: int) -> int:
 
 def setup_logging(verbosity: int = 0) -> None:
   """Libraries at ERROR (verbosity <= 0), INFO (1) or DEBUG (>= 2); our `diffssr_jax` loggers at INFO (DEBUG
-  from 2, WARNING below 0). Adds a `StderrHandler` to the root logger when it has none; absl.app.run installs
-  its own handler, whose stream then goes through tqdm the same way (`_route_absl_handler`)."""
+  from 2, WARNING below 0). Adds a `stderr_handler` to the root logger when it has none; the handler
+  absl.app.run installs keeps its format and writes to `BAR_SAFE_STDERR` too."""
   lib = library_level(verbosity)
   root = logging.getLogger()
   root.setLevel(lib)
@@ -83,7 +99,9 @@ def setup_logging(verbosity: int = 0) -> None:
     absl_logger.removeFilter(f)
   if verbosity <= 0:
     absl_logger.addFilter(_BackgroundErrorFilter())
+  from absl import logging as absl_logging
+  for handler in root.handlers:
+    if isinstance(handler, absl_logging.ABSLHandler):
+      handler.python_handler.stream = BAR_SAFE_STDERR
   if not root.handlers:
-    handler = StderrHandler()
-    handler.setFormatter(_Formatter("%(message)s"))
-    root.addHandler(handler)
+    root.addHandler(stderr_handler())

@@ -290,3 +290,39 @@ def test_cpu_only_machine_starts_jax_quietly():
   assert proc.stdout.split()[:2] == ["cpu", "cpu"]
   assert "Traceback" not in proc.stderr and "plugin" not in proc.stderr.lower() and "TPU" not in proc.stderr, \
       proc.stderr
+
+
+def test_log_lines_start_on_their_own_line_while_a_bar_is_active(capsys):
+  """A log record written while a tqdm bar is on stderr starts its own line (the bar is cleared and redrawn
+  below it) instead of continuing the bar's line; without a bar it is written as is."""
+  import sys
+  from tqdm import tqdm
+  log = logging.getLogger("diffssr_jax.test_bars")
+  log.propagate, log.handlers = False, [logging_setup.stderr_handler()]
+  log.setLevel(logging.INFO)
+  try:
+    log.info("before")
+    bar = tqdm(total=10, file=sys.stderr, mininterval=0, ascii=True)
+    bar.update(3)
+    log.info("while the bar runs")
+    bar.update(1)
+    bar.close()
+    log.warning("after")
+  finally:
+    log.handlers = []
+  err = capsys.readouterr().err
+  assert err.startswith("before\n") and err.endswith("warning: after\n"), err
+  line = next(ln for ln in err.split("\n") if "while the bar runs" in ln)
+  assert line.rsplit("\r", 1)[-1] == "while the bar runs", repr(line)
+  assert "4/10" in err.split("while the bar runs")[1]  # the bar is redrawn below the line
+  # absl's handler (the training entry point's) writes to the same stream.
+  from absl import logging as absl_logging
+  handler = absl_logging.ABSLHandler(absl_logging.PythonFormatter())
+  root = logging.getLogger()
+  root.addHandler(handler)
+  try:
+    logging_setup.setup_logging(0)
+    assert handler.python_handler.stream is logging_setup.BAR_SAFE_STDERR
+    assert logging_setup.BAR_SAFE_STDERR == sys.stderr  # so absl does not copy each record to stderr again
+  finally:
+    root.removeHandler(handler)
