@@ -165,7 +165,8 @@ def test_sigterm_finishes_the_batch_and_exits_143(folders, tmp_path, monkeypatch
   one line, and the same command then does the rest."""
   import os
   import signal
-  real = evaluate.bicubic_sr_fn
+  from diffssr_jax.evaluation import methods
+  real = methods.bicubic_sr_fn
   calls = []
 
   def preempted_sr_fn(scale):
@@ -181,7 +182,7 @@ def test_sigterm_finishes_the_batch_and_exits_143(folders, tmp_path, monkeypatch
   argv = ["evaluate", "--nodiffusion", "--bicubic", "--datasets", f"A={folders['A']}", "--output", str(tmp_path),
           "--batch_size", "2", "--noprogress"]
   with monkeypatch.context() as m:
-    m.setattr(evaluate, "bicubic_sr_fn", preempted_sr_fn)
+    m.setattr(methods, "bicubic_sr_fn", preempted_sr_fn)
     assert evaluate.cli(argv) == 143
   out = tmp_path / "A" / "bicubic"
   assert len(_rows(out / "metrics.csv")) == 2 and calls == [2]

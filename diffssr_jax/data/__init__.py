@@ -8,7 +8,8 @@ Modules (import them directly; this package imports nothing, and none of them im
   segmenters                 Segment Anything and classical (Felzenszwalb, SLIC) segmenters
   torchvision_fallback       the torchvision functions segment-anything needs, when torchvision is absent
   hr_sources                 HR images from a folder or a prepared TFDS dataset
-  export                     tiling, sharded resumable export, manifest (tools/export_sam_masks.py)
+  export                     tiling, sharded resumable export (tools/export_sam_masks.py)
+  export_files               the export's output folder: shard names, journals, staging, run settings, manifest
   source, pipeline           grain data source and training iterator
   eval_sources               benchmark folders (HR only, or HR + LR)
   demo                       demo dataset from scikit-image's bundled photographs

@@ -22,6 +22,7 @@ Output folder:
                                         skipped images, totals, complete}}}
   masks/<image id>.json                 with keep_masks: the masks as COCO RLE (amg.py layout)
   .export/                              bookkeeping: run configuration, per-shard journal and metadata
+                                        (all of it in `diffssr_jax.data.export_files`)
 
 Images are assigned to shards round-robin in sorted id order (image i -> shard i mod N), so
 `shard_indices` can split the work over machines deterministically. A shard is written under a
@@ -42,27 +43,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import pathlib
-import tempfile
 import time
 
 import numpy as np
 
-from diffssr_jax import conventions, fileio, images, preemption, run_settings, storage
+from diffssr_jax import conventions, fileio, images, preemption, storage
 from diffssr_jax.data import spe as spe_lib
 from diffssr_jax.data import records, rle, tfrecord
 from diffssr_jax.data.segmenters import Segmentation, compute_segmentation_spe
 from diffssr_jax.data.imresize import imresize
-
-FORMAT = "diffssr-jax/sam-tiles"
-VERSION = 1
-STATE_DIR = ".export"
-
-
-class ExportError(RuntimeError):
-  """The export cannot proceed (bad input under on_error='fail', or an inconsistent output folder)."""
-
+# The output folder's files and bookkeeping (re-exported: callers and tests use them as export.X).
+from diffssr_jax.data.export_files import (FORMAT, STATE_DIR, VERSION, ExportError, append_line,  # noqa: F401
+                                           check_run_settings, exported_splits, publish, read_journal,
+                                           shard_name, staging_dir, write_json, write_manifest)
 
 class InputError(ValueError):
   """Per-image input problem (handled by the on_error policy)."""
@@ -135,10 +129,6 @@ def image_records(image_id: str, hr: np.ndarray, seg: Segmentation, cfg: ExportC
   return out, spe_map, lr
 
 
-def shard_name(split: str, k: int, n: int) -> str:
-  return f"{split}-{k:05d}-of-{n:05d}.tfrecord"
-
-
 def assign_shards(ids, num_shards: int) -> list[list[str]]:
   """Round-robin assignment of the sorted ids: image i goes to shard i mod num_shards."""
   ids = sorted(ids)
@@ -185,40 +175,6 @@ class MaskFolderProvider:
     return {"name": "from-masks", "dir": str(self.dir)}
 
 
-# --- files ---
-
-def _atomic_write_json(path: pathlib.Path, obj) -> None:
-  fileio.atomic_write_json(path, obj, indent=1, sort_keys=True)
-
-
-def _read_journal(path: pathlib.Path) -> tuple[str | None, list[dict]]:
-  """(fingerprint, entries) of a journal; a torn last line (crash mid-write) is ignored."""
-  if not path.is_file():
-    return None, []
-  lines = path.read_text().split("\n")
-  fp, entries = None, []
-  for i, line in enumerate(lines):
-    if not line.strip():
-      continue
-    try:
-      obj = json.loads(line)
-    except ValueError:
-      if i >= len(lines) - 2:  # only the final line may be incomplete
-        break
-      raise ExportError(f"{path}: corrupt journal line {i + 1}") from None
-    if "fingerprint" in obj:
-      fp = obj["fingerprint"]
-    else:
-      entries.append(obj)
-  return fp, entries
-
-
-def _append_line(f, obj) -> None:
-  f.write(json.dumps(obj, sort_keys=True) + "\n")
-  f.flush()
-  os.fsync(f.fileno())
-
-
 @dataclasses.dataclass
 class RunContext:
   source: object
@@ -228,24 +184,6 @@ class RunContext:
   fingerprint: str
   on_error: str = "fail"
   staging: pathlib.Path | None = None  # where partial shards and journals are written (default out_dir/.export)
-
-
-def staging_dir(out_dir) -> pathlib.Path:
-  """Local folder for the partial shards and journals of an export into a bucket (out_dir/.export for a
-  local out_dir): one per output URL, so a rerun on this machine finds its partial shards."""
-  if not storage.is_remote(out_dir):
-    return pathlib.Path(out_dir) / STATE_DIR
-  key = hashlib.sha256(str(out_dir).encode()).hexdigest()[:16]
-  return pathlib.Path(tempfile.gettempdir()) / f"diffssr-export-{key}"
-
-
-def _publish(partial: pathlib.Path, final) -> None:
-  """A finished shard into place: a rename locally, one upload (all-or-nothing) then removal for a bucket."""
-  if storage.is_remote(final):
-    storage.path(partial).copy(storage.path(final), overwrite=True)
-    partial.unlink()
-  else:
-    os.replace(partial, final)
 
 
 def _process_one(ctx: RunContext, image_id: str):
@@ -287,7 +225,7 @@ def export_shard(ctx: RunContext, k: int, ids: list[str], progress=None) -> dict
           progress.update(meta["images"])
         return meta
       if partial.is_file() and fileio.file_sha256(partial) == meta["sha256"]:  # crashed between meta and rename
-        _publish(partial, final)
+        publish(partial, final)
         journal.unlink(missing_ok=True)
         if progress is not None:
           progress.update(meta["images"])
@@ -295,7 +233,7 @@ def export_shard(ctx: RunContext, k: int, ids: list[str], progress=None) -> dict
     meta_path.unlink()
   state.mkdir(parents=True, exist_ok=True)
   local.mkdir(parents=True, exist_ok=True)
-  fp, entries = _read_journal(journal)
+  fp, entries = read_journal(journal)
   if fp != ctx.fingerprint or not partial.is_file():
     entries = []
   end = entries[-1]["end"] if entries else 0
@@ -306,7 +244,7 @@ def export_shard(ctx: RunContext, k: int, ids: list[str], progress=None) -> dict
     f.truncate(end)  # drop records of an image whose journal line was never written
   if not entries:
     with open(journal, "w") as jf:
-      _append_line(jf, {"fingerprint": ctx.fingerprint, "shard": name})
+      append_line(jf, {"fingerprint": ctx.fingerprint, "shard": name})
   done = {e["id"] for e in entries}
   if progress is not None and done:
     progress.update(len(done))
@@ -324,7 +262,7 @@ def export_shard(ctx: RunContext, k: int, ids: list[str], progress=None) -> dict
                "end": writer.tell()}
       if error:
         entry.update(error=error, path=_image_path(ctx.source, image_id))
-      _append_line(jf, entry)
+      append_line(jf, entry)
       entries.append(entry)
       if progress is not None:
         progress.update(1)
@@ -340,8 +278,8 @@ def export_shard(ctx: RunContext, k: int, ids: list[str], progress=None) -> dict
                   if e["status"] == "skipped"],
       "no_tiles": [e["id"] for e in entries if e["status"] == "no_tiles"],
   }
-  _atomic_write_json(meta_path, meta)
-  _publish(partial, final)
+  write_json(meta_path, meta)
+  publish(partial, final)
   journal.unlink(missing_ok=True)
   return meta
 
@@ -353,71 +291,6 @@ def run_fingerprint(cfg: ExportConfig, provider, ids) -> tuple[str, dict]:
               "num_images": len(ids)}
   digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
   return digest, settings
-
-
-def exported_splits(out_dir: pathlib.Path) -> set[str]:
-  """The splits `out_dir` holds (finished or in progress): its manifest's and the export state's."""
-  found = {f.name[:-len("-config.json")] for f in (out_dir / STATE_DIR).glob("*-config.json")}
-  man = out_dir / "manifest.json"
-  if man.is_file():
-    try:
-      found |= set(json.loads(man.read_text()).get("splits", {}))
-    except (ValueError, AttributeError):
-      pass
-  return found
-
-
-def check_run_settings(out_dir: pathlib.Path, split: str, fingerprint: str, settings: dict) -> None:
-  """Records the run's settings on first use of `out_dir`; refuses to mix runs with other settings, and
-  a second split in one folder: training reads every shard of a folder, so a folder holds one split and
-  one tile geometry (a val export beside the train shards used to be trained on, tiles of two sizes)."""
-  others = sorted(exported_splits(out_dir) - {split})
-  if others:
-    raise ExportError(f"{out_dir} holds the '{others[0]}' split; one split per folder (training reads every "
-                      f"shard of its folder): export '{split}' into another --out, e.g. {out_dir / split}")
-  # The fingerprint is the digest of the settings (`run_fingerprint`): comparing the settings tells which differ.
-  run_settings.check(out_dir / STATE_DIR / f"{split}-config.json", settings, key="settings",
-                     record={"fingerprint": fingerprint, "settings": settings},
-                     holder=f"{out_dir} holds a '{split}' export", error=ExportError,
-                     remedy="use another output folder, or delete it to start over")
-
-
-def write_manifest(out_dir, split: str, source_desc: dict | None = None) -> dict:
-  """(Re)writes manifest.json from the finished shards' metadata found in `out_dir`."""
-  out_dir = storage.native(out_dir)
-  cfg_path = out_dir / STATE_DIR / f"{split}-config.json"
-  if not cfg_path.is_file():
-    raise ExportError(f"{out_dir}: no '{split}' export found")
-  run = json.loads(cfg_path.read_text())
-  n = run["settings"]["config"]["num_shards"]
-  shards, missing = [], []
-  for k in range(n):
-    name = shard_name(split, k, n)
-    mp = out_dir / STATE_DIR / f"{name}.json"
-    if mp.is_file() and (out_dir / name).is_file():
-      m = json.loads(mp.read_text())
-      shards.append({key: m[key] for key in ("file", "records", "images", "bytes", "sha256", "skipped",
-                                             "no_tiles")})
-    else:
-      missing.append(k)
-  entry = {
-      **run["settings"], "source": source_desc, "num_shards": n, "complete": not missing,
-      "missing_shards": missing, "shards": shards,
-      "num_records": sum(s["records"] for s in shards),
-      "num_images_done": sum(s["images"] for s in shards),
-      "skipped": [x for s in shards for x in s["skipped"]],
-      "schema": records.SCHEMA,
-  }
-  man_path = out_dir / "manifest.json"
-  man = json.loads(man_path.read_text()) if man_path.is_file() else {}
-  if man.get("format") != FORMAT:
-    man = {"format": FORMAT, "version": VERSION, "splits": {}}
-  old = man["splits"].get(split, {})
-  if source_desc is None and old.get("source") is not None:
-    entry["source"] = old["source"]
-  man["splits"][split] = entry
-  _atomic_write_json(man_path, man)
-  return man
 
 
 def _worker_run(args):

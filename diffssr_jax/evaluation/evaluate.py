@@ -28,7 +28,6 @@ settings) print one line and exit with status 1; a bad command line exits with 2
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import pathlib
@@ -43,27 +42,11 @@ from tqdm import tqdm
 from diffssr_jax import cli as shared_cli
 from diffssr_jax import conventions, fileio, images, preemption, run_settings, storage
 from diffssr_jax.evaluation import results
-from diffssr_jax.data.eval_sources import EvalImage, EvalSourceError, PairedFolders, open_eval_source
-from diffssr_jax.data.imresize import imresize
-from diffssr_jax.conventions import signed_to_uint8
+from diffssr_jax.data.eval_sources import EvalSourceError, PairedFolders, open_eval_source
 from diffssr_jax.evaluation.metrics import sr_metrics
+from diffssr_jax.evaluation.methods import Method, make_methods, table_tags
 
 TABLE_METRICS = ("psnr_y", "ssim_y", "lpips", "fid")
-METHODS = ("bicubic", "rrdb", "diffusion")  # also the order of the table's rows
-
-
-def method_tag(kind: str, step_tag: str | None) -> str:
-  """The results folder of a method: `bicubic`, `<step>_rrdb` or `<step>`."""
-  if kind == "bicubic":
-    return "bicubic"
-  if step_tag is None:
-    raise ValueError(f"the {kind} method needs a checkpoint step tag")
-  return f"{step_tag}_rrdb" if kind == "rrdb" else str(step_tag)
-
-
-def table_tags(step_tag: str | None) -> list[str]:
-  """The results folders a step's table reads, in row order: every method, whether or not this run made it."""
-  return [method_tag(k, step_tag) for k in METHODS if step_tag is not None or k == "bicubic"]
 
 
 class SettingsMismatchError(run_settings.SettingsMismatchError):
@@ -121,73 +104,6 @@ def plan_batches(shapes: Sequence[tuple[int, int]], todo: Sequence[int], batch_s
   for i in todo:
     groups.setdefault(tuple(shapes[i]), []).append(i)
   return [g[k:k + batch_size] for g in groups.values() for k in range(0, len(g), batch_size)]
-
-
-# ---------------------------------------------------------------- methods
-@dataclasses.dataclass
-class Method:
-  """One row of the table: how to super-resolve a batch, where its results go, what must match to resume."""
-  kind: str                                             # bicubic | rrdb | diffusion
-  tag: str                                              # the results folder name
-  label: str                                            # the table's row title
-  sr_fn: Callable[[list[EvalImage]], np.ndarray]        # equal-size items -> (N, H, W, 3) uint8
-  settings: dict
-
-
-def bicubic_sr_fn(scale: int):
-  """MATLAB-bicubic up-scaling of the uint8 LR (the paper's 'Bicubic' row)."""
-  return lambda items: np.stack([imresize(it.lr, scale) for it in items])
-
-
-def model_sr_fn(upscaler, seed: int):
-  """SR of a batch with an `inference.Upscaler` (diffusion or rrdb mode), noise keyed by image name."""
-  from diffssr_jax.inference.upscaler import name_index
-
-  def fn(items):
-    lr = np.stack([it.lr for it in items])
-    lr_up = np.stack([it.lr_up for it in items])
-    sr, _ = upscaler.super_resolve_batch(lr, seed=seed, indices=[name_index(it.name) for it in items],
-                                         lr_up=lr_up)
-    return signed_to_uint8(sr)
-
-  return fn
-
-
-def model_label(upscaler) -> str:
-  """'SAM-DiffSR (ddpm, 100 steps)', 'SRDiff (...)' for an unmodulated model, or 'RRDB'."""
-  if upscaler.mode == "rrdb":
-    return "RRDB"
-  name = "SRDiff" if upscaler.model.modulation == "none" else "SAM-DiffSR"
-  return f"{name} ({upscaler.describe()})"
-
-
-def make_methods(kinds: Sequence[str], upscaler, step_tag: str | None, seed: int, common: Mapping) -> list[Method]:
-  """The requested methods in table order. `upscaler` (diffusion mode) may be None for bicubic alone."""
-  from diffssr_jax.inference.upscaler import Upscaler
-  unknown = set(kinds) - set(METHODS)
-  if unknown:
-    raise ValueError(f"unknown methods {sorted(unknown)} (expected {METHODS})")
-  out = []
-  for kind in METHODS:
-    if kind not in kinds:
-      continue
-    if kind == "bicubic":
-      out.append(Method(kind, "bicubic", "Bicubic", bicubic_sr_fn(common["scale"]), {"method": kind, **common}))
-      continue
-    if upscaler is None:
-      raise ValueError(f"the {kind} method needs a checkpoint (--workdir or --checkpoint)")
-    if kind == "rrdb":
-      up = Upscaler(upscaler.model, upscaler.params, config=upscaler.config, mode="rrdb",
-                    lr_up_divisor=upscaler.lr_up_divisor)
-      settings = {"method": kind, **common, "step": step_tag}
-      out.append(Method(kind, method_tag(kind, step_tag), model_label(up), model_sr_fn(up, seed), settings))
-    else:
-      settings = {"method": kind, **common, "step": step_tag, "sampler": upscaler.sampler,
-                  "steps": upscaler.num_steps, "eta": upscaler.eta, "seed": seed,
-                  "lr_up_divisor": upscaler.lr_up_divisor}
-      out.append(Method(kind, method_tag(kind, step_tag), model_label(upscaler), model_sr_fn(upscaler, seed),
-                        settings))
-  return out
 
 
 # ---------------------------------------------------------------- one dataset, one method
