@@ -16,7 +16,8 @@ from diffssr_jax.data import export_cli
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Each entry point owns its console script (diffssr_jax.cli, the flags helper, names none of them).
 SCRIPTS = {"diffssr-train": "diffssr_jax.main:cli", "diffssr-evaluate": "diffssr_jax.evaluation.evaluate:cli",
-           "diffssr-upscale": "diffssr_jax.inference.upscale:cli", "diffssr-benchmark": "diffssr_jax.benchmarks.model:cli",
+           "diffssr-upscale": "diffssr_jax.inference.upscale:cli",
+           "diffssr-benchmark": "diffssr_jax.benchmarks.model:cli",
            "diffssr-export-masks": "diffssr_jax.data.export_cli:cli"}
 
 

@@ -9,10 +9,11 @@
 `compile` (diffssr_jax.benchmarks.compile) compiles for a GPU or TPU target without the device and reports
 memory, FLOPs and HLO facts; the other subcommands run on this machine's devices.
 
-The network is the paper's (diffssr_jax/configs/base.py) unless `--config` names another config file; `--dtype` overrides
-`model.dtype` ("auto": bfloat16 on GPU/TPU, float32 on CPU). Params are random (speed does not depend on them)
-and inputs are random arrays already on the device: the numbers are the model's, without the data pipeline.
-Flags take underscores; the dashed spellings (--batch-size) are accepted too, as in every command.
+The network is the paper's (diffssr_jax/configs/base.py) unless `--config` names another config (a file, or a
+packaged config's name such as `demo`); `--dtype` overrides `model.dtype` ("auto": bfloat16 on GPU/TPU, float32 on
+CPU). Params are random (speed does not depend on them) and inputs are random arrays already on the device: the
+numbers are the model's, without the data pipeline. Flags take underscores; the dashed spellings (--batch-size) are
+accepted too, as in every command.
 
 Every function is lowered and compiled once, explicitly, and the compiled executable is what gets timed, so a
 recompilation cannot hide inside the timings. Times are medians over `--repeats` calls after one warm-up call.
@@ -63,7 +64,8 @@ def load_config(path: str | None):
                      "(copy it here first)")
   path = pathlib.Path(configs.resolve(path)) if path else _DEFAULT_CONFIG
   if not path.is_file():
-    raise SystemExit(f"error: --config {path}: no such file, and not a packaged config ({', '.join(configs.names())})")
+    raise SystemExit(f"error: --config {path}: no such file, and not a packaged config "
+                     f"({', '.join(configs.names())})")
   spec = importlib.util.spec_from_file_location(f"_bench_config_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
