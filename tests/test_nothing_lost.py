@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from diffssr_jax import preemption
-from diffssr_jax.training import checkpointing, config_check, lock, train, train_step
+from diffssr_jax.inference import loading
+from diffssr_jax.training import config_check, lock, train, train_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "configs"))
@@ -76,8 +77,8 @@ def test_sigterm_in_rrdb_pretraining_is_saved_and_never_trains_diffusion_on_it(s
   assert not (run / "checkpoints").exists(), "no diffusion training on an unfinished encoder"
 
   train.train_and_evaluate(cfg, run)  # the rerun continues where the uninterrupted run would be
-  got, _ = checkpointing.load_workdir_params(run, 1, use_ema=False)
-  want, _ = checkpointing.load_workdir_params(ref / "rrdb", 4, use_ema=False)
+  got, _ = loading.load_workdir_params(run, 1, use_ema=False)
+  want, _ = loading.load_workdir_params(ref / "rrdb", 4, use_ema=False)
   _equal(got["rrdb"], want["rrdb"])
 
 

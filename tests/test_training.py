@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from diffssr_jax import parallel
-from diffssr_jax.training import checkpointing, train, train_step
+from diffssr_jax.inference import loading
+from diffssr_jax.training import checkpointing, integrity, train, train_step
 from diffssr_jax.diffusion.model import build_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ def _losses(workdir):
 
 
 def _final_params(workdir, step):
-  params, got = checkpointing.load_workdir_params(workdir, step=step, use_ema=False)
+  params, got = loading.load_workdir_params(workdir, step=step, use_ema=False)
   assert got == step
   return params
 
@@ -132,8 +133,8 @@ def test_corrupt_checkpoint_is_skipped_not_deleted(tmp_path, caplog):
   assert damaged
   ck = checkpointing.Checkpointer(tmp_path, keep=5, use_async=False)
   caplog.set_level(logging.WARNING)
-  restored, data_state, meta = ck.restore_latest(state)
-  assert meta["step"] == 2 and data_state == {"pos": 2} and int(restored.step) == 0
+  got = ck.restore_latest(state)
+  assert got.meta["step"] == 2 and got.data_state == {"pos": 2} and int(got.tree.step) == 0
   (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
   assert "checkpoints/4" in warning and "skipping" in warning
   assert (tmp_path / "checkpoints" / "4").is_dir(), "the damaged checkpoint is kept for inspection"
@@ -182,10 +183,10 @@ def test_nan_after_an_unverified_restore_names_the_checkpoint(tmp_path, shards, 
   mesh = parallel.make_mesh(jax.devices()[:1])
   damaged = state.replace(step=jnp.int32(2), params=jax.tree.map(lambda x: jnp.full_like(x, 2.3e38), state.params))
   m = ocp.CheckpointManager((tmp_path / "checkpoints").absolute())  # as the code before manifests wrote it
-  m.save(2, args=checkpointing.Checkpointer._args(checkpointing._state_to_tree(damaged), None, {"step": 2}))
+  m.save(2, args=checkpointing.Checkpointer._args(checkpointing.state_to_tree(damaged), None, {"step": 2}))
   m.wait_until_finished()
   m.close()
-  monkeypatch.setenv(checkpointing.TRUST_ENV, "1")
+  monkeypatch.setenv(integrity.TRUST_ENV, "1")
   restored, _, ck = train._restore_or_start(state, cfg, tmp_path, mesh)
   assert int(restored.step) == 2
   from diffssr_jax.data import pipeline
@@ -198,7 +199,7 @@ def test_nan_after_an_unverified_restore_names_the_checkpoint(tmp_path, shards, 
                    lr_schedule=train_step.learning_rate_schedule(cfg.optim, 8), checkpointer=ck)
   ck.close()
   msg = str(e.value)
-  assert "resumed at step 2" in msg and "damaged checkpoint" in msg and checkpointing.TRUST_ENV in msg
+  assert "resumed at step 2" in msg and "damaged checkpoint" in msg and integrity.TRUST_ENV in msg
   assert "lower the learning rate" not in msg
 
 
@@ -214,14 +215,14 @@ def test_rrdb_weights_load_from_workdir_and_official_checkpoint(tmp_path):
   ck = checkpointing.Checkpointer(tmp_path / "rrdb_run", use_async=False)
   ck.save(5, st)
   ck.close()
-  got = checkpointing.load_rrdb_params(tmp_path / "rrdb_run")
+  got = train.load_rrdb_params(tmp_path / "rrdb_run")
   jax.tree.map(np.testing.assert_array_equal, got, params["rrdb"])
   sd = {k: torch.from_numpy(np.array(v)) for k, v in convert.flax_to_torch({"rrdb": params["rrdb"]}).items()}
   torch.save({"state_dict": {"model": {k[len("rrdb."):]: v for k, v in sd.items()}}}, tmp_path / "rrdb.ckpt")
-  got = checkpointing.load_rrdb_params(tmp_path / "rrdb.ckpt")
+  got = train.load_rrdb_params(tmp_path / "rrdb.ckpt")
   jax.tree.map(np.testing.assert_array_equal, got, params["rrdb"])
-  with pytest.raises(checkpointing.NoCheckpointError):
-    checkpointing.load_rrdb_params(tmp_path)
+  with pytest.raises(integrity.NoCheckpointError):
+    train.load_rrdb_params(tmp_path)
 
 
 def test_indivisible_batch_is_rejected_at_start(tmp_path, shards):
@@ -242,5 +243,5 @@ def test_relative_workdir(tmp_path, monkeypatch):
   ck = checkpointing.Checkpointer("runs/rel", use_async=False)
   ck.save(3, state)
   ck.close()
-  params, step = checkpointing.load_workdir_params("runs/rel", use_ema=False)
+  params, step = loading.load_workdir_params("runs/rel", use_ema=False)
   assert step == 3 and set(params) == {"unet", "rrdb"}

@@ -38,7 +38,9 @@ from diffssr_jax.diffusion import sampling
 from diffssr_jax.diffusion.model import build_model, compute_dtype
 from diffssr_jax.models import build_rrdb
 from diffssr_jax.models.initializers import init_params
-from diffssr_jax.training import checkpointing, train_step, validate
+from diffssr_jax.inference import loading
+from diffssr_jax.models import convert
+from diffssr_jax.training import checkpointing, integrity, train_step, validate
 from diffssr_jax.training import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
@@ -183,7 +185,7 @@ def _check_finite(history, first_step):
     resumed = _RESUMED_FROM.get("step")
     if resumed is not None and not _RESUMED_FROM["verified"]:
       msg += (f". This run resumed at step {resumed} from {_RESUMED_FROM['path']}, which had no checksum "
-              f"manifest (accepted through {checkpointing.TRUST_ENV}): a NaN {step - resumed} step(s) after "
+              f"manifest (accepted through {integrity.TRUST_ENV}): a NaN {step - resumed} step(s) after "
               "such a restore points to a damaged checkpoint; move that folder aside and run again to resume "
               "from the previous step")
     else:
@@ -318,7 +320,7 @@ def _restore_or_start(state, config, workdir, mesh):
   """(state, data position or None, checkpointer): the newest verified checkpoint of the workdir (damaged
   steps skipped, see checkpointing), or the fresh `state`; replicated over the mesh either way."""
   ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints,
-                                    settings=checkpointing.recorded_settings(config))
+                                    settings=workdir_lib.recorded_settings(config))
   # Replicated first, so the checkpoint is restored straight into the mesh's layout (each process reads its
   # own replicas), whatever number of processes wrote it.
   state = parallel.replicate(state, mesh)
@@ -326,9 +328,9 @@ def _restore_or_start(state, config, workdir, mesh):
   data_state = None
   _RESUMED_FROM.clear()
   if restored is not None:
-    state, data_state, meta = restored
-    _RESUMED_FROM.update(step=int(meta["step"]), verified=ckpt.restored.verified,
-                         path=str(ckpt.last.directory / str(ckpt.restored.step)))
+    state, data_state, meta = restored.tree, restored.data_state, restored.meta
+    _RESUMED_FROM.update(step=int(meta["step"]), verified=restored.verified,
+                         path=str(ckpt.last.directory / str(restored.step)))
     log.info("resuming %s from step %d%s", workdir, int(meta["step"]),
              "" if data_state else " (input stream positioned from the step: no saved position for "
              f"process {jax.process_index()} of {jax.process_count()})")
@@ -363,7 +365,7 @@ def fit(config, workdir, task: Task, stop_after=None):
   validates every train.eval_every steps on config.eval's images. Returns (state, last validation summary)."""
   workdir = storage.native(workdir)
   if is_main_process():
-    checkpointing.save_config(config, workdir)
+    workdir_lib.save_config(config, workdir)
   mesh, per_process = _mesh_and_batch(config)
   state, data_state, ckpt = _restore_or_start(task.state, config, workdir, mesh)
   val = _validation_images(config) if task.validation_fn is not None else []
@@ -447,10 +449,22 @@ def _wrap(fn, name_outputs):
   return lambda lr, lr_up, indices: name_outputs(fn(lr, lr_up, indices))
 
 
+def load_rrdb_params(path) -> dict:
+  """RRDB encoder weights {"params": ...} from our RRDB (or diffusion) workdir or an official checkpoint."""
+  path = storage.native(path)
+  if path.is_dir():
+    params, _ = loading.load_workdir_params(path, use_ema=False)
+  else:
+    params = convert.torch_to_flax(convert.load_torch_checkpoint(path))
+  if "rrdb" not in params:
+    raise ValueError(f"{path}: the checkpoint holds no RRDB weights")
+  return params["rrdb"]
+
+
 def _rrdb_params(config, workdir, stop_after=None):
   """The frozen encoder: from train.rrdb_checkpoint, or pre-trained here first (rrdb_pretrain section)."""
   if config.train.rrdb_checkpoint:
-    return checkpointing.load_rrdb_params(config.train.rrdb_checkpoint)
+    return load_rrdb_params(config.train.rrdb_checkpoint)
   pre = config.rrdb_pretrain
   if pre.num_steps > 0:
     sub = ml_collections.ConfigDict(config.to_dict())
@@ -526,7 +540,7 @@ def _train_and_evaluate(config, workdir, allow_config_change):
   if is_main_process():
     # Before any stage: a run stopped in the RRDB stage (whose checkpoints protect the workdir) must find
     # the config it was started with when it is restarted.
-    checkpointing.save_config(config, workdir)
+    workdir_lib.save_config(config, workdir)
   if config.data.demo_dir:
     from diffssr_jax.data.demo import build_demo_dataset
     if is_main_process():
