@@ -16,7 +16,7 @@ import pytest
 
 from diffssr_jax import parallel
 from diffssr_jax.inference import loading
-from diffssr_jax.training import checkpointing, integrity, train, train_step
+from diffssr_jax.training import checkpointing, integrity, loop, train, train_step
 from diffssr_jax.diffusion.model import build_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -162,9 +162,9 @@ def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path, s
   dc.update(data_cfg)
   it = pipeline.make_train_iterator(dc, scale=4, seed=0, batch_size=2)
   ck = checkpointing.Checkpointer(tmp_path, keep=5, use_async=False)
-  with pytest.raises(train.NonFiniteLossError, match="at step 3"):
-    train.run_loop(workdir=tmp_path, state=state, step_fn=poisoned, data_iter=it, mesh=mesh, train_cfg=cfg.train,
-                   num_steps=6, lr_schedule=train_step.learning_rate_schedule(cfg.optim, 6), checkpointer=ck)
+  with pytest.raises(loop.NonFiniteLossError, match="at step 3"):
+    loop.run_loop(loop.Loop(tmp_path, cfg.train, 6, poisoned, train_step.learning_rate_schedule(cfg.optim, 6), mesh,
+                            checkpointer=ck), state, it)
   ck.close()
   assert sorted(int(d.name) for d in (tmp_path / "checkpoints").iterdir()) == [2]
 
@@ -187,16 +187,16 @@ def test_nan_after_an_unverified_restore_names_the_checkpoint(tmp_path, shards, 
   m.wait_until_finished()
   m.close()
   monkeypatch.setenv(integrity.TRUST_ENV, "1")
-  restored, _, ck = train._restore_or_start(state, cfg, tmp_path, mesh)
-  assert int(restored.step) == 2
+  restored, resumed, ck = train._restore_or_start(state, cfg, tmp_path, mesh)
+  assert int(restored.step) == 2 and resumed.step == 2 and not resumed.verified
   from diffssr_jax.data import pipeline
   dc = pipeline.default_data_config()
   dc.update({"train_files": str(shards / "shards"), "patch_size": 16, "num_workers": 0})
   it = pipeline.make_train_iterator(dc, scale=4, seed=0, batch_size=2)
-  with pytest.raises(train.NonFiniteLossError) as e:
-    train.run_loop(workdir=tmp_path, state=restored, step_fn=train_step.make_train_step(model, tx, mesh),
-                   data_iter=it, mesh=mesh, train_cfg=cfg.train, num_steps=8,
-                   lr_schedule=train_step.learning_rate_schedule(cfg.optim, 8), checkpointer=ck)
+  with pytest.raises(loop.NonFiniteLossError) as e:
+    loop.run_loop(loop.Loop(tmp_path, cfg.train, 8, train_step.make_train_step(model, tx, mesh),
+                            train_step.learning_rate_schedule(cfg.optim, 8), mesh, checkpointer=ck, resumed=resumed),
+                  restored, it)
   ck.close()
   msg = str(e.value)
   assert "resumed at step 2" in msg and "damaged checkpoint" in msg and integrity.TRUST_ENV in msg
@@ -245,3 +245,27 @@ def test_relative_workdir(tmp_path, monkeypatch):
   ck.close()
   params, step = loading.load_workdir_params("runs/rel", use_ema=False)
   assert step == 3 and set(params) == {"unet", "rrdb"}
+
+
+def test_validation_panel_is_labelled_lr_bicubic_rrdb_sr_hr():
+  """A validation panel: LR (nearest-upscaled) | bicubic | RRDB | SR | HR, each under a strip with its name."""
+  from diffssr_jax.data.eval_sources import EvalImage
+  from diffssr_jax.training import validate
+  rng = np.random.default_rng(0)
+  hr = rng.integers(0, 256, (32, 24, 3), dtype=np.uint8)
+  lr = hr[::4, ::4]
+  outs = {k: rng.integers(0, 256, hr.shape, dtype=np.uint8) for k in ("bicubic", "rrdb", "diffusion")}
+  panel = validate.panel(EvalImage("a/b", hr, lr, None), outs)
+  strip = 16
+  assert panel.shape == (strip + 32, 5 * 24 + 4 * 4, 3)
+  columns = [np.repeat(np.repeat(lr, 4, 0), 4, 1), outs["bicubic"], outs["rrdb"], outs["diffusion"], hr]
+  for i, want in enumerate(columns):
+    x = i * (24 + 4)
+    np.testing.assert_array_equal(panel[strip:, x:x + 24], want)
+    assert (panel[:strip, x:x + 24] < 128).any(), f"column {i} has no label"
+    if i < 4:
+      assert (panel[:, x + 24:x + 28] == 255).all()  # the white gap
+  # Without a diffusion output (the RRDB stage) there is no SR column; the label strip differs per column.
+  small = validate.panel(EvalImage("a/b", hr, lr, None), {k: outs[k] for k in ("bicubic", "rrdb")})
+  assert small.shape == (strip + 32, 4 * 24 + 3 * 4, 3)
+  assert not np.array_equal(panel[:strip, 2 * 28:2 * 28 + 24], panel[:strip, 3 * 28:3 * 28 + 24])

@@ -29,7 +29,8 @@ not a verified checkpoint moves it aside to `<step>.damaged-<time>` (or `.unveri
 state holding NaN/inf is never saved (`NonFiniteStateError`).
 
 Manifests, the finite check and the errors: training/integrity.py. Loading weights for sampling:
-inference/loading.py.
+inference/loading.py. (~430 lines: saving, retention and restoring stay one module because they share
+the rules of what counts as a good, damaged or unverified step.)
 """
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ class Restored(NamedTuple):
   meta: dict
   step: int             # the step folder's number
   verified: bool        # False: a step without manifest accepted through DIFFSSR_TRUST_UNVERIFIED_CHECKPOINTS
+  path: object          # the step folder
 
 
 def state_to_tree(state) -> dict:
@@ -127,12 +129,12 @@ def restore_step(manager: ocp.CheckpointManager, step: int, state_template=None,
   tree = out["state"]
   if state_template is not None:
     tree = flax.serialization.from_state_dict(state_template, tree)
-  return Restored(tree, None, out["meta"] or {"step": step}, step, verified)
+  return Restored(tree, None, out["meta"] or {"step": step}, step, verified, step_dir)
 
 
 class IteratorState:
   """A grain iterator's position as grain's orbax handler (`grain.checkpoint`) saves and restores it: each
-  process writes and reads its own `process_<i>-of-<n>.json`. Holds the state a `train.Prefetcher` recorded
+  process writes and reads its own `process_<i>-of-<n>.json`. Holds the state a `loop.Prefetcher` recorded
   for the last batch the step consumed (the iterator itself has read ahead)."""
 
   def __init__(self, state=None):
