@@ -78,9 +78,9 @@ def main(argv):
     parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                         heartbeat_timeout=FLAGS.heartbeat_timeout)
   from diffssr_jax import preemption
-  from diffssr_jax.training import checkpointing, config_check, lock, train, workdir  # after flag parsing
-  refusals = (workdir.ConfigMismatchError, checkpointing.CheckpointMismatchError,
-              checkpointing.UnverifiedCheckpointError, config_check.ConfigError, lock.WorkdirLockedError)
+  from diffssr_jax.training import config_check, integrity, lock, train, workdir  # after flag parsing
+  refusals = (workdir.ConfigMismatchError, integrity.CheckpointMismatchError,
+              integrity.UnverifiedCheckpointError, config_check.ConfigError, lock.WorkdirLockedError)
   try:
     train.train_and_evaluate(config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
   except refusals as e:  # the workdir is protected, nothing crashed: the message without a traceback

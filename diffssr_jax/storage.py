@@ -18,7 +18,7 @@ Writes to a bucket: GCS has no rename (a "rename" is copy + delete, not atomic),
 all-or-nothing: the object appears with its full content when the upload is finalised, or not at all. So a
 single-file write (`fileio.atomic_write`) writes the object in place: a reader sees the old object or the
 complete new one, never a torn file. Multi-file writes publish a small object last: orbax's checkpoint
-steps its `commit_success.txt` (after our manifest; see training/checkpointing.py), export shards their
+steps its `commit_success.txt` (after our manifest; see training/integrity.py), export shards their
 metadata object before the shard itself (data/export.py). Appends (metrics.jsonl, results) rewrite the whole
 object, which stays small.
 

@@ -23,8 +23,9 @@ import pytest
 
 from diffssr_jax import images
 from diffssr_jax.evaluation import evaluate
+from diffssr_jax.inference import loading
 from diffssr_jax.inference.upscaler import Upscaler
-from diffssr_jax.training import checkpointing, train, train_step
+from diffssr_jax.training import checkpointing, integrity, train, train_step
 from diffssr_jax.training import workdir as workdir_lib
 from test_inference import fast_params, tiny_model
 
@@ -48,7 +49,7 @@ def states():
 def _workdir(tmp_path, states, steps=(2, 4), use_async=False, keep=5):
   cfg, _, st = states
   wd = tmp_path / "wd"
-  checkpointing.save_config(cfg, wd)
+  workdir_lib.save_config(cfg, wd)
   ck = checkpointing.Checkpointer(wd, keep=keep, use_async=use_async)
   for s in steps:
     ck.save(s, st[s], {"pos": s})
@@ -99,7 +100,7 @@ def test_each_step_records_checksums_before_its_folder_appears(tmp_path, states)
     while not stop.is_set():
       if root.is_dir():
         for d in root.iterdir():
-          if d.name.isdigit() and not (d / checkpointing.MANIFEST_NAME).exists():
+          if d.name.isdigit() and not (d / integrity.MANIFEST_NAME).exists():
             seen_without.append(d.name)
   t = threading.Thread(target=watch, daemon=True)
   t.start()
@@ -111,13 +112,13 @@ def test_each_step_records_checksums_before_its_folder_appears(tmp_path, states)
   assert not seen_without
   for step in (2, 4):
     d = wd / "checkpoints" / str(step)
-    assert checkpointing.verify_files(d) is True
-    listed = set(json.loads((d / checkpointing.MANIFEST_NAME).read_text())["files"])
+    assert integrity.verify_files(d) is True
+    listed = set(json.loads((d / integrity.MANIFEST_NAME).read_text())["files"])
     on_disk = {p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file()}
-    assert listed == on_disk - {checkpointing.MANIFEST_NAME, "_CHECKPOINT_METADATA", "commit_success.txt"}
+    assert listed == on_disk - {integrity.MANIFEST_NAME, "_CHECKPOINT_METADATA", "commit_success.txt"}
     assert any(f.startswith("state/ocdbt.process_0/d/") for f in listed)
     digest = hashlib.sha256(_data_files(d)[0].read_bytes()).hexdigest()
-    assert digest in {v["sha256"] for v in json.loads((d / checkpointing.MANIFEST_NAME).read_text())["files"].values()}
+    assert digest in {v["sha256"] for v in json.loads((d / integrity.MANIFEST_NAME).read_text())["files"].values()}
 
 
 # ----------------------------------------------------------------------------- case 2: flipped bytes
@@ -130,7 +131,7 @@ def test_flipped_bytes_are_caught_by_every_reader(tmp_path, states, caplog):
   _flip_bytes(_data_files(wd / "checkpoints" / "4")[0])
   caplog.set_level(logging.WARNING)
 
-  params, step = checkpointing.load_workdir_params(wd)
+  params, step = loading.load_workdir_params(wd)
   assert step == 2
   _params_equal(params, st[2].model_params(use_ema=True))
   (warning,) = _warnings(caplog)
@@ -145,22 +146,23 @@ def test_flipped_bytes_are_caught_by_every_reader(tmp_path, states, caplog):
   assert len(_warnings(caplog)) == 1
 
   # An explicit request for the damaged step fails clearly instead of loading garbage.
-  with pytest.raises(checkpointing.DamagedCheckpointError, match="SHA-256"):
-    checkpointing.load_workdir_params(wd, step=4)
+  with pytest.raises(integrity.DamagedCheckpointError, match="SHA-256"):
+    loading.load_workdir_params(wd, step=4)
 
   # Training resumes from step 2, and saving step 4 again keeps the damaged folder, moved aside.
   caplog.clear()
   ck = checkpointing.Checkpointer(wd, keep=5, use_async=False)
-  restored, data_state, meta = ck.restore_latest(st[2])
-  assert meta["step"] == 2 and data_state == {"pos": 2} and int(restored.step) == 2
+  got = ck.restore_latest(st[2])
+  assert got.step == got.meta["step"] == 2 and got.data_state == {"pos": 2} and int(got.tree.step) == 2
+  assert got.verified
   assert len(_warnings(caplog)) == 1
   ck.save(4, st[4], {"pos": 4})
   ck.close()
   aside = [d for d in (wd / "checkpoints").iterdir() if d.name.startswith("4.damaged-")]
   assert len(aside) == 1
-  with pytest.raises(checkpointing.DamagedCheckpointError):
-    checkpointing.verify_files(aside[0])
-  params, step = checkpointing.load_workdir_params(wd)
+  with pytest.raises(integrity.DamagedCheckpointError):
+    integrity.verify_files(aside[0])
+  params, step = loading.load_workdir_params(wd)
   assert step == 4
   _params_equal(params, st[4].model_params(use_ema=True))
 
@@ -172,7 +174,7 @@ def test_restored_arrays_must_be_finite(tmp_path, states, caplog):
   wd = _workdir(tmp_path, states, steps=(2,))
   nan_state = st[4].replace(opt_state=jax.tree.map(lambda x: x * jnp.nan if jnp.issubdtype(x.dtype, jnp.floating)
                                                    else x, st[4].opt_state))
-  with pytest.raises(checkpointing.NonFiniteStateError, match="step 4"):
+  with pytest.raises(integrity.NonFiniteStateError, match="step 4"):
     ck = checkpointing.Checkpointer(wd, use_async=False)
     try:
       ck.save(4, nan_state)
@@ -181,12 +183,12 @@ def test_restored_arrays_must_be_finite(tmp_path, states, caplog):
   assert not (wd / "checkpoints" / "4").exists()
   # Written past the guard (plain orbax), then sealed: its checksums are right, its values are not.
   m = ocp.CheckpointManager(wd / "checkpoints")
-  m.save(4, args=checkpointing.Checkpointer._args(checkpointing._state_to_tree(nan_state), {}, {"step": 4}))
+  m.save(4, args=checkpointing.Checkpointer._args(checkpointing.state_to_tree(nan_state), {}, {"step": 4}))
   m.wait_until_finished()
   m.close()
-  checkpointing.write_manifest(wd / "checkpoints" / "4")
+  integrity.write_manifest(wd / "checkpoints" / "4")
   caplog.set_level(logging.WARNING)
-  _, step = checkpointing.load_workdir_params(wd)
+  _, step = loading.load_workdir_params(wd)
   assert step == 2
   (warning,) = _warnings(caplog)
   assert "checkpoints/4" in warning and "NaN" in warning and "opt_state" in warning
@@ -259,7 +261,7 @@ def test_best_checkpoint_ignores_damaged_steps(tmp_path, states):
   ck.save_best(6, st[6], 18.0)  # worse than the damaged one, better than nothing verified
   ck.close()
   assert sorted(p.name for p in (wd / "best").iterdir() if p.name.isdigit()) == ["2", "6"]
-  _, step = checkpointing.load_workdir_params(wd, which="best")
+  _, step = loading.load_workdir_params(wd, which="best")
   assert step == 6
 
 
@@ -269,27 +271,28 @@ def test_steps_without_manifest_need_the_trust_variable(tmp_path, states, monkey
   it they load, and a training restore records their manifest so they are trusted from then on."""
   cfg, _, st = states
   wd = tmp_path / "wd"
-  checkpointing.save_config(cfg, wd)
+  workdir_lib.save_config(cfg, wd)
   m = ocp.CheckpointManager((wd / "checkpoints").absolute())
   for s in (2, 4):
-    m.save(s, args=checkpointing.Checkpointer._args(checkpointing._state_to_tree(st[s]), {"pos": s}, {"step": s}))
+    m.save(s, args=checkpointing.Checkpointer._args(checkpointing.state_to_tree(st[s]), {"pos": s}, {"step": s}))
   m.wait_until_finished()
   m.close()
-  monkeypatch.delenv(checkpointing.TRUST_ENV, raising=False)
-  with pytest.raises(checkpointing.UnverifiedCheckpointError, match=checkpointing.TRUST_ENV):
-    checkpointing.load_workdir_params(wd)
+  monkeypatch.delenv(integrity.TRUST_ENV, raising=False)
+  with pytest.raises(integrity.UnverifiedCheckpointError, match=integrity.TRUST_ENV):
+    loading.load_workdir_params(wd)
   ck = checkpointing.Checkpointer(wd, use_async=False)
-  with pytest.raises(checkpointing.UnverifiedCheckpointError):
+  with pytest.raises(integrity.UnverifiedCheckpointError):
     ck.restore_latest(st[2])
   ck.close()
-  monkeypatch.setenv(checkpointing.TRUST_ENV, "1")
-  assert checkpointing.load_workdir_params(wd)[1] == 4
+  monkeypatch.setenv(integrity.TRUST_ENV, "1")
+  assert loading.load_workdir_params(wd)[1] == 4
   ck = checkpointing.Checkpointer(wd, use_async=False)
-  assert ck.restore_latest(st[2])[2]["step"] == 4
+  got = ck.restore_latest(st[2])
+  assert got.meta["step"] == 4 and not got.verified  # accepted through the variable, manifest written now
   ck.close()
-  monkeypatch.delenv(checkpointing.TRUST_ENV)
-  assert checkpointing.verify_files(wd / "checkpoints" / "4") is True
-  params, step = checkpointing.load_workdir_params(wd)
+  monkeypatch.delenv(integrity.TRUST_ENV)
+  assert integrity.verify_files(wd / "checkpoints" / "4") is True
+  params, step = loading.load_workdir_params(wd)
   assert step == 4
   _params_equal(params, st[4].model_params(use_ema=True))
 
@@ -314,7 +317,7 @@ def test_model_change_is_refused_before_anything_is_written(tmp_path, states, sh
   _, _, st = states
   wd = tmp_path / "wd"
   cfg = _tiny_train_config(shards / "shards")  # inputs that exist: the config's values are checked first
-  checkpointing.save_config(cfg, wd)
+  workdir_lib.save_config(cfg, wd)
   ck = checkpointing.Checkpointer(wd, use_async=False)
   ck.save(2, st[2])
   ck.close()
@@ -336,7 +339,7 @@ def test_safe_changes_need_the_flag_and_keep_the_old_config(tmp_path, states, sh
   _, _, st = states
   wd = tmp_path / "wd"
   cfg = _tiny_train_config(tmp_path / "shards")
-  checkpointing.save_config(cfg, wd)
+  workdir_lib.save_config(cfg, wd)
   old_text = (wd / "config.json").read_text()
   # No checkpoint yet: nothing to protect.
   other = _tiny_train_config(tmp_path / "shards")
@@ -355,7 +358,7 @@ def test_safe_changes_need_the_flag_and_keep_the_old_config(tmp_path, states, sh
   assert (wd / "config.json").read_text() == old_text
   diff = workdir_lib.check_config(longer, wd, allow_config_change=True)
   assert set(diff) == {"train.num_steps", "optim.lr", "optim.ema_decay", "data.train_files"}
-  checkpointing.save_config(longer, wd)
+  workdir_lib.save_config(longer, wd)
   assert json.loads((wd / "config.json").read_text())["train"]["num_steps"] == 20
   (kept,) = wd.glob("config.*.json")
   assert kept.read_text() == old_text
@@ -383,16 +386,16 @@ def test_failed_restore_of_an_unverified_step_prints_no_tracebacks(tmp_path, sta
   wd = tmp_path / "wd"
   m = ocp.CheckpointManager((wd / "checkpoints").absolute())  # as the code before manifests wrote them
   for s in (2, 4):
-    m.save(s, args=checkpointing.Checkpointer._args(checkpointing._state_to_tree(st[s]), {}, {"step": s}))
+    m.save(s, args=checkpointing.Checkpointer._args(checkpointing.state_to_tree(st[s]), {}, {"step": s}))
   m.wait_until_finished()
   m.close()
   _data_files(wd / "checkpoints" / "4")[0].unlink()
-  monkeypatch.setenv(checkpointing.TRUST_ENV, "1")
+  monkeypatch.setenv(integrity.TRUST_ENV, "1")
   reported = []  # what Python's default hook would print to stderr (pytest would turn it into warnings)
   monkeypatch.setattr(sys, "unraisablehook", lambda u: reported.append(f"{type(u.exc_value).__name__}: {u.exc_value}"))
   caplog.set_level(logging.WARNING)
   for _ in range(8):  # the reports are timing-dependent: several attempts
-    assert checkpointing.load_workdir_params(wd)[1] == 2
+    assert loading.load_workdir_params(wd)[1] == 2
   import gc
   gc.collect()
   assert not reported, reported[:3]
@@ -409,8 +412,8 @@ def test_config_json_disagreeing_with_the_checkpoint_is_refused(tmp_path, states
   from diffssr_jax.inference.upscaler import ModelLoadError
   cfg, _, st = states
   wd = tmp_path / "wd"
-  checkpointing.save_config(cfg, wd)
-  ck = checkpointing.Checkpointer(wd, use_async=False, settings=checkpointing.recorded_settings(cfg))
+  workdir_lib.save_config(cfg, wd)
+  ck = checkpointing.Checkpointer(wd, use_async=False, settings=workdir_lib.recorded_settings(cfg))
   ck.save(2, st[2])
   ck.close()
   assert Upscaler.load(workdir=wd).step == 2
@@ -428,3 +431,25 @@ def test_config_json_disagreeing_with_the_checkpoint_is_refused(tmp_path, states
   assert len(err) == 1 and "diffusion.timesteps=10" in err[0]
   assert evaluate.cli(["evaluate", "--workdir", str(wd), "--datasets", f"A={src}", "--noprogress"]) == 1
   assert not (wd / "eval").exists()
+
+
+def test_nonfinite_report_counts_and_names_the_first_bad_leaf():
+  """The one finite check (restore and save): NaN and inf counted over floating-point leaves only, the first
+  bad leaf named; None for a finite tree."""
+  tree = {"a": jnp.ones(3), "b": jnp.array([np.nan, 1.0, np.inf, np.nan]), "c": jnp.array([np.inf]),
+          "step": jnp.int32(7)}
+  assert integrity.nonfinite_report(tree) == "2 NaN and 2 inf values (first in ['b'])"
+  assert integrity.nonfinite_report({"a": jnp.ones(3), "step": jnp.int32(7)}) is None
+
+
+def test_orbax_logging_install_is_idempotent():
+  from diffssr_jax import orbax_logging
+  orbax_logging.install()
+  hook, filters = sys.unraisablehook, list(logging.getLogger("asyncio").filters)
+  orbax_logging.install()
+  assert sys.unraisablehook is hook and logging.getLogger("asyncio").filters == filters
+  record = logging.LogRecord("asyncio", logging.ERROR, "", 0, "Task exception was never retrieved", (),
+                             (RuntimeError, RuntimeError("Event loop is closed"), None))
+  assert not all(f.filter(record) for f in filters)  # dropped
+  record.exc_info = (ValueError, ValueError("something else"), None)
+  assert all(f.filter(record) for f in filters)      # kept

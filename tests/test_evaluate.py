@@ -227,9 +227,10 @@ def test_plan_batches_groups_equal_sizes():
 
 def test_cli_from_a_training_workdir(folders, tmp_path, capsys):
   checkpointing = pytest.importorskip("diffssr_jax.training.checkpointing")
+  workdir_lib = pytest.importorskip("diffssr_jax.training.workdir")
   cfg, model, params = tiny_model()
   work = tmp_path / "work"
-  checkpointing.save_config(cfg, work)
+  workdir_lib.save_config(cfg, work)
   ckpt = checkpointing.Checkpointer(work, use_async=False)
   for step in (5, 10):
     ckpt.save(step, {"params": params})
@@ -254,7 +255,7 @@ def test_cli_from_a_training_workdir(folders, tmp_path, capsys):
   assert evaluate.cli(["evaluate", "--workdir", str(work), "--datasets", f"X={tmp_path / 'nope'}",
                        "--noprogress"]) == 1
   assert "nope" in capsys.readouterr().err
-  checkpointing.save_config(cfg, tmp_path / "nockpt")
+  workdir_lib.save_config(cfg, tmp_path / "nockpt")
   images.save_png(tmp_path / "photo.png", hr)
   data = ["--datasets", f"B={folders['B']}", "--noprogress", "--output", str(tmp_path / "o")]
   for args, status, expect in ((["--workdir", str(tmp_path / "nowhere")], 1, "no such folder"),

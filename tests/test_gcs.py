@@ -26,7 +26,8 @@ from diffssr_jax.data import export_cli, tfrecord
 from diffssr_jax.data.source import TileSource
 from diffssr_jax.evaluation import evaluate
 from diffssr_jax.inference import upscale
-from diffssr_jax.training import checkpointing
+from diffssr_jax.inference import loading
+from diffssr_jax.training import integrity
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN_STEPS = ["--config.rrdb_pretrain.num_steps=0", "--config.optim.train_rrdb=True",
@@ -168,14 +169,14 @@ def test_training_in_a_bucket_is_killed_and_resumes_exactly(trained):
   ref, run, log = trained
   assert not pathlib.Path(ROOT, "gs:").exists()
   assert "from step 2" in log or "from step 4" in log, log[-2000:]
-  a, sa = checkpointing.load_workdir_params(ref, use_ema=False)
-  b, sb = checkpointing.load_workdir_params(run, use_ema=False)
+  a, sa = loading.load_workdir_params(ref, use_ema=False)
+  b, sb = loading.load_workdir_params(run, use_ema=False)
   assert sa == sb == 4
   jax.tree.map(np.testing.assert_array_equal, a, b)
   assert _losses(ref) == _losses(run) and sorted(_losses(run)) == [1, 2, 3, 4]
   # Each saved step carries our manifest, checked on restore (a flipped byte would be found).
   step_dir = epath.Path(f"{run}/checkpoints/4")
-  assert checkpointing.verify_files(step_dir)
+  assert integrity.verify_files(step_dir)
   assert json.loads(epath.Path(f"{run}/config.json").read_text())["train"]["num_steps"] == 4
   assert list(epath.Path(f"{ref}/tb").iterdir()), "TensorBoard events in the bucket"
 

@@ -265,8 +265,9 @@ def test_default_sampler_is_the_official_ddpm(tiny):
 
 def test_load_from_workdir(tiny, tmp_path):
   checkpointing = pytest.importorskip("diffssr_jax.training.checkpointing")
+  workdir_lib = pytest.importorskip("diffssr_jax.training.workdir")
   cfg, model, params, _ = tiny
-  checkpointing.save_config(cfg, tmp_path)
+  workdir_lib.save_config(cfg, tmp_path)
   ckpt = checkpointing.Checkpointer(tmp_path, use_async=False)
   ckpt.save(3, {"params": params})
   ckpt.wait()
@@ -284,14 +285,14 @@ def test_load_from_workdir(tiny, tmp_path):
 def test_load_errors_name_the_path(tiny, tmp_path):
   """Missing workdirs, workdirs without checkpoints, unknown steps and files that are not checkpoints raise
   ModelLoadError (a one-line CLI error) naming the path."""
-  checkpointing = pytest.importorskip("diffssr_jax.training.checkpointing")
+  workdir_lib = pytest.importorskip("diffssr_jax.training.workdir")
   cfg, _, _, _ = tiny
   with pytest.raises(inference.ModelLoadError, match="nowhere: no such folder"):
     Upscaler.load(workdir=tmp_path / "nowhere")
   (tmp_path / "nocfg").mkdir()
   with pytest.raises(inference.ModelLoadError, match="no config.json"):
     Upscaler.load(workdir=tmp_path / "nocfg")
-  checkpointing.save_config(cfg, tmp_path / "empty")
+  workdir_lib.save_config(cfg, tmp_path / "empty")
   with pytest.raises(inference.ModelLoadError, match="no checkpoints"):
     Upscaler.load(workdir=tmp_path / "empty")
   with pytest.raises(inference.ModelLoadError, match="no such file"):

@@ -19,7 +19,8 @@ import time
 import numpy as np
 import pytest
 
-from diffssr_jax.training import checkpointing
+from diffssr_jax.inference import loading
+from diffssr_jax.training import integrity
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 8
@@ -126,7 +127,7 @@ def test_checkpoint_written_by_two_processes_restores_in_one(runs):
   # Each process saved its own input position (grain's orbax handler: one file per process).
   assert sorted(p.name for p in (tmp / "two" / "checkpoints" / str(STEPS) / "data").glob("*.json")) == \
       ["process_0-of-2.json", "process_1-of-2.json"]
-  params, step = checkpointing.load_workdir_params(tmp / "two", use_ema=False)
+  params, step = loading.load_workdir_params(tmp / "two", use_ema=False)
   assert step == STEPS
   import flax
   flat = flax.traverse_util.flatten_dict({"unet": params["unet"], "rrdb": params["rrdb"]}, sep="/")
@@ -195,9 +196,9 @@ def test_two_processes_write_one_checkpoint_into_a_bucket_and_it_restores(gcs, s
   wd = epath.Path(f"{gcs}/mp")
   (p0, p1), _ = _run(wd, shards, tmp_path / "xla", tmp_path, 2, extra=["--config.train.num_steps=2"])
   step = wd / "checkpoints" / "2"
-  assert (step / "commit_success.txt").exists() and checkpointing.verify_files(step)
+  assert (step / "commit_success.txt").exists() and integrity.verify_files(step)
   assert sorted(p.name for p in (step / "data").glob("*.json")) == ["process_0-of-2.json", "process_1-of-2.json"]
-  params, got = checkpointing.load_workdir_params(wd, use_ema=False)
+  params, got = loading.load_workdir_params(wd, use_ema=False)
   assert got == 2
   import flax
   flat = flax.traverse_util.flatten_dict({"unet": params["unet"], "rrdb": params["rrdb"]}, sep="/")

@@ -16,8 +16,9 @@ import jax
 import numpy as np
 import pytest
 
-from diffssr_jax import preemption
-from diffssr_jax.training import checkpointing, config_check, lock, train, train_step
+from diffssr_jax import images, parallel, preemption
+from diffssr_jax.inference import loading
+from diffssr_jax.training import config_check, lock, train, train_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "configs"))
@@ -65,7 +66,7 @@ def _equal(a, b):
 def test_sigterm_in_rrdb_pretraining_is_saved_and_never_trains_diffusion_on_it(shards, tmp_path, monkeypatch):
   cfg = _config(shards, **{"rrdb_pretrain.num_steps": 4, "train.num_steps": 1})
   ref = tmp_path / "ref"
-  train._rrdb_params(cfg, ref)  # the uninterrupted RRDB stage alone
+  train._rrdb_params(cfg, ref, parallel.make_mesh())  # the uninterrupted RRDB stage alone
 
   run = tmp_path / "run"
   with monkeypatch.context() as m:
@@ -76,8 +77,8 @@ def test_sigterm_in_rrdb_pretraining_is_saved_and_never_trains_diffusion_on_it(s
   assert not (run / "checkpoints").exists(), "no diffusion training on an unfinished encoder"
 
   train.train_and_evaluate(cfg, run)  # the rerun continues where the uninterrupted run would be
-  got, _ = checkpointing.load_workdir_params(run, 1, use_ema=False)
-  want, _ = checkpointing.load_workdir_params(ref / "rrdb", 4, use_ema=False)
+  got, _ = loading.load_workdir_params(run, 1, use_ema=False)
+  want, _ = loading.load_workdir_params(ref / "rrdb", 4, use_ema=False)
   _equal(got["rrdb"], want["rrdb"])
 
 
@@ -104,6 +105,31 @@ def test_sigterm_during_validation_finishes_it_and_saves_that_step(shards, tmp_p
   train.train_and_evaluate(cfg, tmp_path)
   rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4]
+  # Each validation's sample panels reach TensorBoard (LR | bicubic | RRDB | HR in the RRDB stage): the same
+  # images as the PNGs in samples/.
+  shown = _tensorboard_images(tmp_path / "tb")
+  assert sorted(shown) == [("samples/rocket", 2), ("samples/rocket", 4)]
+  for (tag, step), image in shown.items():
+    png = images.read_rgb8(tmp_path / "samples" / f"{tag.split('/')[1]}_step{step}.png")
+    np.testing.assert_array_equal(image, png)
+    side = image.shape[0] - 16  # under the label strip: a square crop of the 64 px photo
+    assert image.shape[1] == 4 * side + 3 * 4  # four columns and their gaps
+
+
+def _tensorboard_images(tb_dir) -> dict:
+  """{(tag, step): RGB uint8 image} of every image summary in the TensorBoard event files of `tb_dir`."""
+  import cv2
+  from tensorboardX.proto import event_pb2
+  from diffssr_jax.data import tfrecord
+  out = {}
+  for f in sorted(pathlib.Path(tb_dir).iterdir()):
+    for record in tfrecord.iter_records(f):
+      event = event_pb2.Event.FromString(record)
+      for value in event.summary.value:
+        if value.HasField("image"):
+          bgr = cv2.imdecode(np.frombuffer(value.image.encoded_image_string, np.uint8), cv2.IMREAD_COLOR)
+          out[(value.tag, event.step)] = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+  return out
 
 
 # ----------------------------------------------------------------------------- 2. one writer per workdir

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from diffssr_jax import parallel
-from diffssr_jax.training import checkpointing, train, train_step
+from diffssr_jax.inference import loading
+from diffssr_jax.training import checkpointing, integrity, loop, train, train_step
 from diffssr_jax.diffusion.model import build_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ def _losses(workdir):
 
 
 def _final_params(workdir, step):
-  params, got = checkpointing.load_workdir_params(workdir, step=step, use_ema=False)
+  params, got = loading.load_workdir_params(workdir, step=step, use_ema=False)
   assert got == step
   return params
 
@@ -132,8 +133,8 @@ def test_corrupt_checkpoint_is_skipped_not_deleted(tmp_path, caplog):
   assert damaged
   ck = checkpointing.Checkpointer(tmp_path, keep=5, use_async=False)
   caplog.set_level(logging.WARNING)
-  restored, data_state, meta = ck.restore_latest(state)
-  assert meta["step"] == 2 and data_state == {"pos": 2} and int(restored.step) == 0
+  got = ck.restore_latest(state)
+  assert got.meta["step"] == 2 and got.data_state == {"pos": 2} and int(got.tree.step) == 0
   (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
   assert "checkpoints/4" in warning and "skipping" in warning
   assert (tmp_path / "checkpoints" / "4").is_dir(), "the damaged checkpoint is kept for inspection"
@@ -161,9 +162,9 @@ def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path, s
   dc.update(data_cfg)
   it = pipeline.make_train_iterator(dc, scale=4, seed=0, batch_size=2)
   ck = checkpointing.Checkpointer(tmp_path, keep=5, use_async=False)
-  with pytest.raises(train.NonFiniteLossError, match="at step 3"):
-    train.run_loop(workdir=tmp_path, state=state, step_fn=poisoned, data_iter=it, mesh=mesh, train_cfg=cfg.train,
-                   num_steps=6, lr_schedule=train_step.learning_rate_schedule(cfg.optim, 6), checkpointer=ck)
+  with pytest.raises(loop.NonFiniteLossError, match="at step 3"):
+    loop.run_loop(loop.Loop(tmp_path, cfg.train, 6, poisoned, train_step.learning_rate_schedule(cfg.optim, 6), mesh,
+                            checkpointer=ck), state, it)
   ck.close()
   assert sorted(int(d.name) for d in (tmp_path / "checkpoints").iterdir()) == [2]
 
@@ -182,23 +183,23 @@ def test_nan_after_an_unverified_restore_names_the_checkpoint(tmp_path, shards, 
   mesh = parallel.make_mesh(jax.devices()[:1])
   damaged = state.replace(step=jnp.int32(2), params=jax.tree.map(lambda x: jnp.full_like(x, 2.3e38), state.params))
   m = ocp.CheckpointManager((tmp_path / "checkpoints").absolute())  # as the code before manifests wrote it
-  m.save(2, args=checkpointing.Checkpointer._args(checkpointing._state_to_tree(damaged), None, {"step": 2}))
+  m.save(2, args=checkpointing.Checkpointer._args(checkpointing.state_to_tree(damaged), None, {"step": 2}))
   m.wait_until_finished()
   m.close()
-  monkeypatch.setenv(checkpointing.TRUST_ENV, "1")
-  restored, _, ck = train._restore_or_start(state, cfg, tmp_path, mesh)
-  assert int(restored.step) == 2
+  monkeypatch.setenv(integrity.TRUST_ENV, "1")
+  restored, resumed, ck = train._restore_or_start(state, cfg, tmp_path, mesh)
+  assert int(restored.step) == 2 and resumed.step == 2 and not resumed.verified
   from diffssr_jax.data import pipeline
   dc = pipeline.default_data_config()
   dc.update({"train_files": str(shards / "shards"), "patch_size": 16, "num_workers": 0})
   it = pipeline.make_train_iterator(dc, scale=4, seed=0, batch_size=2)
-  with pytest.raises(train.NonFiniteLossError) as e:
-    train.run_loop(workdir=tmp_path, state=restored, step_fn=train_step.make_train_step(model, tx, mesh),
-                   data_iter=it, mesh=mesh, train_cfg=cfg.train, num_steps=8,
-                   lr_schedule=train_step.learning_rate_schedule(cfg.optim, 8), checkpointer=ck)
+  with pytest.raises(loop.NonFiniteLossError) as e:
+    loop.run_loop(loop.Loop(tmp_path, cfg.train, 8, train_step.make_train_step(model, tx, mesh),
+                            train_step.learning_rate_schedule(cfg.optim, 8), mesh, checkpointer=ck, resumed=resumed),
+                  restored, it)
   ck.close()
   msg = str(e.value)
-  assert "resumed at step 2" in msg and "damaged checkpoint" in msg and checkpointing.TRUST_ENV in msg
+  assert "resumed at step 2" in msg and "damaged checkpoint" in msg and integrity.TRUST_ENV in msg
   assert "lower the learning rate" not in msg
 
 
@@ -214,14 +215,14 @@ def test_rrdb_weights_load_from_workdir_and_official_checkpoint(tmp_path):
   ck = checkpointing.Checkpointer(tmp_path / "rrdb_run", use_async=False)
   ck.save(5, st)
   ck.close()
-  got = checkpointing.load_rrdb_params(tmp_path / "rrdb_run")
+  got = train.load_rrdb_params(tmp_path / "rrdb_run")
   jax.tree.map(np.testing.assert_array_equal, got, params["rrdb"])
   sd = {k: torch.from_numpy(np.array(v)) for k, v in convert.flax_to_torch({"rrdb": params["rrdb"]}).items()}
   torch.save({"state_dict": {"model": {k[len("rrdb."):]: v for k, v in sd.items()}}}, tmp_path / "rrdb.ckpt")
-  got = checkpointing.load_rrdb_params(tmp_path / "rrdb.ckpt")
+  got = train.load_rrdb_params(tmp_path / "rrdb.ckpt")
   jax.tree.map(np.testing.assert_array_equal, got, params["rrdb"])
-  with pytest.raises(checkpointing.NoCheckpointError):
-    checkpointing.load_rrdb_params(tmp_path)
+  with pytest.raises(integrity.NoCheckpointError):
+    train.load_rrdb_params(tmp_path)
 
 
 def test_indivisible_batch_is_rejected_at_start(tmp_path, shards):
@@ -242,5 +243,29 @@ def test_relative_workdir(tmp_path, monkeypatch):
   ck = checkpointing.Checkpointer("runs/rel", use_async=False)
   ck.save(3, state)
   ck.close()
-  params, step = checkpointing.load_workdir_params("runs/rel", use_ema=False)
+  params, step = loading.load_workdir_params("runs/rel", use_ema=False)
   assert step == 3 and set(params) == {"unet", "rrdb"}
+
+
+def test_validation_panel_is_labelled_lr_bicubic_rrdb_sr_hr():
+  """A validation panel: LR (nearest-upscaled) | bicubic | RRDB | SR | HR, each under a strip with its name."""
+  from diffssr_jax.data.eval_sources import EvalImage
+  from diffssr_jax.training import validate
+  rng = np.random.default_rng(0)
+  hr = rng.integers(0, 256, (32, 24, 3), dtype=np.uint8)
+  lr = hr[::4, ::4]
+  outs = {k: rng.integers(0, 256, hr.shape, dtype=np.uint8) for k in ("bicubic", "rrdb", "diffusion")}
+  panel = validate.panel(EvalImage("a/b", hr, lr, None), outs)
+  strip = 16
+  assert panel.shape == (strip + 32, 5 * 24 + 4 * 4, 3)
+  columns = [np.repeat(np.repeat(lr, 4, 0), 4, 1), outs["bicubic"], outs["rrdb"], outs["diffusion"], hr]
+  for i, want in enumerate(columns):
+    x = i * (24 + 4)
+    np.testing.assert_array_equal(panel[strip:, x:x + 24], want)
+    assert (panel[:strip, x:x + 24] < 128).any(), f"column {i} has no label"
+    if i < 4:
+      assert (panel[:, x + 24:x + 28] == 255).all()  # the white gap
+  # Without a diffusion output (the RRDB stage) there is no SR column; the label strip differs per column.
+  small = validate.panel(EvalImage("a/b", hr, lr, None), {k: outs[k] for k in ("bicubic", "rrdb")})
+  assert small.shape == (strip + 32, 4 * 24 + 3 * 4, 3)
+  assert not np.array_equal(panel[:strip, 2 * 28:2 * 28 + 24], panel[:strip, 3 * 28:3 * 28 + 24])

@@ -39,8 +39,9 @@ def tree(tmp_path):
 
 def _make_workdir(work, model_fn, step):
   checkpointing = pytest.importorskip("diffssr_jax.training.checkpointing")
+  workdir_lib = pytest.importorskip("diffssr_jax.training.workdir")
   cfg, model, params = model_fn()
-  checkpointing.save_config(cfg, work)
+  workdir_lib.save_config(cfg, work)
   ckpt = checkpointing.Checkpointer(work, use_async=False)
   ckpt.save(step, {"params": params})
   ckpt.wait()
@@ -194,9 +195,9 @@ def test_any_exception_of_one_image_is_reported_and_the_rest_done(tree, tmp_path
 def test_load_errors_are_one_line(workdir, tree, tmp_path, capsys):
   """Missing or checkpoint-less workdirs and files that are not checkpoints: one line, exit 1, no traceback."""
   src, _, _ = tree
-  checkpointing = pytest.importorskip("diffssr_jax.training.checkpointing")
+  workdir_lib = pytest.importorskip("diffssr_jax.training.workdir")
   cfg, _, _ = tiny_model()
-  checkpointing.save_config(cfg, tmp_path / "nockpt")
+  workdir_lib.save_config(cfg, tmp_path / "nockpt")
   not_a_ckpt = src / "rgba.png"
   out = ["--output", str(tmp_path / "out"), "--noprogress", str(src)]
   for model_args, expect in ((["--workdir", str(tmp_path / "nowhere")], "no such folder"),

@@ -203,7 +203,7 @@ class Upscaler:
     step and path are kept in `.step` / `.source` (an official file's step is read from its name). Anything
     that stops the weights from loading (missing folder or file, no checkpoint, a file that is not a
     checkpoint, weights of another shape) raises `ModelLoadError` naming the path."""
-    from diffssr_jax.training.checkpointing import load_for_inference  # lazy: orbax is only needed for loading
+    from diffssr_jax.inference.loading import load_for_inference  # lazy: orbax is only needed for loading
     if (workdir is None) == (checkpoint is None):
       raise ValueError("give exactly one of workdir or checkpoint")
     if workdir is not None:

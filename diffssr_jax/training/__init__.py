@@ -1,2 +1,3 @@
 """Training: the train state and data-parallel step (`train_step`), the job (`train`), verified checkpoints
-(`checkpointing`), one-workdir-one-model checks (`workdir`) and validation during training (`validate`)."""
+(`checkpointing`: saving, retention, restoring; `integrity`: manifests and the finite check), the workdir's
+config and one-workdir-one-model checks (`workdir`) and validation during training (`validate`)."""

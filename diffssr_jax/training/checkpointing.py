@@ -1,4 +1,4 @@
-"""Verified orbax checkpoints of training runs, and loading weights for inference.
+"""Verified orbax checkpoints of training runs: saving, retention and restoring (`Checkpointer`, `restore_*`).
 
 Workdir layout:
   WORKDIR/config.json           the run's full config (rebuilds the model for evaluation/inference);
@@ -10,24 +10,6 @@ Workdir layout:
   WORKDIR/best/<step>/          the best verified checkpoint by validation PSNR-Y (same items)
   WORKDIR/checkpoints/<step>.damaged-<time>/   a damaged step moved aside when that step was saved again
 
-Why a manifest of our own: orbax (0.12.8) writes each step to a temporary folder and renames it when
-complete, so a crash never leaves a half-written step that looks finished, but it has no check that the
-bytes read back are those written. OCDBT checksums its manifests and b-tree nodes and zarr3 the shard
-index (crc32c), but the array chunks themselves carry no checksum: bytes flipped in
-`state/ocdbt.process_0/d/*` restore silently as garbage (NaN, 1e38 in Adam moments), and a deleted or
-truncated data file fails deep inside tensorstore. So every step records the SHA-256 of its files and a
-restore checks them first, then checks that the restored floating-point arrays are finite.
-
-When the manifest is written: inside orbax's commit of the step, after every item has been written and
-finalised (OCDBT merged) and just before the temporary folder is renamed to `<step>` (a
-`TemporaryPath` subclass, `_SealingTemporaryPath`, on orbax's own background thread for async saves). A
-step folder therefore never exists without its manifest; only orbax's commit bookkeeping written after
-it (`_CHECKPOINT_METADATA`, the top-level `commit_success.txt`) is not covered. Local (POSIX) workdirs
-use orbax's atomic-rename commit. A bucket has no atomic rename, so bucket workdirs (gs://...) use orbax's
-own commit protocol for them, `CommitFileTemporaryPath`: the step is written in place and published by the
-small `commit_success.txt` object written last (orbax lists a gs:// step only once that exists);
-`_SealingCommitFilePath` writes our manifest just before it.
-
 Restore (`restore_newest`, used for resuming training, `evaluate`, `upscale` and `load_for_inference`):
 newest step first; a step whose files do not match their manifest, whose arrays are not finite, or that
 orbax cannot read is skipped with ONE warning line naming the step and the reason, and the previous step
@@ -35,11 +17,10 @@ is tried. Damaged steps are never deleted. A step whose files DO match but which
 the given model is a configuration mismatch, not damage: it raises `CheckpointMismatchError` instead of
 falling back (falling back would restart training and let retention delete the run).
 
-Steps without a manifest were written by diffssr-jax before checkpoints were verified (or by another
-tool). They are not trusted: if no verified step is left, `UnverifiedCheckpointError` names the way to
-accept them, the environment variable DIFFSSR_TRUST_UNVERIFIED_CHECKPOINTS=1, with which such steps are
-accepted after the finite check; a training run that resumes from one then records its manifest, so it
-is trusted from then on without the variable.
+Steps without a manifest (written by diffssr-jax before checkpoints were verified, or by another
+tool) are not trusted: if no verified step is left, `UnverifiedCheckpointError` names the way to accept
+them, DIFFSSR_TRUST_UNVERIFIED_CHECKPOINTS=1, with which such steps are accepted after the finite check;
+a training run that resumes from one then records its manifest, so it is trusted from then on.
 
 Retention (training): the newest `keep` verified steps stay in checkpoints/, the verified step with the
 highest PSNR-Y in best/; older verified steps are deleted once a newer save has finished. Damaged and
@@ -47,288 +28,30 @@ unverified steps are never deleted and never counted. Saving a step whose folder
 not a verified checkpoint moves it aside to `<step>.damaged-<time>` (or `.unverified-<time>`) first. A
 state holding NaN/inf is never saved (`NonFiniteStateError`).
 
-Cost: one SHA-256 pass over a step's files when it is saved (on orbax's thread), at each retention pass
-(every step on disk) and when it is restored; SHA-256 runs at ~1.7 GB/s on the 2-core development CPU,
-so ~0.15 s per pass over a 256 MB paper-size train state.
+Manifests, the finite check and the errors: training/integrity.py. Loading weights for sampling:
+inference/loading.py. (~430 lines: saving, retention and restoring stay one module because they share
+the rules of what counts as a good, damaged or unverified step.)
 """
 from __future__ import annotations
 
-import asyncio
 import atexit
-import contextlib
 import json
 import logging
-import os
-import pathlib
-import sys
 import time
 from typing import NamedTuple
 
 import flax
 import grain
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from diffssr_jax import fileio, storage
+from diffssr_jax import fileio, orbax_logging, storage
+from diffssr_jax.training import integrity
+from diffssr_jax.training.integrity import (CheckpointMismatchError, DamagedCheckpointError, MANIFEST_NAME,
+                                            NoCheckpointError, TRUST_ENV, UnverifiedCheckpointError)
 
 log = logging.getLogger(__name__)
-
-MANIFEST_NAME = "diffssr_manifest.json"
-MANIFEST_FORMAT = "diffssr-checkpoint-manifest/1"
-TRUST_ENV = "DIFFSSR_TRUST_UNVERIFIED_CHECKPOINTS"
-# Written by orbax's commit after the manifest (top level of a step folder only): bookkeeping, no arrays.
-_NOT_SEALED = frozenset({MANIFEST_NAME, "_CHECKPOINT_METADATA", "commit_success.txt"})
-
-
-class NoCheckpointError(FileNotFoundError):
-  """No usable checkpoint where one was asked for."""
-
-
-class DamagedCheckpointError(NoCheckpointError):
-  """A checkpoint step whose files or arrays are not those that were saved."""
-
-  def __init__(self, path, reason: str):
-    self.path, self.reason = storage.native(path), reason
-    super().__init__(f"checkpoint {path} is damaged: {reason}")
-
-
-class UnverifiedCheckpointError(NoCheckpointError):
-  """Only checkpoint steps without a checksum manifest (older diffssr-jax) are there."""
-
-
-class CheckpointMismatchError(ValueError):
-  """An intact checkpoint (checksums match) that does not restore into the requested model."""
-
-
-class NonFiniteStateError(FloatingPointError):
-  """A train state with NaN/inf values was offered for saving."""
-
-
-def trust_unverified() -> bool:
-  """Whether DIFFSSR_TRUST_UNVERIFIED_CHECKPOINTS accepts steps without a manifest."""
-  return os.environ.get(TRUST_ENV, "").strip().lower() not in ("", "0", "false", "no")
-
-
-# ----------------------------------------------------------------------------- config.json
-def save_config(config, workdir) -> None:
-  """Writes WORKDIR/config.json; a different existing one is first kept as config.<UTC time>.json."""
-  path = storage.native(workdir) / "config.json"
-  text = config.to_json(indent=2)
-  if path.is_file():
-    old = path.read_text()
-    if old == text:
-      return
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    kept = path.with_name(f"config.{stamp}.json")
-    n = 1
-    while kept.exists():
-      kept, n = path.with_name(f"config.{stamp}-{n}.json"), n + 1
-    fileio.atomic_write(kept, old)
-    log.info("%s changed; the previous version is kept as %s", path, kept.name)
-  fileio.atomic_write(path, text)
-
-
-def load_config(workdir) -> ml_collections.ConfigDict:
-  path = storage.native(workdir) / "config.json"
-  if not path.is_file():
-    raise NoCheckpointError(f"{path}: not found (is {workdir} a training workdir?)")
-  try:
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-
-# ----------------------------------------------------------------------------- recorded settings
-# What the weights cannot show: a U-Net trained for T=10 steps loads into a T=20 schedule just as well and
-# then samples garbage. Every step records these settings in its meta; inference refuses a config.json that
-# disagrees with them (an edited or replaced file) instead of sampling wrongly.
-RECORDED_PREFIXES = ("diffusion.",)
-RECORDED_KEYS = ("model.scale", "data.lr_up_divisor")
-
-
-def recorded_settings(config) -> dict:
-  """{dotted key: value} of the config's settings recorded with each checkpoint step (JSON values)."""
-  from diffssr_jax.training.workdir import flatten
-  flat = flatten(json.loads(config.to_json()))
-  return {k: v for k, v in flat.items() if k in RECORDED_KEYS or k.startswith(RECORDED_PREFIXES)}
-
-
-def check_recorded_settings(config, meta: dict, where) -> None:
-  """Raises CheckpointMismatchError when `config` disagrees with the settings recorded in a step's meta
-  (steps saved before settings were recorded have none: nothing to check)."""
-  recorded = (meta or {}).get("settings")
-  if not recorded:
-    return
-  now = recorded_settings(config)
-  diff = {k: (v, now.get(k)) for k, v in recorded.items() if now.get(k) != v}
-  if diff:
-    detail = ", ".join(f"{k}={a!r} (config.json: {b!r})" for k, (a, b) in diff.items())
-    raise CheckpointMismatchError(f"config.json disagrees with the settings checkpoint {where} was trained with: "
-                                  f"{detail}; put the run's config.json back (earlier versions are kept as "
-                                  "config.<time>.json)")
-
-
-# ----------------------------------------------------------------------------- manifests
-def _sealed_files(step_dir) -> list[str]:
-  return [rel for rel in storage.files_below(step_dir) if not ("/" not in rel and rel in _NOT_SEALED)]
-
-
-def write_manifest(step_dir) -> None:
-  """Records size and SHA-256 of every file of a finished checkpoint step (atomically)."""
-  step_dir = storage.native(step_dir)
-  files = {rel: {"size": storage.size(step_dir / rel), "sha256": fileio.file_sha256(step_dir / rel)}
-           for rel in _sealed_files(step_dir)}
-  fileio.atomic_write_json(step_dir / MANIFEST_NAME, {"format": MANIFEST_FORMAT, "files": files}, indent=1)
-
-
-def verify_files(step_dir) -> bool:
-  """True when the step's files match its manifest, False when it has no manifest; raises
-  DamagedCheckpointError when the manifest is unreadable or a file is missing, resized or changed."""
-  step_dir = storage.native(step_dir)
-  path = step_dir / MANIFEST_NAME
-  if not path.is_file():
-    return False
-  try:
-    manifest = json.loads(path.read_text())
-    files = manifest["files"]
-    if manifest.get("format") != MANIFEST_FORMAT or not files:
-      raise ValueError(f"format {manifest.get('format')!r} with {len(files)} files")
-  except (ValueError, KeyError, TypeError, AttributeError) as e:
-    raise DamagedCheckpointError(step_dir, f"unreadable {MANIFEST_NAME} ({e})") from None
-  for rel, want in files.items():  # sizes first: cheap, and what a truncation or deletion changes
-    f = step_dir / rel
-    if not f.is_file():
-      raise DamagedCheckpointError(step_dir, f"file {rel} is missing")
-    if storage.size(f) != want["size"]:
-      raise DamagedCheckpointError(step_dir, f"file {rel} has {storage.size(f)} bytes, {want['size']} were saved")
-  for rel, want in files.items():
-    if fileio.file_sha256(step_dir / rel) != want["sha256"]:
-      raise DamagedCheckpointError(step_dir, f"file {rel} does not match its SHA-256 (bytes changed on disk)")
-  return True
-
-
-class _SealingTemporaryPath(ocp.path.atomicity.AtomicRenameTemporaryPath):
-  """orbax's atomic-rename commit, writing our manifest into a step folder just before it is renamed.
-
-  orbax uses the class for the item folders too (state/, data/, meta/); only step folders (numeric
-  names) get a manifest. Runs after all items are finalised, on orbax's commit thread for async saves.
-  """
-
-  async def finalize(self, *args, **kwargs):
-    final = storage.native(str(self.get_final()))
-    if final.name.isdigit():
-      await asyncio.to_thread(write_manifest, storage.native(str(self.get())))
-    return await super().finalize(*args, **kwargs)
-
-
-class _SealingCommitFilePath(ocp.path.atomicity.CommitFileTemporaryPath):
-  """orbax's commit-file protocol (bucket workdirs: the step is written in place, `commit_success.txt` written
-  last publishes it), writing our manifest just before that file."""
-
-  async def finalize(self, *args, **kwargs):
-    final = storage.native(str(self.get_final()))
-    if final.name.isdigit():
-      await asyncio.to_thread(write_manifest, storage.native(str(self.get())))
-    return await super().finalize(*args, **kwargs)
-
-
-def _temporary_path_class(directory):
-  return _SealingCommitFilePath if storage.is_remote(directory) else _SealingTemporaryPath
-
-
-# ----------------------------------------------------------------------------- finite checks
-def _nonfinite_report(tree) -> str | None:
-  """None when every floating-point leaf is finite, else a one-line description."""
-  nan = inf = 0
-  first = None
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
-      continue
-    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:  # multi-host: reduce on device
-      n_nan, n_inf = int(jnp.isnan(leaf).sum()), int(jnp.isinf(leaf).sum())
-    else:
-      a = np.asarray(leaf)
-      n_nan, n_inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
-    if n_nan or n_inf:
-      nan, inf = nan + n_nan, inf + n_inf
-      first = first or jax.tree_util.keystr(path)
-  if first is None:
-    return None
-  return f"{nan} NaN and {inf} inf values in the restored arrays (first in {first})"
-
-
-@jax.jit
-def _count_nonfinite(leaves):
-  return sum(jnp.sum(~jnp.isfinite(x)) for x in leaves)
-
-
-def _require_finite_state(tree, step: int) -> None:
-  """Refuses to save a state with NaN/inf values (possible with finite losses: the loss at step s is
-  computed before the update that makes the state of step s)."""
-  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-  if leaves and int(jax.device_get(_count_nonfinite(leaves))):
-    raise NonFiniteStateError(f"the train state of step {step} holds NaN/inf values: not saved; the last good "
-                              "checkpoint is kept (lower the learning rate or check the data)")
-
-
-# ----------------------------------------------------------------------------- quiet orbax
-@contextlib.contextmanager
-def _quiet_orbax():
-  """orbax logs every step it opens (INFO) and read-only managers warn at WARNING level through absl;
-  restores report their own outcome in one line, so that chatter is held back while they run, unless the
-  absl logger's level was set (the CLIs set it from --verbosity: -v shows it)."""
-  logger = logging.getLogger("absl")
-  level = logger.level
-  if level != logging.NOTSET:
-    yield
-    return
-  logger.setLevel(logging.ERROR)
-  try:
-    yield
-  finally:
-    logger.setLevel(level)
-
-
-_ABANDONED_READ_ERRORS = ("Event loop is closed", "Encountered error while reading array index", "in OCDBT database")
-
-
-def _is_abandoned_read_error(exc) -> bool:
-  return any(s in str(exc) for s in _ABANDONED_READ_ERRORS)
-
-
-class _AbandonedReadsFilter(logging.Filter):
-  """Drops asyncio's "Task exception was never retrieved" reports of abandoned checkpoint reads."""
-
-  def filter(self, record):
-    exc = record.exc_info[1] if record.exc_info else None
-    return not ("never retrieved" in str(record.msg) and exc is not None and _is_abandoned_read_error(exc))
-
-
-def _drop_abandoned_read_errors() -> None:
-  """Silences the after-effects of an orbax restore that failed on a damaged file.
-
-  orbax runs all array reads of a restore as tensorstore futures in a fresh asyncio loop and closes the
-  loop as soon as the first read fails; each read still in flight then completes into the closed loop and
-  tensorstore reports `RuntimeError: Event loop is closed` (and the unretrieved read errors) through
-  sys.unraisablehook, and asyncio logs the unretrieved tasks' errors: a traceback per array, ~1,200 for
-  the demo model. Verified steps never get there (a missing or changed file fails the manifest check
-  before orbax reads anything); for steps without manifest these filters, installed before the first
-  restore, drop exactly those reports (the failure itself is reported in one line by the caller).
-  """
-  previous = sys.unraisablehook
-  if not getattr(previous, "_diffssr_drops_abandoned_reads", False):
-    def hook(unraisable):
-      if not _is_abandoned_read_error(unraisable.exc_value):
-        previous(unraisable)
-
-    hook._diffssr_drops_abandoned_reads = True
-    sys.unraisablehook = hook
-  asyncio_log = logging.getLogger("asyncio")
-  if not any(isinstance(f, _AbandonedReadsFilter) for f in asyncio_log.filters):
-    asyncio_log.addFilter(_AbandonedReadsFilter())
 
 
 # ----------------------------------------------------------------------------- restore
@@ -338,9 +61,11 @@ class Restored(NamedTuple):
   meta: dict
   step: int             # the step folder's number
   verified: bool        # False: a step without manifest accepted through DIFFSSR_TRUST_UNVERIFIED_CHECKPOINTS
+  path: object          # the step folder
 
 
-def _state_to_tree(state) -> dict:
+def state_to_tree(state) -> dict:
+  """A TrainState (or any flax struct) as the nested dict the `state` item holds."""
   return flax.serialization.to_state_dict(state)
 
 
@@ -359,7 +84,7 @@ def _local_target(item_dir):
   written by two processes read by one)."""
   from orbax.checkpoint import metadata as ocp_metadata
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  with _quiet_orbax():
+  with orbax_logging.quiet():
     tree = ocp.StandardCheckpointHandler().metadata(item_dir).tree
   return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree,
                       is_leaf=lambda x: isinstance(x, ocp_metadata.ArrayMetadata))
@@ -372,9 +97,9 @@ def restore_step(manager: ocp.CheckpointManager, step: int, state_template=None,
   Raises DamagedCheckpointError, UnverifiedCheckpointError (no manifest and not trusted) or
   CheckpointMismatchError (intact files that do not restore into `state_template`'s structure).
   """
-  trust = trust_unverified() if trust is None else trust
+  trust = integrity.trust_unverified() if trust is None else trust
   step_dir = _step_dir(manager, step)
-  verified = verify_files(step_dir)
+  verified = integrity.verify_files(step_dir)
   if not verified and not trust:
     raise UnverifiedCheckpointError(
         f"checkpoint {step_dir} has no {MANIFEST_NAME} (written by diffssr-jax before checkpoints were "
@@ -383,11 +108,11 @@ def restore_step(manager: ocp.CheckpointManager, step: int, state_template=None,
   if state_template is None:
     state_args = ocp.args.StandardRestore(_local_target(step_dir / "state"))
   else:
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_to_tree(state_template))
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_to_tree(state_template))
     state_args = ocp.args.StandardRestore(abstract)
-  _drop_abandoned_read_errors()  # before: the abandoned reads report while orbax is still unwinding
+  orbax_logging.install()  # before: the abandoned reads report while orbax is still unwinding
   try:
-    with _quiet_orbax():
+    with orbax_logging.quiet():
       out = manager.restore(step, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore()))
   except Exception as e:
     if verified:
@@ -398,18 +123,18 @@ def restore_step(manager: ocp.CheckpointManager, step: int, state_template=None,
           "or another orbax version; nothing was changed") from None
     raise DamagedCheckpointError(step_dir, f"orbax could not restore it ({type(e).__name__}: {_one_line(e, 200)})"
                                  ) from None
-  problem = _nonfinite_report(out["state"])
+  problem = integrity.nonfinite_report(out["state"])
   if problem:
-    raise DamagedCheckpointError(step_dir, problem)
+    raise DamagedCheckpointError(step_dir, f"the restored arrays hold {problem}")
   tree = out["state"]
   if state_template is not None:
     tree = flax.serialization.from_state_dict(state_template, tree)
-  return Restored(tree, None, out["meta"] or {"step": step}, step, verified)
+  return Restored(tree, None, out["meta"] or {"step": step}, step, verified, step_dir)
 
 
 class IteratorState:
   """A grain iterator's position as grain's orbax handler (`grain.checkpoint`) saves and restores it: each
-  process writes and reads its own `process_<i>-of-<n>.json`. Holds the state a `train.Prefetcher` recorded
+  process writes and reads its own `process_<i>-of-<n>.json`. Holds the state a `loop.Prefetcher` recorded
   for the last batch the step consumed (the iterator itself has read ahead)."""
 
   def __init__(self, state=None):
@@ -430,7 +155,7 @@ def restore_data_state(manager: ocp.CheckpointManager, step: int):
   count (a checkpoint written by another number of processes, or with no data item)."""
   holder = IteratorState()
   try:
-    with _quiet_orbax():
+    with orbax_logging.quiet():
       manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(holder)))
   except Exception as e:  # noqa: BLE001 - orbax/grain raise several kinds for a missing item or file
     log.info("no iterator state for process %d of %d in %s (%s)", jax.process_index(), jax.process_count(),
@@ -476,15 +201,9 @@ def restore_newest(manager: ocp.CheckpointManager, state_template=None, *, bad: 
   return None
 
 
-def restore_latest(manager: ocp.CheckpointManager, state_template=None):
-  """(state, data_state, meta) of the newest verified checkpoint, or None when there is none."""
-  got = restore_newest(manager, state_template)
-  return None if got is None else tuple(got[:3])
-
-
 def _read_only_manager(directory) -> ocp.CheckpointManager:
   # Explicit values for what read_only would otherwise override with a warning each.
-  with _quiet_orbax():
+  with orbax_logging.quiet():
     return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
         read_only=True, create=False, save_interval_steps=0))
 
@@ -496,7 +215,9 @@ def _checkpoint_dir(workdir, which: str):
   return directory
 
 
-def _restore_from_workdir(workdir, step: int | None, which: str) -> Restored:
+def restore_from_workdir(workdir, step: int | None, which: str = "checkpoints") -> Restored:
+  """WORKDIR/<which>'s newest verified step (damaged ones skipped with a warning), or exactly `step`, as
+  nested dicts on this process' first device (read-only: nothing in the workdir changes)."""
   directory = _checkpoint_dir(workdir, which)
   manager = _read_only_manager(directory)
   try:
@@ -513,33 +234,22 @@ def _restore_from_workdir(workdir, step: int | None, which: str) -> Restored:
       raise DamagedCheckpointError(e.path, f"{e.reason} (leave out the step to use the newest verified one)"
                                    ) from None
   finally:
-    with _quiet_orbax():
+    with orbax_logging.quiet():
       manager.close()
 
 
-def _step_dir_of(workdir, step: int) -> pathlib.Path:
-  return pathlib.Path(workdir) / "checkpoints" / str(step)
-
-
-def latest_verified_step(workdir, which: str = "checkpoints") -> int:
-  """The newest step of WORKDIR/<which> that verifies (checksums, restore, finite arrays); damaged steps
-  are skipped with one warning line each."""
-  return _restore_from_workdir(workdir, None, which).step
-
-
-def _params_from_state_tree(tree: dict, use_ema: bool) -> dict:
-  params = tree.get("ema_params") if use_ema and tree.get("ema_params") else tree["params"]
-  return {**(tree.get("frozen") or {}), **params}
-
-
-def load_workdir_params(workdir, step: int | None = None, use_ema: bool = True, which: str = "checkpoints"):
-  """(params, step): params dict ({"unet", "rrdb"} or {"rrdb"}) of a training workdir's checkpoint, the
-  newest verified one by default (damaged steps skipped with a warning), or exactly `step`."""
-  got = _restore_from_workdir(workdir, step, which)
-  return _params_from_state_tree(got.tree, use_ema), got.step
-
-
 # ----------------------------------------------------------------------------- training checkpoints
+def _finite_tree(state, step: int) -> dict:
+  """The state as a nested dict, refused (NonFiniteStateError) when it holds NaN/inf: possible with finite
+  losses, since the loss at step s is computed before the update that makes the state of step s."""
+  tree = state_to_tree(state)
+  problem = integrity.nonfinite_report(tree)
+  if problem:
+    raise integrity.NonFiniteStateError(f"the train state of step {step} holds {problem}: not saved; the last "
+                                        "good checkpoint is kept (lower the learning rate or check the data)")
+  return tree
+
+
 class Checkpointer:
   """The newest `keep` verified checkpoints plus the best one by validation PSNR-Y, with async saving.
 
@@ -552,7 +262,7 @@ class Checkpointer:
     self.keep = max(1, int(keep))
     # Retention is ours (orbax would count damaged steps and delete good ones): max_to_keep stays None.
     opts = dict(enable_async_checkpointing=use_async, create=True,
-                temporary_path_class=_temporary_path_class(self.workdir))
+                temporary_path_class=integrity.temporary_path_class(self.workdir))
     # Each manager gets its own barrier names: on several processes both save step N at the same time, and
     # orbax names its barriers by step only ("Barrier _async_write_complete.N is already ongoing").
     mp = lambda prefix: ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix)  # noqa: E731
@@ -563,12 +273,11 @@ class Checkpointer:
     self._bad = {"checkpoints": {}, "best": {}}   # steps found damaged in this process: {step: reason}
     self._warned: set = set()
     self._unfinished: set = set()                # managers with a save whose retention has not run
-    self.restored: Restored | None = None         # what restore_latest resumed from
     self._closed = False
     self._settings = dict(settings or {})  # recorded_settings(config), in every step's meta
     # A failed save (disk full) abandons its other array writes the same way a failed restore abandons its
     # reads: their "never retrieved" reports are dropped too (the error itself reaches the caller).
-    _drop_abandoned_read_errors()
+    orbax_logging.install()
     atexit.register(self.close)  # an exception out of the training loop must not leave orbax threads behind
 
   @staticmethod
@@ -588,11 +297,11 @@ class Checkpointer:
     if known:
       return "damaged", known
     try:
-      if verify_files(_step_dir(manager, step)):
+      if integrity.verify_files(_step_dir(manager, step)):
         return "good", ""
     except DamagedCheckpointError as e:
       return "damaged", e.reason
-    return ("good", "") if trust_unverified() else ("unverified", f"no {MANIFEST_NAME}")
+    return ("good", "") if integrity.trust_unverified() else ("unverified", f"no {MANIFEST_NAME}")
 
   def _warn_once(self, manager, step: int, status: str, reason: str) -> None:
     key = (self._name(manager), step)
@@ -648,7 +357,7 @@ class Checkpointer:
       manager.delete(step)
 
   def _psnr(self, manager, step: int) -> float:
-    with _quiet_orbax():
+    with orbax_logging.quiet():
       meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"] or {}
     return float(meta.get("psnr_y", -np.inf))
 
@@ -661,8 +370,7 @@ class Checkpointer:
 
   # -- saving
   def save(self, step: int, state, data_state=None, meta=None) -> None:
-    tree = _state_to_tree(state)
-    _require_finite_state(tree, step)
+    tree = _finite_tree(state, step)
     self._finish([self.last])  # orbax's save waits for the previous one anyway
     if not self._make_room(self.last, step):
       return
@@ -674,8 +382,7 @@ class Checkpointer:
     """Saves this step as the best checkpoint if its PSNR-Y beats the best verified one's."""
     if not np.isfinite(psnr_y):
       return
-    tree = _state_to_tree(state)
-    _require_finite_state(tree, step)
+    tree = _finite_tree(state, step)
     self._finish([self.best])
     good = [s for s in self.best.all_steps() if self._status(self.best, s)[0] == "good"]
     if good and max(self._psnr(self.best, s) for s in good) >= psnr_y:
@@ -688,26 +395,25 @@ class Checkpointer:
     self._unfinished.add(self.best)
 
   # -- restoring
-  def restore_latest(self, state_template):
-    """(state, data_state, meta) of the newest verified checkpoint, or None when there is none. data_state is
-    this process' iterator state, None when the checkpoint holds none for this process index and count.
+  def restore_latest(self, state_template) -> Restored | None:
+    """The newest verified checkpoint restored into `state_template`'s structure, or None when there is none.
+    Its data_state is this process' iterator state, None when the checkpoint holds none for this process
+    index and count.
 
     A step without manifest accepted through DIFFSSR_TRUST_UNVERIFIED_CHECKPOINTS gets its manifest
-    written now (trusted from then on).
+    written now (trusted from then on); `verified` stays False to say it was accepted that way.
     """
     got = restore_newest(self.last, state_template, bad=self._bad["checkpoints"])
-    if got is not None:
-      got = got._replace(data_state=restore_data_state(self.last, got.step))
-    self.restored = got
     if got is None:
       return None
+    got = got._replace(data_state=restore_data_state(self.last, got.step))
     if not got.verified:
       if jax.process_index() == 0:
-        write_manifest(_step_dir(self.last, got.step))
+        integrity.write_manifest(_step_dir(self.last, got.step))
       self._sync(f"adopt_{got.step}")
       log.warning("checkpoint %s had no %s; accepted through %s (finite arrays) and its checksums are now "
                   "recorded", _step_dir(self.last, got.step), MANIFEST_NAME, TRUST_ENV)
-    return tuple(got[:3])
+    return got
 
   def wait(self):
     self._finish([self.last, self.best])
@@ -722,52 +428,3 @@ class Checkpointer:
     finally:
       self.last.close()
       self.best.close()
-
-
-# ----------------------------------------------------------------------------- inference
-def load_rrdb_params(path) -> dict:
-  """RRDB encoder weights {"params": ...} from our RRDB (or diffusion) workdir or an official checkpoint."""
-  from diffssr_jax.models import convert
-  path = storage.native(path)
-  if path.is_dir():
-    params, _ = load_workdir_params(path, use_ema=False)
-    if "rrdb" not in params:
-      raise ValueError(f"{path}: the checkpoint holds no RRDB weights")
-    return params["rrdb"]
-  converted = convert.torch_to_flax(convert.load_torch_checkpoint(path))
-  if "rrdb" not in converted:
-    raise ValueError(f"{path}: the checkpoint holds no RRDB weights")
-  return converted["rrdb"]
-
-
-def load_for_inference(workdir=None, checkpoint=None, step: int | None = None, use_ema: bool = True,
-                       config=None):
-  """(config, model, params, step) for sampling, from a training workdir or an official PyTorch checkpoint
-  (step: the checkpoint's, None for an official file).
-
-  workdir: reads WORKDIR/config.json and the newest verified (or exactly `step`) checkpoint. checkpoint:
-  an official `.ckpt` (`state_dict['model']` with denoise_fn.* and rrdb.*), converted on the fly;
-  `config` defaults to the paper setting (diffssr_jax/configs/base.py).
-  """
-  from diffssr_jax.models import convert
-  from diffssr_jax.diffusion.model import build_model
-  if (workdir is None) == (checkpoint is None):
-    raise ValueError("give exactly one of workdir or checkpoint")
-  if workdir is not None:
-    config = config or load_config(workdir)
-    got = _restore_from_workdir(workdir, step, "checkpoints")
-    params, step = _params_from_state_tree(got.tree, use_ema), got.step
-    check_recorded_settings(config, got.meta, _step_dir_of(workdir, step))
-  else:
-    if config is None:
-      from diffssr_jax.configs import base
-      config = base.get_config()
-    params = convert.torch_to_flax(convert.load_torch_checkpoint(checkpoint))
-    step = None
-  model = build_model(config)
-  if "unet" not in params or "rrdb" not in params:
-    raise ValueError(f"{workdir or checkpoint}: needs both U-Net and RRDB weights, found {sorted(params)}")
-  template = model.param_shapes()
-  convert.check_against(jax.tree.map(np.asarray, params), template)
-  params = jax.tree.map(jax.numpy.asarray, params)
-  return config, model, params, step

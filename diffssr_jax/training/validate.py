@@ -1,5 +1,5 @@
 """Validation during training: bicubic, RRDB and diffusion outputs on held-out images, PSNR-Y/SSIM-Y,
-and side-by-side PNGs (LR | bicubic | SR | HR).
+and labelled side-by-side panels (LR | bicubic | RRDB | SR | HR) for PNGs and TensorBoard.
 
 Images are centre-cropped to `eval.crop_size` (rounded down to a multiple of the U-Net's size multiple and
 of the scale, what the U-Net accepts; `conventions`) so every validation batch has one shape and the sampler
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pathlib
 
+import cv2
 import jax
 import numpy as np
 
@@ -43,14 +44,14 @@ def load_validation_images(eval_cfg, scale: int, lr_up_divisor: float, unet_leve
   return [centre_crop(src[i], eval_cfg.crop_size, scale, lr_up_divisor, unet_levels) for i in range(n)]
 
 
-def run_validation(val_images, scale: int, *, model_fn, batch_size: int = 4, out_dir=None, step: int | None = None,
-                   crop_border: int | None = None) -> dict:
-  """Means of psnr_y / ssim_y (and psnr_rgb) for bicubic and for each output of `model_fn`.
+def run_validation(val_images, scale: int, *, model_fn, batch_size: int = 4, crop_border: int | None = None
+                   ) -> tuple[dict, list]:
+  """(summary, panels): means of psnr_y / ssim_y (and psnr_rgb) for bicubic and for each output of
+  `model_fn`, and [(image name, labelled panel)] (see `panel`) in the order of `val_images`.
 
   model_fn(lr, lr_up, indices) -> {"rrdb": ..., "diffusion": ...} (either or both) takes float batches in
   [-1, 1] and the images' positions in `val_images` (for per-image noise keys). Batches are padded to
-  `batch_size` (repeating the last image) so it compiles once. Panels are written when `out_dir` is given
-  (process 0 of a multi-process run).
+  `batch_size` (repeating the last image) so it compiles once.
   """
   crop = scale if crop_border is None else crop_border
   rows = {"bicubic": [], "rrdb": [], "diffusion": []}
@@ -71,25 +72,38 @@ def run_validation(val_images, scale: int, *, model_fn, batch_size: int = 4, out
       for name, out in outs.items():
         rows[name].append({"psnr_y": metrics.psnr_y(out, im.hr, crop), "ssim_y": metrics.ssim_y(out, im.hr, crop),
                            "psnr_rgb": metrics.psnr_rgb(out, im.hr, crop)})
-      panels.append((im, outs))
+      panels.append((im.name.replace("/", "_"), panel(im, outs)))
   summary = {k: {m: float(np.mean([r[m] for r in v])) for m in ("psnr_y", "ssim_y", "psnr_rgb")}
              for k, v in rows.items() if v}
-  if out_dir is not None:
-    save_panels(panels, out_dir, step)
-  return summary
+  return summary, panels
+
+
+PANEL_LABELS = {"bicubic": "bicubic", "rrdb": "RRDB", "diffusion": "SR"}
+_LABEL_HEIGHT = 16
+
+
+def panel(im: EvalImage, outs: dict) -> np.ndarray:
+  """LR (nearest-upscaled) | bicubic | RRDB | SR | HR side by side (the outputs in `outs`), each column under
+  a white strip with its name, 4 px white gaps between columns (uint8 HxWx3)."""
+  s = im.hr.shape[0] // im.lr.shape[0]
+  columns = [("LR", np.repeat(np.repeat(im.lr, s, 0), s, 1))]
+  columns += [(PANEL_LABELS[k], outs[k]) for k in ("bicubic", "rrdb", "diffusion") if k in outs]
+  columns.append(("HR", im.hr))
+  h, w = im.hr.shape[:2]
+  cells = []
+  for label, image in columns:
+    strip = np.full((_LABEL_HEIGHT, w, 3), 255, np.uint8)
+    cv2.putText(strip, label, (2, _LABEL_HEIGHT - 4), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    cells += [np.concatenate([strip, image]), np.full((_LABEL_HEIGHT + h, 4, 3), 255, np.uint8)]
+  return np.concatenate(cells[:-1], axis=1)
 
 
 def save_panels(panels, out_dir, step=None) -> list[pathlib.Path]:
-  """LR (nearest-upscaled) | bicubic | RRDB | SR | HR, one PNG per image."""
+  """One PNG per (name, panel) of `run_validation`: OUT_DIR/<name>[_step<step>].png."""
   out_dir = storage.native(out_dir)
   paths = []
-  for im, outs in panels:
-    s = im.hr.shape[0] // im.lr.shape[0]
-    lr_big = np.repeat(np.repeat(im.lr, s, 0), s, 1)
-    order = [lr_big, outs["bicubic"]] + [outs[k] for k in ("rrdb", "diffusion") if k in outs] + [im.hr]
-    gap = np.full((im.hr.shape[0], 4, 3), 255, np.uint8)
-    row = np.concatenate(sum(([p, gap] for p in order[:-1]), []) + [order[-1]], axis=1)
-    name = im.name.replace("/", "_") + (f"_step{step}" if step is not None else "") + ".png"
-    image_io.save_png(out_dir / name, row)
-    paths.append(out_dir / name)
+  for name, image in panels:
+    path = out_dir / (name + (f"_step{step}" if step is not None else "") + ".png")
+    image_io.save_png(path, image)
+    paths.append(path)
   return paths

@@ -1,4 +1,6 @@
-"""One workdir, one model: the check run before training writes anything into a workdir.
+"""A training workdir's config: WORKDIR/config.json (`save_config`, `load_config`), the settings recorded
+with every checkpoint step (`recorded_settings`, `check_recorded_settings`), and one workdir, one model:
+the check run before training writes anything into a workdir (`check_config`).
 
 A workdir's checkpoints only make sense with the config that made them. Restarting with a config that
 builds another model used to fail the restore, train from step 0, rewrite config.json and let checkpoint
@@ -24,7 +26,7 @@ Settings are compared with WORKDIR/config.json (flattened to dotted keys) and fa
   (`data.train_files`, `data.demo_dir`, `data.hflip`, `data.rot90`, shuffling and reader settings).
 
 Without the flag any difference is refused; with it only safe ones may differ, and config.json then
-records the new config (the old one is kept as config.<time>.json, see checkpointing.save_config).
+records the new config (the old one is kept as config.<time>.json, see `save_config`).
 A key present in only one of the two (a setting added to or removed from the code since the run started)
 counts as a safe difference: refused without the flag, so it is seen, but never locking a workdir out of
 newer code.
@@ -36,9 +38,16 @@ training's policy on top of it.
 from __future__ import annotations
 
 import json
+import logging
+import time
 
-from diffssr_jax import run_settings, storage
+import ml_collections
+
+from diffssr_jax import fileio, run_settings, storage
 from diffssr_jax.run_settings import ABSENT as _MISSING, flatten  # noqa: F401  (flatten: part of this API)
+from diffssr_jax.training import integrity
+
+log = logging.getLogger(__name__)
 
 IDENTITY_KEYS = ("optim.train_rrdb", "train.rrdb_checkpoint")
 SAFE_PREFIXES = ("train.", "optim.", "eval.")
@@ -84,7 +93,7 @@ def check_config(config, workdir, allow_config_change: bool = False) -> dict:
   settings; returns the differences let through by `allow_config_change` (empty when the configs are equal
   or the workdir holds no checkpoint).
 
-  Reads only: config.json is written afterwards by the training job (checkpointing.save_config keeps the
+  Reads only: config.json is written afterwards by the training job (save_config keeps the
   previous version).
   """
   workdir = storage.native(workdir)
@@ -122,3 +131,62 @@ def check_config(config, workdir, allow_config_change: bool = False) -> dict:
         "safe to change in a running job, pass --allow_config_change (config.json then records the new "
         "settings; the old file is kept as config.<time>.json).")
   return diff
+
+
+# ----------------------------------------------------------------------------- config.json
+def save_config(config, workdir) -> None:
+  """Writes WORKDIR/config.json; a different existing one is first kept as config.<UTC time>.json."""
+  path = storage.native(workdir) / "config.json"
+  text = config.to_json(indent=2)
+  if path.is_file():
+    old = path.read_text()
+    if old == text:
+      return
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    kept = path.with_name(f"config.{stamp}.json")
+    n = 1
+    while kept.exists():
+      kept, n = path.with_name(f"config.{stamp}-{n}.json"), n + 1
+    fileio.atomic_write(kept, old)
+    log.info("%s changed; the previous version is kept as %s", path, kept.name)
+  fileio.atomic_write(path, text)
+
+
+def load_config(workdir) -> ml_collections.ConfigDict:
+  """WORKDIR/config.json as a ConfigDict (NoCheckpointError when there is none: not a training workdir)."""
+  path = storage.native(workdir) / "config.json"
+  if not path.is_file():
+    raise integrity.NoCheckpointError(f"{path}: not found (is {workdir} a training workdir?)")
+  try:
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+# ----------------------------------------------------------------------------- recorded settings
+# What the weights cannot show: a U-Net trained for T=10 steps loads into a T=20 schedule just as well and
+# then samples garbage. Every step records these settings in its meta; inference refuses a config.json that
+# disagrees with them (an edited or replaced file) instead of sampling wrongly.
+RECORDED_PREFIXES = ("diffusion.",)
+RECORDED_KEYS = ("model.scale", "data.lr_up_divisor")
+
+
+def recorded_settings(config) -> dict:
+  """{dotted key: value} of the config's settings recorded with each checkpoint step (JSON values)."""
+  flat = flatten(json.loads(config.to_json()))
+  return {k: v for k, v in flat.items() if k in RECORDED_KEYS or k.startswith(RECORDED_PREFIXES)}
+
+
+def check_recorded_settings(config, meta: dict, where) -> None:
+  """Raises CheckpointMismatchError when `config` disagrees with the settings recorded in a step's meta
+  (steps saved before settings were recorded have none: nothing to check)."""
+  recorded = (meta or {}).get("settings")
+  if not recorded:
+    return
+  now = recorded_settings(config)
+  diff = {k: (v, now.get(k)) for k, v in recorded.items() if now.get(k) != v}
+  if diff:
+    detail = ", ".join(f"{k}={a!r} (config.json: {b!r})" for k, (a, b) in diff.items())
+    raise integrity.CheckpointMismatchError(
+        f"config.json disagrees with the settings checkpoint {where} was trained with: {detail}; put the run's "
+        "config.json back (earlier versions are kept as config.<time>.json)")

@@ -1,0 +1,62 @@
+"""Weights for sampling: a training workdir's verified checkpoint or an official SAM-DiffSR checkpoint,
+with the config that builds their model.
+
+A workdir's checkpoint is read with training/checkpointing.py's verified restore (damaged steps skipped
+with one warning line) and checked against the settings recorded with its step (training/workdir.py), so
+an edited config.json cannot silently sample with another schedule. Orbax is imported by this module only
+(upscaler.py imports it lazily: upscaling an in-memory model needs no checkpoint library).
+"""
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import numpy as np
+
+from diffssr_jax.diffusion.model import build_model
+from diffssr_jax.models import convert
+from diffssr_jax.training import checkpointing
+from diffssr_jax.training import workdir as workdir_lib
+
+
+def _params_from_state_tree(tree: dict, use_ema: bool) -> dict:
+  params = tree.get("ema_params") if use_ema and tree.get("ema_params") else tree["params"]
+  return {**(tree.get("frozen") or {}), **params}
+
+
+def load_workdir_params(workdir, step: int | None = None, use_ema: bool = True, which: str = "checkpoints"):
+  """(params, step): params dict ({"unet", "rrdb"} or {"rrdb"}) of a training workdir's checkpoint, the
+  newest verified one by default (damaged steps skipped with a warning), or exactly `step`."""
+  got = checkpointing.restore_from_workdir(workdir, step, which)
+  return _params_from_state_tree(got.tree, use_ema), got.step
+
+
+def load_for_inference(workdir=None, checkpoint=None, step: int | None = None, use_ema: bool = True,
+                       config=None):
+  """(config, model, params, step) for sampling, from a training workdir or an official PyTorch checkpoint
+  (step: the checkpoint's, None for an official file).
+
+  workdir: reads WORKDIR/config.json and the newest verified (or exactly `step`) checkpoint. checkpoint:
+  an official `.ckpt` (`state_dict['model']` with denoise_fn.* and rrdb.*), converted on the fly;
+  `config` defaults to the paper setting (configs/base.py).
+  """
+  if (workdir is None) == (checkpoint is None):
+    raise ValueError("give exactly one of workdir or checkpoint")
+  if workdir is not None:
+    config = config or workdir_lib.load_config(workdir)
+    got = checkpointing.restore_from_workdir(workdir, step, "checkpoints")
+    params, step = _params_from_state_tree(got.tree, use_ema), got.step
+    workdir_lib.check_recorded_settings(config, got.meta, pathlib.Path(workdir) / "checkpoints" / str(step))
+  else:
+    if config is None:
+      from diffssr_jax.configs import base
+      config = base.get_config()
+    params = convert.torch_to_flax(convert.load_torch_checkpoint(checkpoint))
+    step = None
+  model = build_model(config)
+  if "unet" not in params or "rrdb" not in params:
+    raise ValueError(f"{workdir or checkpoint}: needs both U-Net and RRDB weights, found {sorted(params)}")
+  template = model.param_shapes()
+  convert.check_against(jax.tree.map(np.asarray, params), template)
+  params = jax.tree.map(jax.numpy.asarray, params)
+  return config, model, params, step
