@@ -20,7 +20,7 @@ Start-up: importing this module (every command imports it before anything import
 installed accelerator plugin (the CUDA compiler plugin `diffssr-benchmark compile` uses, or libtpu) does not
 print its failed start-up on CPU-only machines.
 
-Console scripts (pyproject.toml): diffssr-train, diffssr-evaluate, diffssr-upscale, diffssr-benchmark and
+Console scripts (pyproject.toml): diffssr-train, diffssr-evaluate, diffssr-upscale, diffssr-benchmark, diffssr-convert and
 diffssr-export-masks are the functions at the end of this module. This module imports no jax (the export tool
 must run on machines without it), and the commands import theirs lazily.
 """
@@ -456,6 +456,12 @@ def export_masks(argv: Sequence[str] | None = None) -> int:
   """diffssr-export-masks: `python tools/export_sam_masks.py` (torch only, never imports jax)."""
   from diffssr_jax.data import export_cli
   return export_cli.cli(_argv(argv))
+
+
+def convert(argv: Sequence[str] | None = None) -> int:
+  """diffssr-convert: `python -m diffssr_jax.models.convert_cli`."""
+  from diffssr_jax.models import convert_cli
+  return convert_cli.cli_main(_argv(argv))
 
 
 def benchmark(argv: Sequence[str] | None = None) -> int:

@@ -16,7 +16,7 @@ from diffssr_jax.data import export_cli
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPTS = {"diffssr-train": "diffssr_jax.cli:train", "diffssr-evaluate": "diffssr_jax.cli:evaluate",
            "diffssr-upscale": "diffssr_jax.cli:upscale", "diffssr-benchmark": "diffssr_jax.cli:benchmark",
-           "diffssr-export-masks": "diffssr_jax.cli:export_masks"}
+           "diffssr-export-masks": "diffssr_jax.cli:export_masks", "diffssr-convert": "diffssr_jax.cli:convert"}
 
 
 def _fv():
@@ -105,7 +105,7 @@ def test_run_turns_errors_into_one_line(capsys):
 
 
 def test_console_scripts_resolve():
-  """pyproject's [project.scripts] name these five entry points, and each resolves to a callable (through
+  """pyproject's [project.scripts] name these six entry points, and each resolves to a callable (through
   importlib.metadata, as the installed scripts do)."""
   project = tomllib.loads((ROOT / "pyproject.toml").read_text())
   assert project["project"]["scripts"] == SCRIPTS
@@ -135,7 +135,8 @@ def _flag_blocks(text):
   return blocks
 
 
-@pytest.mark.parametrize("script", ["diffssr-train", "diffssr-evaluate", "diffssr-upscale", "diffssr-export-masks"])
+@pytest.mark.parametrize("script", ["diffssr-train", "diffssr-evaluate", "diffssr-upscale", "diffssr-export-masks",
+                                    "diffssr-convert"])
 def test_help_shows_every_default(script, capsys):
   fn = importlib.metadata.EntryPoint(script, SCRIPTS[script], "console_scripts").load()
   try:

@@ -202,15 +202,42 @@ def check_against(converted: dict, reference: dict) -> None:
       raise ConversionError(f"checkpoint has no {part} weights")
     a, b = _flatten(converted[part]), _flatten(ref)
     missing, extra = sorted(set(b) - set(a)), sorted(set(a) - set(b))
-    bad = [f"{k}: {np.shape(a[k])} vs {np.shape(b[k])}" for k in set(a) & set(b) if np.shape(a[k]) != np.shape(b[k])]
+    bad = [f"{_official_name(part, k)}: {_torch_shape(part, k, np.shape(a[k]))} vs "
+           f"{_torch_shape(part, k, np.shape(b[k]))}"
+           for k in sorted(set(a) & set(b)) if np.shape(a[k]) != np.shape(b[k])]
     if missing or extra or bad:
-      raise ConversionError(f"{part}: missing {missing[:5]}, unexpected {extra[:5]}, shape mismatches {bad[:5]} "
-                            "(does the model config match the checkpoint?)")
+      name = lambda keys: [_official_name(part, k) for k in keys[:5]]  # noqa: E731
+      raise ConversionError(f"{part}: missing {name(missing)}, unexpected {name(extra)}, shape mismatches "
+                            f"{bad[:5]} (checkpoint vs model; does the model config match the checkpoint?)")
 
 
-def load_torch_checkpoint(path) -> dict[str, np.ndarray]:
+def _official_name(part: str, path: str) -> str:
+  """`params/downs_1_res0/block2/kernel` -> `denoise_fn.downs.1.0.block2.block.1.weight` (the key a user can
+  find in the official state dict; trunk blocks as `RRDB_trunk.*`)."""
+  prefix = {"unet": "denoise_fn.", "rrdb": "rrdb."}.get(part, "")
+  inner = path[len("params/"):] if path.startswith("params/") else path
+  try:
+    return prefix + _torch_key(inner).replace("{n}", "*")
+  except (KeyError, IndexError):
+    return f"{part}/{path}"
+
+
+def _torch_shape(part: str, path: str, shape: tuple) -> tuple:
+  """A Flax param shape in the torch layout of its key (what the official state dict shows)."""
+  inner = path[len("params/"):] if path.startswith("params/") else path
+  if path.endswith("bias"):
+    return tuple(shape)
+  stacked = inner.startswith("RRDB_trunk/")
+  dims = tuple(shape[1:] if stacked else shape)
+  axes = _TO_TORCH["dense" if len(dims) == 2 else "conv"]
+  out = tuple(dims[i] for i in axes) if len(dims) == len(axes) else dims
+  return ((shape[0],) + out) if stacked else out
+
+
+def load_torch_checkpoint(path, info: dict | None = None) -> dict[str, np.ndarray]:
   """Reads an official checkpoint (`ckpt['state_dict']['model']`), a `{'model': ...}` dict or a bare
-  state dict, returning numpy arrays. Uses torch.load(weights_only=True): no pickled code runs."""
+  state dict, returning numpy arrays. Uses torch.load(weights_only=True): no pickled code runs. `info`, when
+  given, receives the checkpoint's `global_step` (when it has one)."""
   import torch  # only needed here; the rest of the converter is numpy
   try:
     if storage.is_remote(path):  # torch reads a file object as well as a file name
@@ -223,10 +250,14 @@ def load_torch_checkpoint(path) -> dict[str, np.ndarray]:
   except Exception as e:
     raise ConversionError(f"{path}: cannot read as a PyTorch checkpoint ({type(e).__name__}: {e})") from None
   sd = ckpt
+  if info is not None and isinstance(ckpt, Mapping) and "global_step" in ckpt:
+    info["global_step"] = int(ckpt["global_step"])
   if isinstance(sd, Mapping) and "state_dict" in sd:
     sd = sd["state_dict"]
   if isinstance(sd, Mapping) and "model" in sd and isinstance(sd["model"], Mapping):
     sd = sd["model"]
   if not isinstance(sd, Mapping) or not sd:
     raise ConversionError(f"{path}: no state dict found (expected ckpt['state_dict']['model'])")
-  return {k: _as_numpy(v) for k, v in sd.items() if hasattr(v, "shape")}
+  # Models trained under torch.nn.DataParallel save their keys with a `module.` prefix (the official loaders
+  # strip it too).
+  return {k.removeprefix("module."): _as_numpy(v) for k, v in sd.items() if hasattr(v, "shape")}

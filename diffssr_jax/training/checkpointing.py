@@ -747,7 +747,7 @@ def load_for_inference(workdir=None, checkpoint=None, step: int | None = None, u
 
   workdir: reads WORKDIR/config.json and the newest verified (or exactly `step`) checkpoint. checkpoint:
   an official `.ckpt` (`state_dict['model']` with denoise_fn.* and rrdb.*), converted on the fly;
-  `config` defaults to the paper setting (configs/base.py).
+  `config` defaults to configs/base.py with the model's size read from the checkpoint's shapes.
   """
   from diffssr_jax.models import convert
   from diffssr_jax.diffusion.model import build_model
@@ -759,10 +759,13 @@ def load_for_inference(workdir=None, checkpoint=None, step: int | None = None, u
     params, step = _params_from_state_tree(got.tree, use_ema), got.step
     check_recorded_settings(config, got.meta, _step_dir_of(workdir, step))
   else:
+    from diffssr_jax.models import official
+    state_dict = convert.load_torch_checkpoint(checkpoint)
+    overrides, params = official.from_official(state_dict)  # the model's size from the tensor shapes
     if config is None:
       from configs import base
-      config = base.get_config()
-    params = convert.torch_to_flax(convert.load_torch_checkpoint(checkpoint))
+      config = official.apply_overrides(base.get_config(), overrides)
+    official.check_schedule(state_dict, config)
     step = None
   model = build_model(config)
   if "unet" not in params or "rrdb" not in params:

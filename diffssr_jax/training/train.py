@@ -40,6 +40,7 @@ from diffssr_jax.models import build_rrdb
 from diffssr_jax.models.initializers import init_params
 from diffssr_jax.training import checkpointing, train_step, validate
 from diffssr_jax.training import workdir as workdir_lib
+from diffssr_jax.training import weights_only
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +323,7 @@ def _restore_or_start(state, config, workdir, mesh):
   # Replicated first, so the checkpoint is restored straight into the mesh's layout (each process reads its
   # own replicas), whatever number of processes wrote it.
   state = parallel.replicate(state, mesh)
-  restored = ckpt.restore_latest(state)
+  restored = weights_only.restore_latest(ckpt, state)  # a converted official checkpoint: fresh optimizer
   data_state = None
   _RESUMED_FROM.clear()
   if restored is not None:
