@@ -9,7 +9,7 @@ For each dataset and method, under WORKDIR/eval/<dataset>/<tag>/ (or --output in
   summary.json   the means, FID when asked for, and the settings (sampler, steps, seed, crop_border, step, ...)
   <name>.png     the SR images, named as the inputs (subfolders kept)
   run.json       the settings the results were made with; a resumed run must use the same ones
-and WORKDIR/eval/table_<step>.md, a Markdown table laid out like the paper's Table 2 over every dataset with
+and WORKDIR/eval/table_<step>.md (and .csv), a table laid out like the paper's Table 2 over every dataset with
 results for that step, one row per method found on disk (bicubic, the step's RRDB and diffusion results),
 whichever of them this run made: re-running without --rrdb --bicubic keeps their rows.
 
@@ -50,7 +50,6 @@ from diffssr_jax.data.imresize import imresize
 from diffssr_jax.conventions import signed_to_uint8
 from diffssr_jax.evaluation.metrics import sr_metrics
 
-TABLE_METRICS = ("psnr_y", "ssim_y", "lpips", "fid")
 METHODS = ("bicubic", "rrdb", "diffusion")  # also the order of the table's rows
 
 
@@ -320,10 +319,6 @@ def dataset_fid(source, out_dir: pathlib.Path, fid_fn) -> float:
 
 
 # ---------------------------------------------------------------- the table
-def _write_text(path: pathlib.Path, text: str) -> None:
-  fileio.atomic_write(path, text)
-
-
 def collect_results(root, tags: Sequence[str], datasets_first: Sequence[str] = ()) -> tuple[dict, list[str]]:
   """{label: {dataset: summary}} from root/<dataset>/<tag>/summary.json for the given tags (rows in tag
   order), and the dataset order: `datasets_first`, then the others found, sorted."""
@@ -341,12 +336,13 @@ def collect_results(root, tags: Sequence[str], datasets_first: Sequence[str] = (
   return table, datasets
 
 
-def write_table(root, table_name: str, tags: Sequence[str], datasets_first: Sequence[str] = ()) -> pathlib.Path:
-  """Writes root/table_<table_name>.md over every dataset with results for `tags`; returns its path."""
+def write_table(root, table_name: str, tags: Sequence[str], datasets_first: Sequence[str] = (),
+                compare: bool = False) -> pathlib.Path:
+  """Writes root/table_<table_name>.md and .csv over every dataset with results for `tags` (see
+  evaluation.paper_table; `compare` adds the published rows); returns the Markdown file's path."""
+  from diffssr_jax.evaluation import paper_table
   table, datasets = collect_results(root, tags, datasets_first)
-  path = storage.native(root) / f"table_{table_name}.md"
-  _write_text(path, results.markdown_table(table, metrics=TABLE_METRICS, datasets=datasets))
-  return path
+  return paper_table.write_tables(root, table_name, table, datasets, compare=compare)
 
 
 # ---------------------------------------------------------------- everything
@@ -355,7 +351,7 @@ def evaluate_all(upscaler, datasets: Mapping[str, str], root, *, step_tag: str |
                  crop_border: int | None = None, batch_size: int = 4, seed: int = 0, scale: int | None = None,
                  lpips_fn=None, lpips_net: str | None = None, fid_fn=None, run_settings: Mapping | None = None,
                  extra_summary: Mapping | None = None, on_image: Callable[[str], None] | None = None,
-                 show_progress: bool = True) -> pathlib.Path:
+                 show_progress: bool = True, compare: bool = False) -> pathlib.Path:
   """Evaluates `methods` on every dataset ({name: HR folder}, LR by MATLAB bicubic unless `paired_lr` names
   an LR folder) into root/<dataset>/<tag>/, then writes the table (every method's results on disk for the
   step, not only this run's); returns the table's path. All sources are opened and checked (folders, headers,
@@ -385,7 +381,8 @@ def evaluate_all(upscaler, datasets: Mapping[str, str], root, *, step_tag: str |
       evaluate_dataset(source, root / name / method.tag, method, crop_border=crop, batch_size=batch_size,
                        lpips_fn=lpips_fn, fid_fn=fid_fn, extra_summary=extra_summary, on_image=on_image,
                        show_progress=show_progress)
-  return write_table(root, step_tag if step_tag is not None else "bicubic", table_tags(step_tag), list(datasets))
+  return write_table(root, step_tag if step_tag is not None else "bicubic", table_tags(step_tag), list(datasets),
+                     compare=compare)
 
 
 # ---------------------------------------------------------------- CLI
@@ -413,6 +410,8 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_enum("lpips_net", "alex", ["alex", "vgg"], "LPIPS backbone.", **d)
   flags.DEFINE_string("fid_inception", None, "pytorch-fid Inception weights (pt_inception-*.pth) for FID (default: "
                       "none, no FID).", **d)
+  flags.DEFINE_bool("compare", False, "Add the published rows (the official README's SAM-DiffSR results, cited) to "
+                    "the table, for the datasets evaluated (see evaluation/paper_table.py).", **d)
   flags.DEFINE_bool("progress", True, "Show progress bars.", **d)
 
 
@@ -476,7 +475,7 @@ def run_from_flags(fv: flags.FlagValues) -> pathlib.Path:
   return evaluate_all(upscaler, datasets, root, step_tag=step_tag, paired_lr=paired, methods=methods,
                       crop_border=fv.crop_border, batch_size=fv.batch_size, seed=fv.seed, scale=fv.scale,
                       lpips_fn=lpips_fn, lpips_net=fv.lpips_net, fid_fn=fid_fn, run_settings=settings,
-                      extra_summary=extra, show_progress=fv.progress)
+                      extra_summary=extra, show_progress=fv.progress, compare=fv.compare)
 
 
 def main(argv, fv: flags.FlagValues) -> int:
