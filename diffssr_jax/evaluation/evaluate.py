@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from diffssr_jax import cli as shared_cli
 from diffssr_jax import conventions, fileio, images, preemption, storage
-from diffssr_jax.evaluation import results
+from diffssr_jax.evaluation import maniqa, results
 from diffssr_jax.data.eval_sources import EvalImage, EvalSourceError, PairedFolders, open_eval_source
 from diffssr_jax.data.imresize import imresize
 from diffssr_jax.conventions import signed_to_uint8
@@ -245,11 +245,13 @@ def verify_output(out_dir: pathlib.Path, name: str, hw: tuple[int, int], digests
 
 def evaluate_dataset(source, out_dir, method: Method, *, crop_border: int | None = None, batch_size: int = 4,
                      lpips_fn=None, fid_fn=None, extra_summary: Mapping | None = None,
-                     on_image: Callable[[str], None] | None = None, show_progress: bool = True) -> dict:
+                     on_image: Callable[[str], None] | None = None, show_progress: bool = True,
+                     maniqa_fn=None) -> dict:
   """Evaluates one method on one eval source (resuming what out_dir already holds); returns the summary.
 
   `lpips_fn` (lpips.make_lpips_fn) adds an `lpips` column; `fid_fn` (fid.make_feature_fn) adds the
-  dataset's FID to the summary, computed from the SR PNGs and the HR images. `on_image(name)` is called after
+  dataset's FID to the summary, computed from the SR PNGs and the HR images; `maniqa_fn` (maniqa.make_maniqa_fn)
+  its MANIQA (per image in maniqa.csv). `on_image(name)` is called after
   each image's row is recorded (a hook for progress reporting and tests).
   """
   out_dir = storage.native(out_dir)
@@ -300,6 +302,9 @@ def evaluate_dataset(source, out_dir, method: Method, *, crop_border: int | None
              **(extra_summary or {}), "num_images": len(table), **table.means()}
   if fid_fn is not None:
     summary["fid"] = dataset_fid(source, out_dir, fid_fn)
+  if maniqa_fn is not None:
+    from diffssr_jax.evaluation import maniqa
+    summary["maniqa"] = maniqa.dataset_maniqa(out_dir, source.names, maniqa_fn)
   results.write_summary_json(out_dir / "summary.json", summary)
   return summary
 
@@ -351,7 +356,7 @@ def evaluate_all(upscaler, datasets: Mapping[str, str], root, *, step_tag: str |
                  crop_border: int | None = None, batch_size: int = 4, seed: int = 0, scale: int | None = None,
                  lpips_fn=None, lpips_net: str | None = None, fid_fn=None, run_settings: Mapping | None = None,
                  extra_summary: Mapping | None = None, on_image: Callable[[str], None] | None = None,
-                 show_progress: bool = True, compare: bool = False) -> pathlib.Path:
+                 show_progress: bool = True, compare: bool = False, maniqa_fn=None) -> pathlib.Path:
   """Evaluates `methods` on every dataset ({name: HR folder}, LR by MATLAB bicubic unless `paired_lr` names
   an LR folder) into root/<dataset>/<tag>/, then writes the table (every method's results on disk for the
   step, not only this run's); returns the table's path. All sources are opened and checked (folders, headers,
@@ -380,7 +385,7 @@ def evaluate_all(upscaler, datasets: Mapping[str, str], root, *, step_tag: str |
     for method in make_methods(methods, upscaler, step_tag, seed, common):
       evaluate_dataset(source, root / name / method.tag, method, crop_border=crop, batch_size=batch_size,
                        lpips_fn=lpips_fn, fid_fn=fid_fn, extra_summary=extra_summary, on_image=on_image,
-                       show_progress=show_progress)
+                       show_progress=show_progress, maniqa_fn=maniqa_fn)
   return write_table(root, step_tag if step_tag is not None else "bicubic", table_tags(step_tag), list(datasets),
                      compare=compare)
 
@@ -410,6 +415,11 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_enum("lpips_net", "alex", ["alex", "vgg"], "LPIPS backbone.", **d)
   flags.DEFINE_string("fid_inception", None, "pytorch-fid Inception weights (pt_inception-*.pth) for FID (default: "
                       "none, no FID).", **d)
+  flags.DEFINE_enum("fid_protocol", "pytorch-fid", ["pytorch-fid", "pyiqa"], "How images are resized for the FID "
+                    "Inception: pytorch-fid's bilinear, or pyiqa's clean bicubic (the paper's; see "
+                    "evaluation/fid_protocols.py).", **d)
+  flags.DEFINE_string("maniqa", None, "Local MANIQA weights (pyiqa's ckpt_koniq10k.pt) for a MANIQA column; needs the "
+                      "optional pyiqa package (default: none, no MANIQA).", **d)
   flags.DEFINE_bool("compare", False, "Add the published rows (the official README's SAM-DiffSR results, cited) to "
                     "the table, for the datasets evaluated (see evaluation/paper_table.py).", **d)
   flags.DEFINE_bool("progress", True, "Show progress bars.", **d)
@@ -417,7 +427,7 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 # Errors the user can fix, printed as one line (exit status 1); the model loader's are `cli.UserError`s.
 USER_ERRORS = (EvalSourceError, images.ImageReadError, FileNotFoundError, NotADirectoryError, SettingsMismatchError,
-               results.CorruptResultsError, storage.StorageError)
+               results.CorruptResultsError, storage.StorageError, maniqa.MissingExtraError)
 
 
 def _checkpoint_tag(step, checkpoint) -> str:
@@ -454,8 +464,12 @@ def run_from_flags(fv: flags.FlagValues) -> pathlib.Path:
   storage.check_all({"--workdir": fv.workdir, "--checkpoint": fv.checkpoint, "--output": fv.output,
                      "--datasets": list(datasets.values()), "--paired_lr": list(paired.values()),
                      "--lpips_backbone": fv.lpips_backbone, "--lpips_lin": fv.lpips_lin,
-                     "--fid_inception": fv.fid_inception})
+                     "--fid_inception": fv.fid_inception, "--maniqa": fv.maniqa})
+  if fv["fid_protocol"].present and not fv.fid_inception:
+    raise app.UsageError("--fid_protocol needs --fid_inception (the pytorch-fid Inception weights both protocols use)")
   root = storage.native(fv.output) if fv.output else storage.native(fv.workdir) / "eval"
+  # Before the model is loaded: a missing extra or weights file is one line, before any work.
+  maniqa_fn = maniqa.make_maniqa_fn(fv.maniqa) if fv.maniqa else None
   upscaler, step_tag, extra, settings = None, None, {}, {}
   if needs_model:
     workdir = fv.workdir if fv.checkpoint is None else None
@@ -470,12 +484,13 @@ def run_from_flags(fv: flags.FlagValues) -> pathlib.Path:
     from diffssr_jax.evaluation import lpips
     lpips_fn = lpips.make_lpips_fn(fv.lpips_net, lpips.load_weights(fv.lpips_net, fv.lpips_backbone, fv.lpips_lin))
   if fv.fid_inception:
-    from diffssr_jax.evaluation import fid
-    fid_fn = fid.make_feature_fn(fid.load_weights(fv.fid_inception))
+    from diffssr_jax.evaluation import fid, fid_protocols
+    fid_fn = fid_protocols.make_feature_fn(fid.load_weights(fv.fid_inception), fv.fid_protocol)
+    extra["fid_protocol"] = fv.fid_protocol
   return evaluate_all(upscaler, datasets, root, step_tag=step_tag, paired_lr=paired, methods=methods,
                       crop_border=fv.crop_border, batch_size=fv.batch_size, seed=fv.seed, scale=fv.scale,
                       lpips_fn=lpips_fn, lpips_net=fv.lpips_net, fid_fn=fid_fn, run_settings=settings,
-                      extra_summary=extra, show_progress=fv.progress, compare=fv.compare)
+                      extra_summary=extra, show_progress=fv.progress, compare=fv.compare, maniqa_fn=maniqa_fn)
 
 
 def main(argv, fv: flags.FlagValues) -> int:
