@@ -459,8 +459,8 @@ def export_masks(argv: Sequence[str] | None = None) -> int:
 
 
 def convert(argv: Sequence[str] | None = None) -> int:
-  """diffssr-convert: `python -m diffssr_jax.models.convert_cli`."""
-  from diffssr_jax.models import convert_cli
+  """diffssr-convert: `python -m diffssr_jax.convert_cli`."""
+  from diffssr_jax import convert_cli
   return convert_cli.cli_main(_argv(argv))
 
 

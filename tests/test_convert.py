@@ -9,7 +9,8 @@ import torch
 import reference_data as rd
 from diffssr_jax import parallel
 from diffssr_jax.diffusion.model import build_model
-from diffssr_jax.models import convert, convert_cli, official
+from diffssr_jax import convert_cli
+from diffssr_jax.models import convert, official
 from diffssr_jax.training import checkpointing, train, train_step
 from helpers import reference_state_dict, tiny_config
 

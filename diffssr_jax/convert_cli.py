@@ -27,8 +27,7 @@ from absl import app, flags
 
 from diffssr_jax import cli, storage
 
-log = logging.getLogger(__name__)
-_DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "diffssr_df2k_x4.py"
+log = logging.getLogger("diffssr_jax.convert_cli")  # also when run as __main__
 _CHECKPOINT_SUFFIXES = (".ckpt", ".pth", ".pt")
 
 
@@ -48,9 +47,12 @@ def define_flags(fv: flags.FlagValues) -> None:
 def load_config_file(path: str | None):
   """`get_config()` of a local config file (configs/diffssr_df2k_x4.py when None)."""
   import importlib.util
-  if path and storage.is_remote(path):
+  if not path:
+    from configs import diffssr_df2k_x4
+    return diffssr_df2k_x4.get_config()
+  if storage.is_remote(path):
     raise cli.UserError(f"--config {path}: a config is a Python module and is read from a local file only")
-  path = pathlib.Path(path) if path else _DEFAULT_CONFIG
+  path = pathlib.Path(path)
   if not path.is_file():
     raise cli.UserError(f"--config {path}: file not found")
   spec = importlib.util.spec_from_file_location(f"_convert_config_{path.stem}", path)
@@ -149,11 +151,19 @@ def main(argv, fv: flags.FlagValues) -> int:
   return cli.EXIT_OK
 
 
+def _main(argv, fv: flags.FlagValues) -> int:
+  from diffssr_jax.training.checkpointing import CheckpointMismatchError  # jax and orbax: after flag parsing
+  try:
+    return main(argv, fv)
+  except CheckpointMismatchError as e:
+    raise cli.UserError(str(e)) from None
+
+
 def cli_main(argv: Sequence[str]) -> int:
-  from diffssr_jax.models.convert import ConversionError
-  from diffssr_jax.training.checkpointing import CheckpointMismatchError, NoCheckpointError
-  return cli.run(argv, define_flags=define_flags, main=main, doc=__doc__,
-                 user_errors=(ConversionError, NoCheckpointError, CheckpointMismatchError))
+  from diffssr_jax.models.convert import ConversionError  # numpy only
+  # FileNotFoundError covers checkpointing.NoCheckpointError (a workdir without config.json or checkpoints).
+  return cli.run(argv, define_flags=define_flags, main=_main, doc=__doc__,
+                 user_errors=(ConversionError, FileNotFoundError))
 
 
 if __name__ == "__main__":
