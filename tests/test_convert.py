@@ -102,7 +102,12 @@ def test_wrong_or_truncated_checkpoint_is_one_line_naming_the_key(tmp_path, caps
   assert "denoise_fn.downs.1.0.block2.block.1.weight" in err and "(16, 15, 3, 3)" in err
   missing = {k: v for k, v in sd.items() if k != "rrdb.RRDB_trunk.1.RDB2.conv3.bias"}
   code, err = _convert(capsys, "--input", _save_ckpt(tmp_path / "missing.ckpt", missing), "--output", tmp_path / "w2")
-  assert code == 1 and len(err.strip().splitlines()) == 1 and "RRDB_trunk" in err
+  assert code == 1 and len(err.strip().splitlines()) == 1 and "no rrdb.RRDB_trunk.1.RDB2.conv3.bias" in err
+  block = dict(sd)
+  block["rrdb.RRDB_trunk.1.RDB1.conv2.weight"] = np.zeros((4, 11, 3, 3), np.float32)
+  code, err = _convert(capsys, "--input", _save_ckpt(tmp_path / "block.ckpt", block), "--output", tmp_path / "w5")
+  assert code == 1 and len(err.strip().splitlines()) == 1
+  assert "rrdb.RRDB_trunk.1.RDB1.conv2.weight: shape (4, 11, 3, 3), but rrdb.RRDB_trunk.0.RDB1.conv2.weight" in err
   wrong_cond = dict(sd)
   wrong_cond["denoise_fn.cond_proj.weight"] = np.zeros((24, 8, 8, 8), np.float32)
   code, err = _convert(capsys, "--input", _save_ckpt(tmp_path / "c.ckpt", wrong_cond), "--output", tmp_path / "w3")
@@ -111,7 +116,7 @@ def test_wrong_or_truncated_checkpoint_is_one_line_naming_the_key(tmp_path, caps
   (tmp_path / "truncated.ckpt").write_bytes(full[: len(full) // 2])
   code, err = _convert(capsys, "--input", tmp_path / "truncated.ckpt", "--output", tmp_path / "w4")
   assert code == 1 and len(err.strip().splitlines()) == 1 and "truncated.ckpt" in err
-  assert not any((tmp_path / f"w{i}").exists() and any((tmp_path / f"w{i}").iterdir()) for i in range(1, 5))
+  assert not any((tmp_path / f"w{i}").exists() and any((tmp_path / f"w{i}").iterdir()) for i in range(1, 6))
 
 
 def test_existing_outputs_are_never_overwritten(tmp_path, capsys):
@@ -153,3 +158,17 @@ def test_training_resumes_from_converted_weights_with_fresh_optimizer(tmp_path, 
   assert int(state2.step) == 51
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state2.params),
                jax.tree.map(np.asarray, state.params))
+
+
+def test_rrdb_workdir_exports_the_official_rrdb_layout(tmp_path, capsys):
+  """An RRDB pre-training workdir -> the bare RRDBNet keys of the official `rrdb_ckpt` files, which load back."""
+  cfg = tiny_config()
+  rrdb = jax.tree.map(np.asarray, build_model(cfg).init(jax.random.key(1))["rrdb"])
+  checkpointing.save_config(cfg, tmp_path / "rrdb")
+  ckpt = checkpointing.Checkpointer(tmp_path / "rrdb", keep=1, use_async=False)
+  ckpt.save(5, {"step": np.asarray(5, np.int32), "params": {"rrdb": rrdb}, "frozen": {}})
+  ckpt.close()
+  assert _convert(capsys, "--input", tmp_path / "rrdb", "--output", tmp_path / "rrdb.ckpt")[0] == 0
+  sd = torch.load(tmp_path / "rrdb.ckpt", weights_only=True)["state_dict"]["model"]
+  assert "conv_first.weight" in sd and not any(k.startswith(("rrdb.", "denoise_fn.")) or k == "betas" for k in sd)
+  jax.tree.map(np.testing.assert_array_equal, checkpointing.load_rrdb_params(tmp_path / "rrdb.ckpt"), rrdb)

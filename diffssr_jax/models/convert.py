@@ -87,12 +87,24 @@ def _set(tree: dict, path: str, value):
   node[parts[-1]] = value
 
 
-def _stack_blocks(blocks: dict, tree: dict) -> None:
-  """{path: {block index: array}} -> tree[path] = the arrays stacked in block order (0..N-1, no gaps)."""
-  for path, by_index in blocks.items():
-    n = max(by_index) + 1
-    if sorted(by_index) != list(range(n)):
-      raise ConversionError(f"{path}: trunk blocks {sorted(by_index)} are not 0..{n - 1}")
+def _stack_blocks(blocks: dict, tree: dict, prefix: str = "rrdb.") -> None:
+  """{path: {block index: array}} -> tree[path] = the arrays stacked in block order. Every block 0..N-1 (N from
+  the highest index of any trunk key) must have every key, with the shape of block 0's (else the first
+  offending torch key is named)."""
+  if not blocks:
+    return
+  n = max(max(by_index) for by_index in blocks.values()) + 1
+  tshape = lambda s: tuple(s[i] for i in _TO_TORCH["conv"]) if len(s) == 4 else tuple(s)  # noqa: E731
+  for path, by_index in sorted(blocks.items()):
+    key = prefix + _torch_key(path)
+    missing = [i for i in range(n) if i not in by_index]
+    if missing:
+      raise ConversionError(f"state dict has no {key.format(n=missing[0])} (the trunk has {n} blocks)")
+    want = np.shape(by_index[0])
+    for i in range(1, n):
+      if np.shape(by_index[i]) != want:
+        raise ConversionError(f"{key.format(n=i)}: shape {tshape(np.shape(by_index[i]))}, but {key.format(n=0)} "
+                              f"has {tshape(want)}")
     _set(tree, path, np.stack([by_index[i] for i in range(n)]))
 
 
@@ -125,7 +137,7 @@ def torch_to_flax(state_dict: Mapping[str, Any], dtype=np.float32) -> dict:
     raise ConversionError(
         f"{len(unknown)} state-dict keys have no counterpart in our model, e.g. {unknown[:5]} "
         "(configurations with cond_sam, attention, weight norm or up_input are not supported)")
-  _stack_blocks(blocks, rrdb)
+  _stack_blocks(blocks, rrdb, "" if bare_rrdb else "rrdb.")
   out = {}
   if unet:
     out["unet"] = {"params": unet}

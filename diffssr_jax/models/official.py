@@ -135,17 +135,20 @@ def from_official(state_dict: Mapping) -> tuple[dict, dict]:
 
 def to_official(params: dict, config) -> dict[str, np.ndarray]:
   """Our {"unet", "rrdb"} params -> an official-layout state dict (float32 numpy), with the schedule buffers
-  the official GaussianDiffusion registers (its `load_state_dict` is strict)."""
+  the official GaussianDiffusion registers (its `load_state_dict` is strict); {"rrdb"} alone (an RRDB
+  pre-training workdir) -> RRDBNet's bare keys, as the official `rrdb_ckpt` files hold them."""
   sd = {k: np.ascontiguousarray(v, np.float32) for k, v in convert.flax_to_torch(params).items()}
+  if "unet" not in params:  # an RRDB alone: the official RRDB pre-training saves RRDBNet's bare keys
+    sd = {k.removeprefix("rrdb."): v for k, v in sd.items()}
   if "unet" in params:
     from diffssr_jax.diffusion.schedules import schedule_from_config
     schedule = schedule_from_config(config.diffusion)
     for name in sorted(convert._SCHEDULE_BUFFERS):
       sd[name] = np.asarray(getattr(schedule, name), np.float32)
   if config.model.scale == 2 and "rrdb" in params:
-    nf = config.model.rrdb_num_feat
-    sd["rrdb.upconv2.weight"] = np.zeros((nf, nf, 3, 3), np.float32)
-    sd["rrdb.upconv2.bias"] = np.zeros((nf,), np.float32)
+    nf, p = config.model.rrdb_num_feat, "rrdb." if "unet" in params else ""
+    sd[f"{p}upconv2.weight"] = np.zeros((nf, nf, 3, 3), np.float32)
+    sd[f"{p}upconv2.bias"] = np.zeros((nf,), np.float32)
     log.warning("x2: wrote rrdb.upconv2 as zeros (the official RRDB always has that layer; ours at x2 has not; it "
                 "does not affect the diffusion model's output)")
   return sd
