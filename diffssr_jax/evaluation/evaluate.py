@@ -6,6 +6,7 @@ r"""Benchmark evaluation: super-resolve every image of benchmark folders, write 
 For each dataset and method, under WORKDIR/eval/<dataset>/<tag>/ (or --output instead of WORKDIR/eval), tag
 `<step>` for the diffusion model, `<step>_rrdb` for its RRDB encoder alone and `bicubic` for MATLAB bicubic:
   metrics.csv    one row per image: image, psnr_y, ssim_y, psnr_rgb, lr_psnr, artifact[, lpips]
+  maniqa.csv     per-image MANIQA (with --maniqa; pyiqa)
   summary.json   the means, FID when asked for, and the settings (sampler, steps, seed, crop_border, step, ...)
   <name>.png     the SR images, named as the inputs (subfolders kept)
   run.json       the settings the results were made with; a resumed run must use the same ones

@@ -1,4 +1,4 @@
-"""Converting official SAM-DiffSR / SRDiff PyTorch weights to our Flax params (and back, for tests).
+"""Converting official SAM-DiffSR / SRDiff PyTorch weights to our Flax params and back (key names and layouts).
 
 Layouts: Conv2d weight (O, I, kH, kW) -> HWIO kernel; ConvTranspose2d weight (I, O, kH, kW) -> the
 (kH, kW, O, I) kernel of `nn.ConvTranspose(transpose_kernel=True)`; Linear (O, I) -> (I, O). The 17
