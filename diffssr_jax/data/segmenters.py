@@ -238,7 +238,7 @@ class FromLR:
   """A segmenter applied to the LR image instead of the HR one (the paper's Table 3 ablation: masks from LR
   vs HR images): the HR image is made LR as the training data is (MATLAB bicubic, 1/scale) and brought back to
   the HR size with MATLAB bicubic, so the masks (and the SPE) keep the HR grid the tiles are cut on. Which
-  up-sampling the paper used is not stated; this one is the `lr_up` the model itself is given (up to the
+  up-sampling the paper used is not known here; this one is the `lr_up` the model itself is given (up to the
   official /256 scaling, which does not change the image a segmenter sees)."""
 
   def __init__(self, segmenter, scale: int):
