@@ -18,7 +18,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPTS = {"diffssr-train": "diffssr_jax.main:cli", "diffssr-evaluate": "diffssr_jax.evaluation.evaluate:cli",
            "diffssr-upscale": "diffssr_jax.inference.upscale:cli",
            "diffssr-benchmark": "diffssr_jax.benchmarks.model:cli",
-           "diffssr-export-masks": "diffssr_jax.data.export_cli:cli"}
+           "diffssr-export-masks": "diffssr_jax.data.export_cli:cli",
+           "diffssr-convert": "diffssr_jax.convert_cli:cli"}
 
 
 def _fv():
@@ -134,7 +135,7 @@ def test_run_turns_errors_into_one_line(capsys):
 
 
 def test_console_scripts_resolve():
-  """pyproject's [project.scripts] name these five entry points, and each resolves to a callable (through
+  """pyproject's [project.scripts] name these six entry points, and each resolves to a callable (through
   importlib.metadata, as the installed scripts do)."""
   project = tomllib.loads((ROOT / "pyproject.toml").read_text())
   assert project["project"]["scripts"] == SCRIPTS
@@ -196,7 +197,8 @@ def _flag_blocks(text):
   return blocks
 
 
-@pytest.mark.parametrize("script", ["diffssr-train", "diffssr-evaluate", "diffssr-upscale", "diffssr-export-masks"])
+@pytest.mark.parametrize("script", ["diffssr-train", "diffssr-evaluate", "diffssr-upscale", "diffssr-export-masks",
+                                    "diffssr-convert"])
 def test_help_shows_every_default(script, capsys):
   fn = importlib.metadata.EntryPoint(script, SCRIPTS[script], "console_scripts").load()
   try:

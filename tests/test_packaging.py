@@ -1,5 +1,5 @@
 """`pip install .` gives a working package: the wheel built from this checkout declares every distribution its
-modules import, holds the configs and no other top-level package, and its five console scripts start from the
+modules import, holds the configs and no other top-level package, and its six console scripts start from the
 installed files alone (no checkout on the path).
 
 The wheel is built once (pip wheel --no-deps --no-build-isolation: offline, ~2 s) from a copy of the sources, so
@@ -23,7 +23,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SCRIPTS = {"diffssr-train", "diffssr-evaluate", "diffssr-upscale", "diffssr-benchmark", "diffssr-export-masks"}
+SCRIPTS = {"diffssr-train", "diffssr-evaluate", "diffssr-upscale", "diffssr-benchmark", "diffssr-export-masks",
+           "diffssr-convert"}
 # Declared but imported by name only, never by an import statement.
 RUNTIME_ONLY = {"gcsfs": "etils.epath's fsspec backend for gs:// (fsspec loads it by protocol name)"}
 

@@ -78,6 +78,8 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer("fz_min_size", 100, "Felzenszwalb minimum segment size.", **d)
   flags.DEFINE_integer("slic_segments", 200, "SLIC number of segments.", **d)
   flags.DEFINE_float("slic_compactness", 10.0, "SLIC compactness.", **d)
+  flags.DEFINE_enum("mask_source", "hr", ["hr", "lr"], "Segment the HR image, or its LR version brought back to the "
+                    "HR size by MATLAB bicubic (the paper's Table 3 ablation). Not with --from_masks.", **d)
   flags.DEFINE_bool("keep_masks", False, "Also save the masks (COCO RLE) under OUT/masks/.", **d)
   # SPE and tiles
   flags.DEFINE_enum("spe", "rope", ["rope", "cosine", "sincos", "linear"], "Structural position encoding kind.", **d)
@@ -147,7 +149,11 @@ def main(argv, fv: flags.FlagValues) -> int:
     raise app.UsageError("--workers > 1 would load SAM once per process; run one process per GPU with "
                          "--shard_index instead")
   source = hr_sources.open_source(fv.images, fv.tfds_data_dir, fv.tfds_split, fv.tfds_image_key)
+  if fv.from_masks and fv.mask_source != "hr":
+    raise app.UsageError("--mask_source lr segments the LR image: not with --from_masks (saved masks)")
   segmenter = None if fv.from_masks else make_segmenter(fv)
+  if fv.mask_source == "lr":
+    segmenter = segmenters.FromLR(segmenter, fv.scale)
   from diffssr_jax import preemption
   with preemption.handle_sigterm():  # SIGTERM: the image in progress is finished, then a clean exit (143)
     man = export.run_export(source, fv.out, cfg, segmenter=segmenter, masks_dir=fv.from_masks,

@@ -6,10 +6,11 @@ r"""Benchmark evaluation: super-resolve every image of benchmark folders, write 
 For each dataset and method, under WORKDIR/eval/<dataset>/<tag>/ (or --output instead of WORKDIR/eval), tag
 `<step>` for the diffusion model, `<step>_rrdb` for its RRDB encoder alone and `bicubic` for MATLAB bicubic:
   metrics.csv    one row per image: image, psnr_y, ssim_y, psnr_rgb, lr_psnr, artifact[, lpips]
+  maniqa.csv     per-image MANIQA (with --maniqa; pyiqa)
   summary.json   the means, FID when asked for, and the settings (sampler, steps, seed, crop_border, step, ...)
   <name>.png     the SR images, named as the inputs (subfolders kept)
   run.json       the settings the results were made with; a resumed run must use the same ones
-and WORKDIR/eval/table_<step>.md, a Markdown table laid out like the paper's Table 2 over every dataset with
+and WORKDIR/eval/table_<step>.md (and .csv), a table laid out like the paper's Table 2 over every dataset with
 results for that step, one row per method found on disk (bicubic, the step's RRDB and diffusion results),
 whichever of them this run made: re-running without --rrdb --bicubic keeps their rows.
 
@@ -41,12 +42,11 @@ from tqdm import tqdm
 
 from diffssr_jax import cli as shared_cli
 from diffssr_jax import conventions, fileio, images, preemption, run_settings, storage
-from diffssr_jax.evaluation import results
+from diffssr_jax.evaluation import maniqa, results
 from diffssr_jax.data.eval_sources import EvalSourceError, PairedFolders, open_eval_source
 from diffssr_jax.evaluation.metrics import sr_metrics
 from diffssr_jax.evaluation.methods import Method, make_methods, table_tags
 
-TABLE_METRICS = ("psnr_y", "ssim_y", "lpips", "fid")
 
 
 class SettingsMismatchError(run_settings.SettingsMismatchError):
@@ -138,11 +138,13 @@ def verify_output(out_dir: pathlib.Path, name: str, hw: tuple[int, int], digests
 
 def evaluate_dataset(source, out_dir, method: Method, *, crop_border: int | None = None, batch_size: int = 4,
                      lpips_fn=None, fid_fn=None, extra_summary: Mapping | None = None,
-                     on_image: Callable[[str], None] | None = None, show_progress: bool = True) -> dict:
+                     on_image: Callable[[str], None] | None = None, show_progress: bool = True,
+                     maniqa_fn=None) -> dict:
   """Evaluates one method on one eval source (resuming what out_dir already holds); returns the summary.
 
   `lpips_fn` (lpips.make_lpips_fn) adds an `lpips` column; `fid_fn` (fid.make_feature_fn) adds the
-  dataset's FID to the summary, computed from the SR PNGs and the HR images. `on_image(name)` is called after
+  dataset's FID to the summary, computed from the SR PNGs and the HR images; `maniqa_fn` (maniqa.make_maniqa_fn)
+  its MANIQA (per image in maniqa.csv). `on_image(name)` is called after
   each image's row is recorded (a hook for progress reporting and tests).
   """
   out_dir = storage.native(out_dir)
@@ -193,6 +195,8 @@ def evaluate_dataset(source, out_dir, method: Method, *, crop_border: int | None
              **(extra_summary or {}), "num_images": len(table), **table.means()}
   if fid_fn is not None:
     summary["fid"] = dataset_fid(source, out_dir, fid_fn)
+  if maniqa_fn is not None:
+    summary["maniqa"] = maniqa.dataset_maniqa(out_dir, source.names, maniqa_fn)
   results.write_summary_json(out_dir / "summary.json", summary)
   return summary
 
@@ -212,10 +216,6 @@ def dataset_fid(source, out_dir: pathlib.Path, fid_fn) -> float:
 
 
 # ---------------------------------------------------------------- the table
-def _write_text(path: pathlib.Path, text: str) -> None:
-  fileio.atomic_write(path, text)
-
-
 def collect_results(root, tags: Sequence[str], datasets_first: Sequence[str] = ()) -> tuple[dict, list[str]]:
   """{label: {dataset: summary}} from root/<dataset>/<tag>/summary.json for the given tags (rows in tag
   order), and the dataset order: `datasets_first`, then the others found, sorted."""
@@ -233,12 +233,13 @@ def collect_results(root, tags: Sequence[str], datasets_first: Sequence[str] = (
   return table, datasets
 
 
-def write_table(root, table_name: str, tags: Sequence[str], datasets_first: Sequence[str] = ()) -> pathlib.Path:
-  """Writes root/table_<table_name>.md over every dataset with results for `tags`; returns its path."""
+def write_table(root, table_name: str, tags: Sequence[str], datasets_first: Sequence[str] = (),
+                compare: bool = False) -> pathlib.Path:
+  """Writes root/table_<table_name>.md and .csv over every dataset with results for `tags` (see
+  evaluation.paper_table; `compare` adds the published rows); returns the Markdown file's path."""
+  from diffssr_jax.evaluation import paper_table
   table, datasets = collect_results(root, tags, datasets_first)
-  path = storage.native(root) / f"table_{table_name}.md"
-  _write_text(path, results.markdown_table(table, metrics=TABLE_METRICS, datasets=datasets))
-  return path
+  return paper_table.write_tables(root, table_name, table, datasets, compare=compare)
 
 
 # ---------------------------------------------------------------- everything
@@ -247,7 +248,7 @@ def evaluate_all(upscaler, datasets: Mapping[str, str], root, *, step_tag: str |
                  crop_border: int | None = None, batch_size: int = 4, seed: int = 0, scale: int | None = None,
                  lpips_fn=None, lpips_net: str | None = None, fid_fn=None, run_settings: Mapping | None = None,
                  extra_summary: Mapping | None = None, on_image: Callable[[str], None] | None = None,
-                 show_progress: bool = True) -> pathlib.Path:
+                 show_progress: bool = True, compare: bool = False, maniqa_fn=None) -> pathlib.Path:
   """Evaluates `methods` on every dataset ({name: HR folder}, LR by MATLAB bicubic unless `paired_lr` names
   an LR folder) into root/<dataset>/<tag>/, then writes the table (every method's results on disk for the
   step, not only this run's); returns the table's path. All sources are opened and checked (folders, headers,
@@ -276,8 +277,9 @@ def evaluate_all(upscaler, datasets: Mapping[str, str], root, *, step_tag: str |
     for method in make_methods(methods, upscaler, step_tag, seed, common):
       evaluate_dataset(source, root / name / method.tag, method, crop_border=crop, batch_size=batch_size,
                        lpips_fn=lpips_fn, fid_fn=fid_fn, extra_summary=extra_summary, on_image=on_image,
-                       show_progress=show_progress)
-  return write_table(root, step_tag if step_tag is not None else "bicubic", table_tags(step_tag), list(datasets))
+                       show_progress=show_progress, maniqa_fn=maniqa_fn)
+  return write_table(root, step_tag if step_tag is not None else "bicubic", table_tags(step_tag), list(datasets),
+                     compare=compare)
 
 
 # ---------------------------------------------------------------- CLI
@@ -305,12 +307,19 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_enum("lpips_net", "alex", ["alex", "vgg"], "LPIPS backbone.", **d)
   flags.DEFINE_string("fid_inception", None, "pytorch-fid Inception weights (pt_inception-*.pth) for FID (default: "
                       "none, no FID).", **d)
+  flags.DEFINE_enum("fid_protocol", "pytorch-fid", ["pytorch-fid", "pyiqa"], "How images are resized for the FID "
+                    "Inception: pytorch-fid's bilinear, or pyiqa's clean bicubic (the paper's; see "
+                    "evaluation/fid_protocols.py).", **d)
+  flags.DEFINE_string("maniqa", None, "Local MANIQA weights (pyiqa's ckpt_koniq10k.pt) for a MANIQA column; needs the "
+                      "optional pyiqa package (default: none, no MANIQA).", **d)
+  flags.DEFINE_bool("compare", False, "Add the published rows (the official README's SAM-DiffSR results, cited) to "
+                    "the table, for the datasets evaluated (see evaluation/paper_table.py).", **d)
   flags.DEFINE_bool("progress", True, "Show progress bars.", **d)
 
 
 # Errors the user can fix, printed as one line (exit status 1); the model loader's are `errors.UserError`s.
 USER_ERRORS = (EvalSourceError, images.ImageReadError, FileNotFoundError, NotADirectoryError, SettingsMismatchError,
-               results.CorruptResultsError, storage.StorageError)
+               results.CorruptResultsError, storage.StorageError, maniqa.MissingExtraError)
 
 
 def _checkpoint_tag(step, checkpoint) -> str:
@@ -344,8 +353,12 @@ def run_from_flags(fv: flags.FlagValues) -> pathlib.Path:
   storage.check_all({"--workdir": fv.workdir, "--checkpoint": fv.checkpoint, "--output": fv.output,
                      "--datasets": list(datasets.values()), "--paired_lr": list(paired.values()),
                      "--lpips_backbone": fv.lpips_backbone, "--lpips_lin": fv.lpips_lin,
-                     "--fid_inception": fv.fid_inception})
+                     "--fid_inception": fv.fid_inception, "--maniqa": fv.maniqa})
+  if fv["fid_protocol"].present and not fv.fid_inception:
+    raise app.UsageError("--fid_protocol needs --fid_inception (the pytorch-fid Inception weights both protocols use)")
   root = storage.native(fv.output) if fv.output else storage.native(fv.workdir) / "eval"
+  # Before the model is loaded: a missing extra or weights file is one line, before any work.
+  maniqa_fn = maniqa.make_maniqa_fn(fv.maniqa) if fv.maniqa else None
   upscaler, step_tag, extra, settings = None, None, {}, {}
   if needs_model:
     workdir = fv.workdir if fv.checkpoint is None else None
@@ -360,12 +373,13 @@ def run_from_flags(fv: flags.FlagValues) -> pathlib.Path:
     from diffssr_jax.evaluation import lpips
     lpips_fn = lpips.make_lpips_fn(fv.lpips_net, lpips.load_weights(fv.lpips_net, fv.lpips_backbone, fv.lpips_lin))
   if fv.fid_inception:
-    from diffssr_jax.evaluation import fid
-    fid_fn = fid.make_feature_fn(fid.load_weights(fv.fid_inception))
+    from diffssr_jax.evaluation import fid, fid_protocols
+    fid_fn = fid_protocols.make_feature_fn(fid.load_weights(fv.fid_inception), fv.fid_protocol)
+    extra["fid_protocol"] = fv.fid_protocol
   return evaluate_all(upscaler, datasets, root, step_tag=step_tag, paired_lr=paired, methods=methods,
                       crop_border=fv.crop_border, batch_size=fv.batch_size, seed=fv.seed, scale=fv.scale,
                       lpips_fn=lpips_fn, lpips_net=fv.lpips_net, fid_fn=fid_fn, run_settings=settings,
-                      extra_summary=extra, show_progress=fv.progress)
+                      extra_summary=extra, show_progress=fv.progress, compare=fv.compare, maniqa_fn=maniqa_fn)
 
 
 def main(argv, fv: flags.FlagValues) -> int:

@@ -21,11 +21,11 @@ METRIC_COLUMNS = ("image", "psnr_y", "ssim_y", "psnr_rgb", "lr_psnr", "artifact"
 
 # Whether a larger value is better, for choosing the bold entry in tables (unknown metrics: higher is better).
 HIGHER_IS_BETTER = {"psnr_y": True, "ssim_y": True, "psnr_rgb": True, "lr_psnr": True, "psnr": True,
-                    "ssim": True, "artifact": False, "lpips": False, "fid": False}
+                    "ssim": True, "artifact": False, "lpips": False, "fid": False, "maniqa": True}
 METRIC_LABELS = {"psnr_y": "PSNR-Y", "ssim_y": "SSIM-Y", "psnr_rgb": "PSNR", "lr_psnr": "LR-PSNR",
-                 "artifact": "Artifact", "lpips": "LPIPS", "fid": "FID", "psnr": "PSNR", "ssim": "SSIM"}
+                 "artifact": "Artifact", "lpips": "LPIPS", "fid": "FID", "psnr": "PSNR", "ssim": "SSIM", "maniqa": "MANIQA"}
 METRIC_FORMATS = {"psnr_y": ".2f", "psnr_rgb": ".2f", "lr_psnr": ".2f", "psnr": ".2f", "ssim_y": ".4f",
-                  "ssim": ".4f", "lpips": ".4f", "fid": ".2f", "artifact": ".3e"}
+                  "ssim": ".4f", "lpips": ".4f", "fid": ".2f", "artifact": ".3e", "maniqa": ".4f"}
 
 
 class CorruptResultsError(ValueError):

@@ -38,7 +38,7 @@ def load_for_inference(workdir=None, checkpoint=None, step: int | None = None, u
 
   workdir: reads WORKDIR/config.json and the newest verified (or exactly `step`) checkpoint. checkpoint:
   an official `.ckpt` (`state_dict['model']` with denoise_fn.* and rrdb.*), converted on the fly;
-  `config` defaults to the paper setting (configs/base.py).
+  `config` defaults to diffssr_jax/configs/base.py with the model's size read from the checkpoint's shapes.
   """
   if (workdir is None) == (checkpoint is None):
     raise ValueError("give exactly one of workdir or checkpoint")
@@ -48,10 +48,13 @@ def load_for_inference(workdir=None, checkpoint=None, step: int | None = None, u
     params, step = _params_from_state_tree(got.tree, use_ema), got.step
     workdir_lib.check_recorded_settings(config, got.meta, pathlib.Path(workdir) / "checkpoints" / str(step))
   else:
+    from diffssr_jax.models import official
+    state_dict = convert.load_torch_checkpoint(checkpoint)
+    overrides, params = official.from_official(state_dict)  # the model's size from the tensor shapes
     if config is None:
       from diffssr_jax.configs import base
-      config = base.get_config()
-    params = convert.torch_to_flax(convert.load_torch_checkpoint(checkpoint))
+      config = official.apply_overrides(base.get_config(), overrides)
+    official.check_schedule(state_dict, config)
     step = None
   model = build_model(config)
   if "unet" not in params or "rrdb" not in params:

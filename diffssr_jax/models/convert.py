@@ -1,4 +1,4 @@
-"""Converting official SAM-DiffSR / SRDiff PyTorch weights to our Flax params (and back, for tests).
+"""Converting official SAM-DiffSR / SRDiff PyTorch weights to our Flax params and back (key names and layouts).
 
 Layouts: Conv2d weight (O, I, kH, kW) -> HWIO kernel; ConvTranspose2d weight (I, O, kH, kW) -> the
 (kH, kW, O, I) kernel of `nn.ConvTranspose(transpose_kernel=True)`; Linear (O, I) -> (I, O). The 17
@@ -87,12 +87,24 @@ def _set(tree: dict, path: str, value):
   node[parts[-1]] = value
 
 
-def _stack_blocks(blocks: dict, tree: dict) -> None:
-  """{path: {block index: array}} -> tree[path] = the arrays stacked in block order (0..N-1, no gaps)."""
-  for path, by_index in blocks.items():
-    n = max(by_index) + 1
-    if sorted(by_index) != list(range(n)):
-      raise ConversionError(f"{path}: trunk blocks {sorted(by_index)} are not 0..{n - 1}")
+def _stack_blocks(blocks: dict, tree: dict, prefix: str = "rrdb.") -> None:
+  """{path: {block index: array}} -> tree[path] = the arrays stacked in block order. Every block 0..N-1 (N from
+  the highest index of any trunk key) must have every key, with the shape of block 0's (else the first
+  offending torch key is named)."""
+  if not blocks:
+    return
+  n = max(max(by_index) for by_index in blocks.values()) + 1
+  tshape = lambda s: tuple(s[i] for i in _TO_TORCH["conv"]) if len(s) == 4 else tuple(s)  # noqa: E731
+  for path, by_index in sorted(blocks.items()):
+    key = prefix + _torch_key(path)
+    missing = [i for i in range(n) if i not in by_index]
+    if missing:
+      raise ConversionError(f"state dict has no {key.format(n=missing[0])} (the trunk has {n} blocks)")
+    want = np.shape(by_index[0])
+    for i in range(1, n):
+      if np.shape(by_index[i]) != want:
+        raise ConversionError(f"{key.format(n=i)}: shape {tshape(np.shape(by_index[i]))}, but {key.format(n=0)} "
+                              f"has {tshape(want)}")
     _set(tree, path, np.stack([by_index[i] for i in range(n)]))
 
 
@@ -125,7 +137,7 @@ def torch_to_flax(state_dict: Mapping[str, Any], dtype=np.float32) -> dict:
     raise ConversionError(
         f"{len(unknown)} state-dict keys have no counterpart in our model, e.g. {unknown[:5]} "
         "(configurations with cond_sam, attention, weight norm or up_input are not supported)")
-  _stack_blocks(blocks, rrdb)
+  _stack_blocks(blocks, rrdb, "" if bare_rrdb else "rrdb.")
   out = {}
   if unet:
     out["unet"] = {"params": unet}
@@ -202,15 +214,42 @@ def check_against(converted: dict, reference: dict) -> None:
       raise ConversionError(f"checkpoint has no {part} weights")
     a, b = _flatten(converted[part]), _flatten(ref)
     missing, extra = sorted(set(b) - set(a)), sorted(set(a) - set(b))
-    bad = [f"{k}: {np.shape(a[k])} vs {np.shape(b[k])}" for k in set(a) & set(b) if np.shape(a[k]) != np.shape(b[k])]
+    bad = [f"{_official_name(part, k)}: {_torch_shape(part, k, np.shape(a[k]))} vs "
+           f"{_torch_shape(part, k, np.shape(b[k]))}"
+           for k in sorted(set(a) & set(b)) if np.shape(a[k]) != np.shape(b[k])]
     if missing or extra or bad:
-      raise ConversionError(f"{part}: missing {missing[:5]}, unexpected {extra[:5]}, shape mismatches {bad[:5]} "
-                            "(does the model config match the checkpoint?)")
+      name = lambda keys: [_official_name(part, k) for k in keys[:5]]  # noqa: E731
+      raise ConversionError(f"{part}: missing {name(missing)}, unexpected {name(extra)}, shape mismatches "
+                            f"{bad[:5]} (checkpoint vs model; does the model config match the checkpoint?)")
 
 
-def load_torch_checkpoint(path) -> dict[str, np.ndarray]:
+def _official_name(part: str, path: str) -> str:
+  """`params/downs_1_res0/block2/kernel` -> `denoise_fn.downs.1.0.block2.block.1.weight` (the key a user can
+  find in the official state dict; trunk blocks as `RRDB_trunk.*`)."""
+  prefix = {"unet": "denoise_fn.", "rrdb": "rrdb."}.get(part, "")
+  inner = path[len("params/"):] if path.startswith("params/") else path
+  try:
+    return prefix + _torch_key(inner).replace("{n}", "*")
+  except (KeyError, IndexError):
+    return f"{part}/{path}"
+
+
+def _torch_shape(part: str, path: str, shape: tuple) -> tuple:
+  """A Flax param shape in the torch layout of its key (what the official state dict shows)."""
+  inner = path[len("params/"):] if path.startswith("params/") else path
+  if path.endswith("bias"):
+    return tuple(shape)
+  stacked = inner.startswith("RRDB_trunk/")
+  dims = tuple(shape[1:] if stacked else shape)
+  axes = _TO_TORCH["dense" if len(dims) == 2 else "conv"]
+  out = tuple(dims[i] for i in axes) if len(dims) == len(axes) else dims
+  return ((shape[0],) + out) if stacked else out
+
+
+def load_torch_checkpoint(path, info: dict | None = None) -> dict[str, np.ndarray]:
   """Reads an official checkpoint (`ckpt['state_dict']['model']`), a `{'model': ...}` dict or a bare
-  state dict, returning numpy arrays. Uses torch.load(weights_only=True): no pickled code runs."""
+  state dict, returning numpy arrays. Uses torch.load(weights_only=True): no pickled code runs. `info`, when
+  given, receives the checkpoint's `global_step` (when it has one)."""
   import torch  # only needed here; the rest of the converter is numpy
   try:
     if storage.is_remote(path):  # torch reads a file object as well as a file name
@@ -223,10 +262,14 @@ def load_torch_checkpoint(path) -> dict[str, np.ndarray]:
   except Exception as e:
     raise ConversionError(f"{path}: cannot read as a PyTorch checkpoint ({type(e).__name__}: {e})") from None
   sd = ckpt
+  if info is not None and isinstance(ckpt, Mapping) and "global_step" in ckpt:
+    info["global_step"] = int(ckpt["global_step"])
   if isinstance(sd, Mapping) and "state_dict" in sd:
     sd = sd["state_dict"]
   if isinstance(sd, Mapping) and "model" in sd and isinstance(sd["model"], Mapping):
     sd = sd["model"]
   if not isinstance(sd, Mapping) or not sd:
     raise ConversionError(f"{path}: no state dict found (expected ckpt['state_dict']['model'])")
-  return {k: _as_numpy(v) for k, v in sd.items() if hasattr(v, "shape")}
+  # Models trained under torch.nn.DataParallel save their keys with a `module.` prefix (the official loaders
+  # strip it too).
+  return {k.removeprefix("module."): _as_numpy(v) for k, v in sd.items() if hasattr(v, "shape")}

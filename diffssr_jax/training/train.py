@@ -33,6 +33,7 @@ from diffssr_jax.models import convert
 from diffssr_jax.models.initializers import init_params
 from diffssr_jax.training import checkpointing, train_step, validate
 from diffssr_jax.training import workdir as workdir_lib
+from diffssr_jax.training import weights_only
 from diffssr_jax.training.loop import Loop, is_main_process, run_loop
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def _restore_or_start(state, config, workdir, mesh):
   # Replicated first, so the checkpoint is restored straight into the mesh's layout (each process reads its
   # own replicas), whatever number of processes wrote it.
   state = parallel.replicate(state, mesh)
-  restored = ckpt.restore_latest(state)
+  restored = weights_only.restore_latest(ckpt, state)  # a converted official checkpoint: fresh optimizer
   if restored is not None:
     state = restored.tree
     log.info("resuming %s from step %d%s", workdir, restored.step,
