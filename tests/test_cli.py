@@ -160,7 +160,8 @@ def _installed_from_here() -> bool:
 
 
 ENTRY_MODULES = {"diffssr_jax.main", "diffssr_jax.evaluation.evaluate", "diffssr_jax.inference.upscale",
-                 "diffssr_jax.data.export_cli", "diffssr_jax.benchmarks.model", "diffssr_jax.benchmarks.data"}
+                 "diffssr_jax.data.export_cli", "diffssr_jax.benchmarks.model", "diffssr_jax.benchmarks.data",
+                 "diffssr_jax.convert_cli"}
 
 
 def _imports(path: pathlib.Path) -> set[str]:

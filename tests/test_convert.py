@@ -11,7 +11,9 @@ from diffssr_jax import parallel
 from diffssr_jax.diffusion.model import build_model
 from diffssr_jax import convert_cli
 from diffssr_jax.models import convert, official
+from diffssr_jax.inference import loading
 from diffssr_jax.training import checkpointing, train, train_step
+from diffssr_jax.training import workdir as workdir_lib
 from helpers import reference_state_dict, tiny_config
 
 
@@ -28,7 +30,7 @@ def _save_ckpt(path, sd, step=1234):
 
 
 def _convert(capsys, *args):
-  code = convert_cli.cli_main(["diffssr-convert", *map(str, args)])
+  code = convert_cli.cli(["diffssr-convert", *map(str, args)])
   return code, capsys.readouterr().err
 
 
@@ -49,8 +51,8 @@ def test_tiny_checkpoint_round_trips_and_loads_for_inference(tmp_path, capsys):
   for k, v in sd.items():
     np.testing.assert_array_equal(back[k], v, err_msg=k)
   # The workdir rebuilds the tiny model (not configs/base.py) for evaluation, as the .ckpt does directly.
-  c_wd, _, p_wd, step = checkpointing.load_for_inference(workdir=tmp_path / "wd")
-  c_ck, _, p_ck, _ = checkpointing.load_for_inference(checkpoint=tmp_path / "in.ckpt")
+  c_wd, _, p_wd, step = loading.load_for_inference(workdir=tmp_path / "wd")
+  c_ck, _, p_ck, _ = loading.load_for_inference(checkpoint=tmp_path / "in.ckpt")
   assert step == 1234 and c_wd.model.unet_dim == c_ck.model.unet_dim == 8
   assert tuple(c_wd.model.unet_dim_mults) == (1, 2) and c_wd.diffusion.timesteps == 10
   jax.tree.map(np.testing.assert_array_equal, p_wd, p_ck)
@@ -141,9 +143,9 @@ def test_training_resumes_from_converted_weights_with_fresh_optimizer(tmp_path, 
   fresh = train_step.create_train_state(model, model.init(jax.random.key(0)), tx, seed=0, use_ema=True)
   mesh = parallel.make_mesh(jax.devices()[:1])
   with caplog.at_level(logging.INFO):
-    state, data_state, ckpt = train._restore_or_start(fresh, cfg, tmp_path / "wd", mesh)
+    state, restored, ckpt = train._restore_or_start(fresh, cfg, tmp_path / "wd", mesh)
   try:
-    assert "fresh optimizer state" in caplog.text and data_state is None and int(state.step) == 50
+    assert "fresh optimizer state" in caplog.text and restored.data_state is None and int(state.step) == 50
     want = official.from_official(sd)[1]
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.model_params()), want)
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.ema_params), {"unet": want["unet"]})
@@ -164,11 +166,11 @@ def test_rrdb_workdir_exports_the_official_rrdb_layout(tmp_path, capsys):
   """An RRDB pre-training workdir -> the bare RRDBNet keys of the official `rrdb_ckpt` files, which load back."""
   cfg = tiny_config()
   rrdb = jax.tree.map(np.asarray, build_model(cfg).init(jax.random.key(1))["rrdb"])
-  checkpointing.save_config(cfg, tmp_path / "rrdb")
+  workdir_lib.save_config(cfg, tmp_path / "rrdb")
   ckpt = checkpointing.Checkpointer(tmp_path / "rrdb", keep=1, use_async=False)
   ckpt.save(5, {"step": np.asarray(5, np.int32), "params": {"rrdb": rrdb}, "frozen": {}})
   ckpt.close()
   assert _convert(capsys, "--input", tmp_path / "rrdb", "--output", tmp_path / "rrdb.ckpt")[0] == 0
   sd = torch.load(tmp_path / "rrdb.ckpt", weights_only=True)["state_dict"]["model"]
   assert "conv_first.weight" in sd and not any(k.startswith(("rrdb.", "denoise_fn.")) or k == "betas" for k in sd)
-  jax.tree.map(np.testing.assert_array_equal, checkpointing.load_rrdb_params(tmp_path / "rrdb.ckpt"), rrdb)
+  jax.tree.map(np.testing.assert_array_equal, train.load_rrdb_params(tmp_path / "rrdb.ckpt"), rrdb)

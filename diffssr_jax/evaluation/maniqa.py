@@ -32,7 +32,7 @@ def _import_pyiqa():
   try:
     import pyiqa
     import timm
-  except Exception as e:  # noqa: BLE001 - ImportError, or torchvision's own failure to load its ops
+  except (ImportError, RuntimeError, OSError) as e:  # torchvision's failure to load its ops is a RuntimeError
     raise MissingExtraError(
         f"MANIQA needs the optional pyiqa package and a torchvision built for the installed torch "
         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); see README, 'Reproducing the paper'"
