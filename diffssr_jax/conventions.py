@@ -49,12 +49,13 @@ GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;
 # all T steps (what the paper's tables use). `--sampler ddim --steps 25 --eta 1` is ~4x faster and was within
 # 0.01 dB PSNR-Y of it on the demo model (README, "Fewer sampling steps").
 DEFAULT_SAMPLER = "ddpm"
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "student")
 DEFAULT_DDIM_STEPS = 25
 DEFAULT_ETA = 0.0
 SAMPLER_HELP = ("Reverse process: ddpm (the official sampler, all T steps, as in the paper's tables) or ddim "
                 "(strided: '--sampler ddim --steps 25 --eta 1' is ~4x faster, within 0.01 dB PSNR-Y of ddpm on "
-                "the demo model; eta 0 is deterministic but was 5.3 dB worse there).")
+                "the demo model; eta 0 is deterministic but was 5.3 dB worse there) or student (a distilled student workdir, "
+                "config task distill: '--sampler student --steps 1|2|4').")
 
 
 def white_level(dtype) -> float:

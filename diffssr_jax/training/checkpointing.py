@@ -529,7 +529,9 @@ def latest_verified_step(workdir, which: str = "checkpoints") -> int:
 
 def _params_from_state_tree(tree: dict, use_ema: bool) -> dict:
   params = tree.get("ema_params") if use_ema and tree.get("ema_params") else tree["params"]
-  return {**(tree.get("frozen") or {}), **params}
+  # A distilled student's frozen teacher U-Net (training/distill.py) is training state, not the model.
+  frozen = {k: v for k, v in (tree.get("frozen") or {}).items() if k != "teacher"}
+  return {**frozen, **params}
 
 
 def load_workdir_params(workdir, step: int | None = None, use_ema: bool = True, which: str = "checkpoints"):
