@@ -133,7 +133,9 @@ def test_bad_teachers_are_refused_in_one_line_before_any_work(tmp_path, shards):
   assert not out.exists()
 
 
-def test_student_trains_resumes_and_upscales_through_the_cli(tmp_path, shards):
+@pytest.mark.slow
+def test_student_trains_resumes_and_samples_through_the_clis(tmp_path, shards, capsys):
+  from diffssr_jax.evaluation import evaluate
   from diffssr_jax.inference import upscale
   from diffssr_jax.training import checkpointing, train
   _teacher_workdir(tmp_path / "teacher")
@@ -157,3 +159,15 @@ def test_student_trains_resumes_and_upscales_through_the_cli(tmp_path, shards):
                       "--sampler", "ddpm", "--noprogress"]) == 1
   assert upscale.cli(["upscale", str(src), "--output", str(tmp_path / "o3"), "--workdir", str(tmp_path / "teacher"),
                       "--sampler", "student", "--noprogress"]) == 1
+  # evaluate: PSNR/SSIM of the 1-step student on the held-out photo, the sampler recorded with the results.
+  assert evaluate.cli(["evaluate", "--workdir", str(work), "--datasets", f"V={shards / 'val'}", "--sampler", "student",
+                       "--steps", "1", "--crop_border", "0", "--noprogress"]) == 0
+  run = json.loads((work / "eval" / "V" / "4" / "run.json").read_text())
+  assert run["sampler"] == "student" and run["steps"] == 1
+  # benchmark: the student's reverse step and whole run (one compiled scan of 2 steps).
+  from diffssr_jax.benchmarks import model as benchmark
+  capsys.readouterr()
+  r = benchmark.main(["sample", "--config", str(ROOT / "tests/configs/tiny_train.py"), "--size", "16", "--sampler",
+                      "student", "--steps", "2", "--repeats", "1", "--runs", "1", "--compilation_cache", ""])
+  assert r["sampler"] == "student" and r["steps"] == 2 and r["seconds_per_image"] > 0
+  assert r["gflops_per_image"] > 2 * r["gflops_per_step"]

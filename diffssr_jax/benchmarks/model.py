@@ -260,6 +260,10 @@ def bench_sample(args) -> dict:
   if args.sampler == "ddpm":
     def one_step(unet_vars, cond, x, t, z):
       return sampling.ddpm_step(model, unet_vars, cond, x, t, z)[0]
+  elif args.sampler == "student":
+    from diffssr_jax.diffusion import student
+    def one_step(unet_vars, cond, x, t, z):
+      return student.step(model, unet_vars, cond, x, t, t - 1, z)[0]
   else:
     def one_step(unet_vars, cond, x, t, z):
       return sampling.ddim_step(model, unet_vars, cond, x, t, jnp.maximum(t - 1, -1), z, args.eta)[0]
@@ -326,8 +330,9 @@ def parse_args(argv=None):
   common(sa)
   sa.add_argument("--size", type=parse_size, default=(256, 256), help="HR output size, SIZE or HxW (e.g. 1356x2040)")
   sa.add_argument("--batch_size", type=int, default=1, help="images per sampling run")
-  sa.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="reverse process")
-  sa.add_argument("--steps", type=int, default=None, help="reverse steps (ddpm: all T; ddim: default T)")
+  sa.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim", "student"], help="reverse process")
+  sa.add_argument("--steps", type=int, default=None, help="reverse steps (ddpm: all T; ddim: default T; student: "
+                  "default 1)")
   sa.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
   sa.add_argument("--runs", type=int, default=1,
         help="timed whole sampling runs after a warm-up run; 0 skips them (estimate from the parts)")
@@ -345,8 +350,9 @@ def parse_args(argv=None):
   co.add_argument("--grad_accum_steps", type=int, default=0, help="train: micro-batches per step (0: the config's)")
   co.add_argument("--size", type=parse_size, default=(256, 256), help="sample: HR output size, SIZE or HxW")
   co.add_argument("--sample_batch_size", type=int, default=1, help="sample: images (tiles) per sampling run")
-  co.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="sample: reverse process")
-  co.add_argument("--steps", type=int, default=None, help="sample: reverse steps (ddpm: all T; ddim: default T)")
+  co.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim", "student"], help="sample: reverse process")
+  co.add_argument("--steps", type=int, default=None, help="sample: reverse steps (ddpm: all T; ddim: default T; "
+                  "student: default 1)")
   co.add_argument("--eta", type=float, default=0.0, help="sample: DDIM eta")
   args = cli.parse_argparse(parser, argv)
   if args.command == "compile":
