@@ -44,20 +44,22 @@ def test_one_step_student_sample_is_the_closed_form():
   sr, _ = sampling.make_sampler(model, sampler="student", steps=1)(params, lr, lr_up, key)
   # Closed form: x_T from the first half of the key, x0 = clip(sqrt(abar) x_T - sqrt(1 - abar) v) at T-1.
   x_T = jax.random.normal(jax.random.split(key)[0], lr_up.shape, jnp.float32)
-  _, feats = model.encode(params["rrdb"], lr)
-  t = jnp.full((2,), model.num_timesteps - 1)
-  v = model.predict_noise(params["unet"], x_T, t, model.condition(params["unet"], feats))
+
+  @jax.jit
+  def network_v(params, lr, x_T):
+    _, feats = model.encode(params["rrdb"], lr)
+    t = jnp.full((x_T.shape[0],), model.num_timesteps - 1)
+    return model.predict_noise(params["unet"], x_T, t, model.condition(params["unet"], feats))
+
+  v = np.asarray(network_v(params, lr, x_T))
   abar = model.schedule.alphas_cumprod[-1]
-  want = np.clip(np.sqrt(abar) * np.asarray(x_T) - np.sqrt(1 - abar) * np.asarray(v), -1, 1) / 2 + np.asarray(lr_up)
+  want = np.clip(np.sqrt(abar) * np.asarray(x_T) - np.sqrt(1 - abar) * v, -1, 1) / 2 + np.asarray(lr_up)
   np.testing.assert_allclose(np.asarray(sr), want, atol=2e-5)
-  # Two steps differ from one (the second re-noises and denoises at T/2).
-  sr2, _ = sampling.make_sampler(model, sampler="student", steps=2)(params, lr, lr_up, key)
-  assert np.abs(np.asarray(sr2) - np.asarray(sr)).max() > 1e-3
 
 
 def _batch(seed=0, n=4):
   rng = np.random.default_rng(seed)
-  lr = rng.uniform(-1, 1, (n, 4, 4, 3)).astype(np.float32)
+  lr = rng.uniform(-1, 1, (n, 2, 2, 3)).astype(np.float32)
   lr_up = np.repeat(np.repeat(lr, 4, 1), 4, 2)
   hr = np.clip(lr_up + 0.2 * rng.normal(size=lr_up.shape), -1, 1).astype(np.float32)
   return {"lr": lr, "lr_up": lr_up, "hr": hr}
