@@ -118,7 +118,13 @@ def _student_config(teacher, shards):
 
 
 def test_bad_teachers_are_refused_in_one_line_before_any_work(tmp_path, shards):
-  from diffssr_jax.training import train
+  from configs import base
+  from diffssr_jax.training import config_check, train
+  cfg = base.get_config()
+  cfg.task = "distill"
+  assert any(p.startswith("distill: task distill needs a distill section") for p in config_check.problems(cfg))
+  cfg.task, cfg.eval.sampler = "diffusion", "student"
+  assert any(p.startswith("eval.sampler='student': student samples a distilled") for p in config_check.problems(cfg))
   _teacher_workdir(tmp_path / "untrained", step=None)
   cfg = _student_config(tmp_path / "untrained", shards)
   out = tmp_path / "student"

@@ -81,14 +81,17 @@ def section(**overrides) -> ml_collections.ConfigDict:
 
 def problems(checker) -> None:
   """config_check's checks of the distill section (task distill only)."""
-  checker.string("distill.teacher_workdir")
-  if not checker.get("distill.teacher_workdir"):
-    checker.bad("distill.teacher_workdir", "is required for task distill (a trained diffusion workdir)")
-  checker.int_("distill.teacher_step", 0)
-  checker.bool_("distill.teacher_use_ema")
-  checker.int_("distill.skip", 1)
-  checker.choice("distill.loss", ("l1", "l2"))
-  if checker.get("eval.sampler") != "student":
+  if "distill" not in checker.c:
+    checker.problems.append("distill: task distill needs a distill section (distill.section(teacher_workdir=...), "
+                            "see configs/distill_demo.py)")
+  else:
+    if checker.string("distill.teacher_workdir") and not checker.get("distill.teacher_workdir"):
+      checker.bad("distill.teacher_workdir", "is required for task distill (a trained diffusion workdir)")
+    checker.int_("distill.teacher_step", 0)
+    checker.bool_("distill.teacher_use_ema")
+    checker.int_("distill.skip", 1)
+    checker.choice("distill.loss", ("l1", "l2"))
+  if checker.has("eval.sampler") and checker.get("eval.sampler") != "student":
     checker.bad("eval.sampler", "must be student for task distill (the student's output is v, not eps)")
 
 
