@@ -144,7 +144,7 @@ def define_model_flags(fv: flags.FlagValues, workdir_help: str, step_help: str) 
   flags.DEFINE_enum("sampler", conventions.DEFAULT_SAMPLER, list(conventions.SAMPLERS), conventions.SAMPLER_HELP,
                     **d)
   flags.DEFINE_integer("steps", None, f"Denoising steps for ddim (default: {conventions.DEFAULT_DDIM_STEPS}; ddpm "
-                       "runs all T steps).", **d)
+                       "runs all T steps) or student (1, 2 or 4; default 1).", **d)
   flags.DEFINE_float("eta", conventions.DEFAULT_ETA, "DDIM eta (0: deterministic given the initial noise; 1: "
                      "ancestral, as DDPM).", **d)
   flags.DEFINE_bool("use_ema", True, "Use the EMA weights when the checkpoint has them.", **d)

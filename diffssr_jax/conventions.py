@@ -51,12 +51,13 @@ GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;
 # eta 0 (deterministic DDIM) was 5.3 dB worse there, so the default eta is 1: asking for ddim never silently
 # gives the bad sampler.
 DEFAULT_SAMPLER = "ddpm"
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "student")
 DEFAULT_DDIM_STEPS = 25
 DEFAULT_ETA = 1.0
 SAMPLER_HELP = ("Reverse process: ddpm (the official sampler, all T steps, as in the paper's tables) or ddim "
                 "(strided: '--sampler ddim --steps 25' is ~4x faster, within 0.01 dB PSNR-Y of ddpm on the demo "
-                "model with the default eta 1; eta 0 is deterministic but was 5.3 dB worse there).")
+                "model with the default eta 1; eta 0 is deterministic but was 5.3 dB worse there) or student (a "
+                "distilled student workdir, config task distill: '--sampler student --steps 1|2|4').")
 
 
 def white_level(dtype) -> float:

@@ -52,7 +52,8 @@ def check_locations(config, workdir) -> None:
     storage.check_all({"--workdir": workdir, "data.train_files": c.data.get("train_files"),
                        "data.demo_dir": c.data.get("demo_dir"), "eval.hr_dir": c.eval.get("hr_dir"),
                        "eval.lr_dir": c.eval.get("lr_dir"), "train.rrdb_checkpoint": c.train.get("rrdb_checkpoint"),
-                       "compilation_cache": c.get("compilation_cache")})
+                       "compilation_cache": c.get("compilation_cache"),
+                       "distill.teacher_workdir": (c.get("distill") or {}).get("teacher_workdir")})
   except storage.StorageError as e:
     raise SystemExit(f"error: {e}") from None
 
@@ -78,9 +79,10 @@ def main(argv):
     parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                         heartbeat_timeout=FLAGS.heartbeat_timeout)
   from diffssr_jax import preemption
-  from diffssr_jax.training import config_check, integrity, lock, train, workdir  # after flag parsing
+  from diffssr_jax.training import config_check, distill, integrity, lock, train, workdir  # after flag parsing
   refusals = (workdir.ConfigMismatchError, integrity.CheckpointMismatchError,
-              integrity.UnverifiedCheckpointError, config_check.ConfigError, lock.WorkdirLockedError)
+              integrity.UnverifiedCheckpointError, config_check.ConfigError, lock.WorkdirLockedError,
+              distill.TeacherError)
   try:
     train.train_and_evaluate(config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
   except refusals as e:  # the workdir is protected, nothing crashed: the message without a traceback

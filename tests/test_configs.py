@@ -9,7 +9,7 @@ from diffssr_jax import configs
 from diffssr_jax.diffusion.model import build_model
 
 CONFIGS = ["base", "demo", "diffssr_df2k_x4", "diffssr_paper_df2k_x4", "srdiff_df2k_x4", "rrdb_df2k_x4",
-           "diffssr_df2k_x2", "rrdb_df2k_x2"]
+           "diffssr_df2k_x2", "rrdb_df2k_x2", "distill_demo"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -19,7 +19,7 @@ def test_config_builds(name):
   shapes = model.param_shapes()
   assert set(shapes) == {"unet", "rrdb"}
   assert cfg.data.patch_size % cfg.model.scale == 0
-  assert cfg.task in ("diffusion", "rrdb")
+  assert cfg.task in ("diffusion", "rrdb", "distill")
 
 
 def test_paper_settings():

@@ -153,6 +153,9 @@ def program_flops(program: str, target, config, dtype, remat, mesh, **kw) -> flo
   t = jax.ShapeDtypeStruct((), jnp.int32)
   if kw["sampler"] == "ddpm":
     step = lambda u, c, x, t: sampling.ddpm_step(model, u, c, x, t, x)[0]  # noqa: E731
+  elif kw["sampler"] == "student":
+    from diffssr_jax.diffusion import student
+    step = lambda u, c, x, t: student.step(model, u, c, x, t, t - 1, x)[0]  # noqa: E731
   else:
     step = lambda u, c, x, t: sampling.ddim_step(model, u, c, x, t, t - 1, x, kw["eta"])[0]  # noqa: E731
   unet = jax.eval_shape(model.cast_for_compute, params["unet"])

@@ -265,6 +265,10 @@ def bench_sample(args) -> dict:
   if args.sampler == "ddpm":
     def one_step(unet_vars, cond, x, t, z):
       return sampling.ddpm_step(model, unet_vars, cond, x, t, z)[0]
+  elif args.sampler == "student":
+    from diffssr_jax.diffusion import student
+    def one_step(unet_vars, cond, x, t, z):
+      return student.step(model, unet_vars, cond, x, t, t - 1, z)[0]
   else:
     def one_step(unet_vars, cond, x, t, z):
       return sampling.ddim_step(model, unet_vars, cond, x, t, jnp.maximum(t - 1, -1), z, args.eta)[0]
@@ -356,7 +360,8 @@ def _define_sampler(fv, prefix=""):
   d = dict(flag_values=fv)
   flags.DEFINE_enum("sampler", conventions.DEFAULT_SAMPLER, list(conventions.SAMPLERS), f"{prefix}Reverse process.",
                     **d)
-  flags.DEFINE_integer("steps", None, f"{prefix}Reverse steps (ddpm: all T; ddim: default T).", **d)
+  flags.DEFINE_integer("steps", None, f"{prefix}Reverse steps (ddpm: all T; ddim: default T; student: default 1).",
+                       **d)
   flags.DEFINE_float("eta", conventions.DEFAULT_ETA, f"{prefix}DDIM eta.", **d)
 
 

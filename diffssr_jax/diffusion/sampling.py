@@ -4,6 +4,8 @@ steps. The RRDB encoder and the U-Net's condition projection run once per image,
   ddpm: ancestral sampling over all T steps (x0 clipped to [-1, 1], posterior variance, no noise at
         t = 0), the official sampler.
   ddim: a strided schedule with fewer steps (DDIM, eta configurable) using the same trained model.
+  student: consistency sampling with a distilled student (1-4 steps; diffusion/student.py), whose workdir
+        says so (config task "distill").
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffssr_jax import conventions
-from diffssr_jax.diffusion import process
+from diffssr_jax.diffusion import process, student
 from diffssr_jax.diffusion.model import SRDiffusion
 
 
@@ -58,7 +60,9 @@ def timesteps_for(model: SRDiffusion, sampler: str, steps: int | None) -> np.nda
     return np.arange(T - 1, -1, -1, dtype=np.int32)
   if sampler == "ddim":
     return process.strided_timesteps(T, steps or T)
-  raise ValueError(f"unknown sampler {sampler!r} (expected 'ddpm' or 'ddim')")
+  if sampler == "student":
+    return student.timesteps(T, steps or 1)
+  raise ValueError(f"unknown sampler {sampler!r} (expected 'ddpm', 'ddim' or 'student')")
 
 
 def _reverse(model, unet_vars, cond, x_T, ts, sampler, eta, key=None, noises=None):
@@ -72,6 +76,8 @@ def _reverse(model, unet_vars, cond, x_T, ts, sampler, eta, key=None, noises=Non
       z = step_noise(key, t, x.shape)
     if sampler == "ddpm":
       x, _ = ddpm_step(model, unet_vars, cond, x, t, z)
+    elif sampler == "student":
+      x, _ = student.step(model, unet_vars, cond, x, t, tp, z)
     else:
       x, _ = ddim_step(model, unet_vars, cond, x, t, tp, z, eta)
     return x, None

@@ -21,7 +21,9 @@ from diffssr_jax.training import workdir as workdir_lib
 
 def _params_from_state_tree(tree: dict, use_ema: bool) -> dict:
   params = tree.get("ema_params") if use_ema and tree.get("ema_params") else tree["params"]
-  return {**(tree.get("frozen") or {}), **params}
+  # A distilled student's frozen teacher U-Net (training/distill.py) is training state, not the model.
+  frozen = {k: v for k, v in (tree.get("frozen") or {}).items() if k != "teacher"}
+  return {**frozen, **params}
 
 
 def load_workdir_params(workdir, step: int | None = None, use_ema: bool = True, which: str = "checkpoints"):

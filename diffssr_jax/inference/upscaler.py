@@ -235,6 +235,11 @@ class Upscaler:
     if workdir is not None:
       step = loaded
       where = workdir / "checkpoints" / str(step)
+    is_student = config.get("task") == "distill"
+    if mode == "diffusion" and is_student != (sampler == "student"):
+      raise ModelLoadError(f"{where}: a distilled student samples only with '--sampler student --steps 1|2|4'" if
+                           is_student else f"{where}: --sampler student needs a distilled student's workdir "
+                           "(config task distill); this model predicts noise: use ddpm or ddim")
     log.debug("model: %s (step %s)", where, "unknown" if step is None else step)
     return cls(model, params, config=config, sampler=sampler, steps=steps, eta=eta, mode=mode,
                lr_up_divisor=lr_up_divisor, step=step, source=str(where))

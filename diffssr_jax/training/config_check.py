@@ -129,7 +129,8 @@ class _Checker:
 def _unknown_keys(config) -> list[str]:
   from diffssr_jax.configs import base
   from diffssr_jax.training import workdir as workdir_lib
-  known = set(workdir_lib.flatten(base.get_config().to_dict()))
+  from diffssr_jax.training import distill
+  known = set(workdir_lib.flatten(base.get_config().to_dict())) | set(workdir_lib.flatten({"distill": distill.DEFAULTS}))
   given = set(workdir_lib.flatten(config.to_dict()))
   return sorted(given - known)
 
@@ -139,7 +140,10 @@ def problems(config, device_count: int = 1, process_count: int = 1) -> list[str]
   k = _Checker(config)
   k.problems += [f"{key}: unknown key (not in diffssr_jax/configs/base.py)" for key in _unknown_keys(config)]
   k.int_("seed", 0, 2**32 - 1)
-  k.choice("task", ("diffusion", "rrdb"))
+  k.choice("task", ("diffusion", "rrdb", "distill"))
+  if k.get("task") == "distill":
+    from diffssr_jax.training import distill
+    distill.problems(k)
   k.string("compilation_cache")
 
   scale_ok = k.int_("model.scale", 1, 16)
@@ -235,6 +239,10 @@ def problems(config, device_count: int = 1, process_count: int = 1) -> list[str]
     steps, t = k.get("eval.steps"), k.get("diffusion.timesteps")
     if k.get("eval.sampler") == "ddim" and steps > t:
       k.bad("eval.steps", f"ddim takes at most diffusion.timesteps={t} steps (0: all of them)")
+    elif k.get("eval.sampler") == "student" and steps > t:
+      k.bad("eval.steps", f"the student takes at most diffusion.timesteps={t} steps (0: one)")
+    elif k.get("eval.sampler") == "student" and k.get("task") != "distill":
+      k.bad("eval.sampler", "student samples a distilled student (task distill), not this task's model")
     elif k.get("eval.sampler") == "ddpm" and steps not in (0, t):
       k.bad("eval.steps", f"ddpm runs all diffusion.timesteps={t} steps: leave it 0")
   k.real("eval.eta", 0, 1)

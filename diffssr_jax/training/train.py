@@ -265,6 +265,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_co
   """
   from diffssr_jax.training import config_check, lock
   config_check.validate(config, device_count=jax.device_count(), process_count=jax.process_count())
+  if config.task == "distill":  # a missing, untrained or mismatched teacher: one line, before any work
+    from diffssr_jax.training import distill
+    distill.check_teacher(config)
   # Refusals before the lock file is made (the workdir stays byte-identical); checked again under the lock.
   workdir_lib.check_config(config, workdir, allow_config_change=allow_config_change)
   with lock.workdir_lock(workdir, process_index=jax.process_index(), broadcast=_broadcast_ok), \
@@ -301,8 +304,11 @@ def _train_and_evaluate(config, workdir, allow_config_change):
   if config.task == "rrdb":
     state, _ = fit(config, workdir, rrdb_task(config, mesh), mesh)
     return state
+  if config.task == "distill":
+    from diffssr_jax.training import distill
+    return distill.run(config, workdir, mesh)
   if config.task != "diffusion":
-    raise ValueError(f"unknown task {config.task!r} (expected 'diffusion' or 'rrdb')")
+    raise ValueError(f"unknown task {config.task!r} (expected 'diffusion', 'rrdb' or 'distill')")
   rrdb_params = _rrdb_params(config, workdir, mesh)
   if preemption.requested():  # SIGTERM after the RRDB stage's last step: stop before the next stage starts
     raise preemption.Preempted(f"SIGTERM: the RRDB pre-training is complete in {workdir / 'rrdb'}; run the same "
