@@ -94,11 +94,12 @@ def test_distillation_lowers_the_students_loss_with_teacher_and_rrdb_frozen():
 
 def _teacher_workdir(work, step=1):
   from diffssr_jax.training import checkpointing
+  from diffssr_jax.training import workdir as workdir_lib
   sys.path.insert(0, str(ROOT / "tests" / "configs"))
   import tiny_train
   cfg = tiny_train.get_config()
   _, model, params = tiny_model()
-  checkpointing.save_config(cfg, work)
+  workdir_lib.save_config(cfg, work)
   if step is not None:
     ckpt = checkpointing.Checkpointer(work, use_async=False)
     ckpt.save(step, {"params": params})
@@ -152,7 +153,7 @@ def test_student_trains_resumes_and_samples_through_the_clis(tmp_path, shards, c
   cfg = _student_config(tmp_path / "teacher", shards)
   work = tmp_path / "student"
   train.train_and_evaluate(cfg, work)
-  assert checkpointing.latest_verified_step(work) == 2
+  assert checkpointing.restore_from_workdir(work, None).step == 2
   cfg.train.num_steps = 4
   state = train.train_and_evaluate(cfg, work, allow_config_change=True)  # resumes at 2
   assert int(state.step) == 4
@@ -163,7 +164,7 @@ def test_student_trains_resumes_and_samples_through_the_clis(tmp_path, shards, c
                       "--sampler", "student", "--steps", "2", "--noprogress"]) == 0
   out = tmp_path / "out" / "a.png"
   assert images.read_rgb8(out, warn=False).shape == (32, 32, 3)
-  assert "student, 2 steps" in upscale.png_text(out)["diffssr:sampler"]
+  assert "student, 2 steps" in images.png_text(out)["diffssr:sampler"]
   # The student's output is v, the teacher's eps: each refuses the other's sampler.
   assert upscale.cli(["upscale", str(src), "--output", str(tmp_path / "o2"), "--workdir", str(work),
                       "--sampler", "ddpm", "--noprogress"]) == 1

@@ -29,7 +29,6 @@ settings) print one line and exit with status 1; a bad command line exits with 2
 """
 from __future__ import annotations
 
-import json
 import math
 import pathlib
 import sys
