@@ -16,6 +16,32 @@ import jax.numpy as jnp
 import numpy as np
 
 
+@jax.custom_vjp
+def mish(x):
+  """Mish(x) = x tanh(softplus(x)) (Misra 2019), exactly `jax.nn.mish` forward, with a backward pass that
+  keeps only x: Mish'(x) = tanh(sp) + x sigmoid(x) (1 - tanh(sp)^2), sp = softplus(x), recomputed there.
+
+  Why not `jax.nn.mish` itself: its autodiff saves x, tanh(sp) and softplus's sigmoid for the backward pass,
+  three activation-sized arrays per Mish where one suffices (at b64 x 160^2 in bf16 each is 200 MiB, and the
+  U-Net's train step holds ~2 GiB of them at its peak). The recomputation is elementwise and fuses into the
+  backward's own elementwise pass; it runs in float32, so bf16 gradients are no less accurate.
+  """
+  return jax.nn.mish(x)
+
+
+def _mish_fwd(x):
+  return jax.nn.mish(x), x
+
+
+def _mish_bwd(x, g):
+  xf = x.astype(jnp.float32)
+  tsp = jnp.tanh(jax.nn.softplus(xf))
+  return ((g.astype(jnp.float32) * (tsp + xf * jax.nn.sigmoid(xf) * (1 - tsp * tsp))).astype(x.dtype),)
+
+
+mish.defvjp(_mish_fwd, _mish_bwd)
+
+
 def conv3x3(features: int, name: str | None, dtype) -> nn.Conv:
   """PyTorch Conv2d(k=3, s=1, p=1): zero padding."""
   return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype, name=name)
