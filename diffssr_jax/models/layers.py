@@ -5,6 +5,7 @@ given (bfloat16 on accelerators). PyTorch's `ReflectionPad2d(1) + Conv2d(k=3)` i
 `nn.Conv(padding="REFLECT")` (flax reflects (1, 1) for a 3x3 kernel at any stride) and
 `ConvTranspose2d(2s, s, s/2)` is `SubpixelConvTranspose` (same params as
 `nn.ConvTranspose(padding=k-1-p, transpose_kernel=True)`, computed as one 2x2 conv + depth-to-space).
+`mish` is `jax.nn.mish` with a backward pass that keeps only its input (see there why).
 """
 from __future__ import annotations
 
