@@ -17,8 +17,12 @@ the host's. Compiles are cold: the persistent compilation cache is not used.
 
 One JSON line per program; keys:
   program, target, device_kind, dtype, batch_size, patch_size / size (padded_size: what the sampler runs at),
-  sampler, steps, remat, grad_accum_steps, jax, cpu_count, load_avg_1m (the host is often shared).
+  sampler, steps, remat, grad_accum_steps, jax, cpu_count, load_avg_1m (the host is often shared),
+  exec_time_optimization_effort    jax's setting (env JAX_EXEC_TIME_OPTIMIZATION_EFFORT, -1 to 1, default 0):
+                                   below 0 XLA spends less time optimising, see README "TPU v5e target".
   lower_seconds, compile_seconds   tracing + lowering to StableHLO; XLA's compile for the target.
+  compile_cpu_seconds              the CPU time of the compile (all of this process's threads): on a shared
+                                   host wall time grows with the load, this much less.
   memory                           compiled.memory_analysis() in bytes: arguments, outputs, aliases (outputs
                                    written into donated arguments: the train state), temp (XLA's scratch and
                                    activations), generated_code (TPU; null where not reported: GPU);
@@ -185,11 +189,12 @@ def compile_one(fn, args, model=None, flops=None) -> tuple[dict, object]:
   from diffssr_jax.benchmarks import hlo
   t0 = time.perf_counter()
   lowered = fn.lower(*args)
-  t1 = time.perf_counter()
+  t1, c1 = time.perf_counter(), time.process_time()
   compiled = lowered.compile()
-  t2 = time.perf_counter()
+  t2, c2 = time.perf_counter(), time.process_time()
   flops = lowered_flops(lowered) if flops is None else flops()
-  return {"lower_seconds": round(t1 - t0, 2), "compile_seconds": round(t2 - t1, 2), "memory": memory(compiled),
+  return {"lower_seconds": round(t1 - t0, 2), "compile_seconds": round(t2 - t1, 2),
+          "compile_cpu_seconds": round(c2 - c1, 2), "memory": memory(compiled),
           "tflop": None if flops is None else float(f"{flops / 1e12:.4g}"), **hlo.facts(compiled.as_text(), weight_sizes=weight_sizes(model) if model is not None else frozenset())}, compiled
 
 
@@ -210,7 +215,9 @@ def run(args) -> list[dict]:
   model = build(target, config, args.dtype, args.remat)
   common = {"target": target.name, "device_kind": mesh.devices.flat[0].device_kind, "num_devices": mesh.size,
             "dtype": np.dtype(model.dtype).name, "remat": bool(args.remat), "jax": jax.__version__,
-            "cpu_count": os.cpu_count(), "config": args.config or "diffssr_jax/configs/base.py"}
+            "cpu_count": os.cpu_count(), "config": args.config or "diffssr_jax/configs/base.py",
+            # XLA's trade of compile time against run time (JAX_EXEC_TIME_OPTIMIZATION_EFFORT, default 0)
+            "exec_time_optimization_effort": jax.config.jax_exec_time_optimization_effort}
   programs = PROGRAMS if args.program == "both" else (args.program,)
   flops_of = lambda name, **kw: (lambda: program_flops(name, target, config, args.dtype, args.remat, mesh, **kw))  # noqa: E731
   results = []

@@ -11,13 +11,11 @@ import math
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from diffssr_jax.models.layers import conv_transpose_torch, reflect_conv3x3
+from diffssr_jax.models.layers import conv_transpose_torch, mish, reflect_conv3x3
 
 Dtype = Any
-mish = jax.nn.mish
 
 
 def sinusoidal_embedding(t, dim: int):
