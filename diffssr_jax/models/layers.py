@@ -5,7 +5,7 @@ given (bfloat16 on accelerators). PyTorch's `ReflectionPad2d(1) + Conv2d(k=3)` i
 `nn.Conv(padding="REFLECT")` (flax reflects (1, 1) for a 3x3 kernel at any stride) and
 `ConvTranspose2d(2s, s, s/2)` is `SubpixelConvTranspose` (same params as
 `nn.ConvTranspose(padding=k-1-p, transpose_kernel=True)`, computed as one 2x2 conv + depth-to-space).
-`mish` is `jax.nn.mish` with a backward pass that keeps only its input (see there why).
+`mish` is `jax.nn.mish` under `jax.checkpoint`: its backward pass keeps only its input (see there why).
 """
 from __future__ import annotations
 
@@ -17,31 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 
 
-@jax.custom_vjp
-def mish(x):
-  """Mish(x) = x tanh(softplus(x)) (Misra 2019), exactly `jax.nn.mish` forward, with a backward pass that
-  keeps only x: Mish'(x) = tanh(sp) + x sigmoid(x) (1 - tanh(sp)^2), sp = softplus(x), recomputed there.
-
-  Why not `jax.nn.mish` itself: its autodiff saves x, tanh(sp) and softplus's sigmoid for the backward pass,
-  three activation-sized arrays per Mish where one suffices (at b64 x 160^2 in bf16 each is 200 MiB; the
-  U-Net's bf16 train step held 3.9 GiB of them at its peak: 9.17 -> 5.29 GiB temp on an H200 target). The
-  recomputation is elementwise and fuses into the backward's own elementwise pass; it runs in float32, so
-  bf16 gradients are no less accurate.
-  """
-  return jax.nn.mish(x)
-
-
-def _mish_fwd(x):
-  return jax.nn.mish(x), x
-
-
-def _mish_bwd(x, g):
-  xf = x.astype(jnp.float32)
-  tsp = jnp.tanh(jax.nn.softplus(xf))
-  return ((g.astype(jnp.float32) * (tsp + xf * jax.nn.sigmoid(xf) * (1 - tsp * tsp))).astype(x.dtype),)
-
-
-mish.defvjp(_mish_fwd, _mish_bwd)
+# Mish (Misra 2019) as `jax.nn.mish` recomputed in the backward pass (`jax.checkpoint`: only the input is saved).
+# Why: jax.nn.mish's autodiff saves x, tanh(softplus(x)) and softplus's sigmoid, three activation-sized arrays
+# per Mish where one suffices (at b64 x 160^2 in bf16 each is 200 MiB; the U-Net's bf16 train step held 3.9 GiB
+# of them at its peak: 9.17 -> 5.29 GiB temp on an H200 target). The recomputation is elementwise and fuses
+# into the backward's own elementwise pass.
+mish = jax.checkpoint(jax.nn.mish)
 
 
 def conv3x3(features: int, name: str | None, dtype) -> nn.Conv:
