@@ -56,7 +56,7 @@ from diffssr_jax.data.imresize import imresize
 # The output folder's files and bookkeeping (re-exported: callers and tests use them as export.X).
 from diffssr_jax.data.export_files import (FORMAT, STATE_DIR, VERSION, ExportError, append_line,  # noqa: F401
                                            check_run_settings, exported_splits, publish, read_journal,
-                                           shard_name, staging_dir, write_json, write_manifest)
+                                           shard_name, staging_dir, write_json, write_shards_manifest)
 
 class InputError(ValueError):
   """Per-image input problem (handled by the on_error policy)."""
@@ -344,6 +344,6 @@ def run_export(source, out_dir, cfg: ExportConfig, segmenter=None, masks_dir=Non
         export_shard(ctx, k, plan[k], bar)
   finally:
     bar.close()
-  man = write_manifest(out_dir, cfg.split, source.describe())
+  man = write_shards_manifest(out_dir, cfg.split, source.describe())
   man["splits"][cfg.split]["seconds"] = round(time.time() - t0, 3)
   return man

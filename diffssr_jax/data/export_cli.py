@@ -135,7 +135,7 @@ def main(argv, fv: flags.FlagValues) -> int:
                      "--checkpoint": fv.checkpoint, "--tfds_data_dir": fv.tfds_data_dir})
   shard_index = parse_shard_list(fv.shard_index)
   if fv.finalize:
-    man = export.write_manifest(fv.out, fv.split)
+    man = export.write_shards_manifest(fv.out, fv.split)
     s = man["splits"][fv.split]
     print(f"manifest: {s['num_records']} records in {len(s['shards'])}/{s['num_shards']} shards")
     return shared_cli.EXIT_OK

@@ -1,7 +1,7 @@
 """The mask export's output folder: its layout, the bookkeeping that makes a run resumable, and the manifest.
 
   <split>-00000-of-00016.tfrecord ...   shards (`shard_name`), each complete once it has its final name
-  manifest.json                         `write_manifest`, from the finished shards' metadata
+  manifest.json                         `write_shards_manifest`, from the finished shards' metadata
   .export/ (STATE_DIR)                  the run's settings (`check_run_settings`), per-shard journals
                                         (`read_journal` / `append_line`) and metadata
 
@@ -109,7 +109,7 @@ def check_run_settings(out_dir: pathlib.Path, split: str, fingerprint: str, sett
                      remedy="use another output folder, or delete it to start over")
 
 
-def write_manifest(out_dir, split: str, source_desc: dict | None = None) -> dict:
+def write_shards_manifest(out_dir, split: str, source_desc: dict | None = None) -> dict:
   """(Re)writes manifest.json from the finished shards' metadata found in `out_dir`."""
   out_dir = storage.native(out_dir)
   cfg_path = out_dir / STATE_DIR / f"{split}-config.json"
