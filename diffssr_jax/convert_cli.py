@@ -20,13 +20,12 @@ Nothing is overwritten: an existing non-empty output folder or an existing outpu
 from __future__ import annotations
 
 import logging
-import pathlib
 from collections.abc import Sequence
 
 from absl import app, flags
 
 from diffssr_jax import cli as shared_cli
-from diffssr_jax import storage
+from diffssr_jax import configs, storage
 from diffssr_jax.errors import UserError
 
 log = logging.getLogger("diffssr_jax.convert_cli")  # also when run as __main__
@@ -44,27 +43,6 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer("step", None, "Workdir -> .ckpt: this checkpoint step (default: the newest verified).", **d)
   flags.DEFINE_bool("use_ema", False, "Workdir -> .ckpt: export the EMA weights (when the run kept them).", **d)
   shared_cli.mark_required(["input", "output"], fv)
-
-
-def load_config_file(path: str | None):
-  """`get_config()` of a local config file (the packaged diffssr_df2k_x4 when None)."""
-  import importlib.util
-  if not path:
-    from diffssr_jax.configs import diffssr_df2k_x4
-    return diffssr_df2k_x4.get_config()
-  from diffssr_jax import configs
-  path = configs.resolve(path)  # a packaged config's name (`--config diffssr_df2k_x2`) or a file
-  if storage.is_remote(path):
-    raise UserError(f"--config {path}: a config is a Python module and is read from a local file only")
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise UserError(f"--config {path}: file not found")
-  spec = importlib.util.spec_from_file_location(f"_convert_config_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise UserError(f"--config {path}: has no get_config()")
-  return module.get_config()
 
 
 def checkpoint_to_workdir(checkpoint, workdir, config) -> int:
@@ -151,7 +129,7 @@ def main(argv, fv: flags.FlagValues) -> int:
   if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
     raise UserError(f"--output {fv.output}: exists and is not an empty folder; refusing to write into it "
                         "(give a new workdir)")
-  config = load_config_file(fv.config)
+  config = configs.load(fv.config, default="diffssr_df2k_x4")
   step = checkpoint_to_workdir(src, dst, config)
   log.info("wrote %s (config.json + weights-only checkpoint step %d)", dst, step)
   return shared_cli.EXIT_OK

@@ -64,3 +64,21 @@ def test_packaged_config_names_resolve_for_an_installed_user(tmp_path, monkeypat
   config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=argv)
   fv(configs.resolve_argv(argv))
   assert fv.config.task == "rrdb" and fv.config.seed == 5
+
+
+def test_load_by_name_file_or_default_and_one_line_refusals(tmp_path):
+  """configs.load (benchmark and convert): a packaged name, a file, the default; a missing file, a bucket path
+  and a module without get_config() are one-line UserErrors naming the --config value."""
+  from diffssr_jax.errors import UserError
+  assert configs.load("demo").train.num_steps == importlib.import_module("diffssr_jax.configs.demo").get_config().train.num_steps
+  assert configs.load(None, default="diffssr_df2k_x2").model.scale == 2
+  own = tmp_path / "mine.py"
+  own.write_text("from diffssr_jax.configs import base\n\ndef get_config():\n  c = base.get_config()\n  c.seed = 7\n"
+                 "  return c\n")
+  assert configs.load(str(own)).seed == 7
+  (tmp_path / "empty.py").write_text("X = 1\n")
+  for spec, says in [("nope", "no such file, and not a packaged config"), ("gs://b/c.py", "local file only"),
+                     (str(tmp_path / "empty.py"), "has no get_config()")]:
+    with pytest.raises(UserError, match=f"--config {spec}: .*{says}") as e:
+      configs.load(spec)
+    assert "\n" not in str(e.value)

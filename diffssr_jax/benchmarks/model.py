@@ -41,10 +41,8 @@ their flag definitions; the compile subcommand's own work lives in compile.py.)
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import os
-import pathlib
 import resource
 import statistics
 import sys
@@ -55,26 +53,16 @@ from absl import flags
 
 from diffssr_jax import cli as shared_cli  # noqa: E402  (numpy/absl only: --help stays fast)
 from diffssr_jax import conventions  # noqa: E402  (numpy only)
-from diffssr_jax import configs, storage  # noqa: E402
-
-_DEFAULT_CONFIG = configs.HERE / "base.py"
-
+from diffssr_jax import configs  # noqa: E402
+from diffssr_jax.errors import UserError  # noqa: E402
 
 def load_config(path: str | None):
-  """`get_config()` of a config file or packaged config name (`configs.resolve`; base when None)."""
-  if path and storage.is_remote(path):  # importlib loads modules from local files only
-    raise SystemExit(f"error: --config {path}: a config is a Python module and is read from a local file only "
-                     "(copy it here first)")
-  path = pathlib.Path(configs.resolve(path)) if path else _DEFAULT_CONFIG
-  if not path.is_file():
-    raise SystemExit(f"error: --config {path}: no such file, and not a packaged config "
-                     f"({', '.join(configs.names())})")
-  spec = importlib.util.spec_from_file_location(f"_bench_config_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise SystemExit(f"{path} has no get_config()")
-  return module.get_config()
+  """`get_config()` of a config file or packaged config name (`configs.load`; base when None); a refusal exits
+  with its one line."""
+  try:
+    return configs.load(path)
+  except UserError as e:
+    raise SystemExit(f"error: {e}") from None
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -155,7 +143,7 @@ def _common_info(args, config, model) -> dict:
       "cpu_count": os.cpu_count(),
       "load_avg_1m": round(os.getloadavg()[0], 2),
       "jax": jax.__version__,
-      "config": str(args.config or _DEFAULT_CONFIG),
+      "config": str(args.config or configs.HERE / "base.py"),
       "network": {"unet_dim": m.unet_dim, "unet_dim_mults": list(m.unet_dim_mults),
                   "rrdb_num_feat": m.rrdb_num_feat, "rrdb_num_blocks": m.rrdb_num_blocks,
                   "timesteps": config.diffusion.timesteps},

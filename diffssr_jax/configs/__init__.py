@@ -33,6 +33,31 @@ def resolve(spec: str) -> str:
   return spec
 
 
+def load(spec: str | None, default: str = "base"):
+  """`get_config()` of a `--config` value: a packaged config's name or a local file (the packaged `default` when
+  None). Refusals are one-line `errors.UserError`s naming the value: a bucket path (a config is a Python module,
+  imported from a local file), a missing file, a module without get_config().
+
+  For the commands whose `--config` is an ordinary flag (benchmark, convert); training parses its config
+  with ml_collections' config_flags, which also applies `--config.key=value` overrides."""
+  import importlib.util
+
+  from diffssr_jax import storage
+  from diffssr_jax.errors import UserError
+  if spec and storage.is_remote(spec):
+    raise UserError(f"--config {spec}: a config is a Python module and is read from a local file only (copy it "
+                    "here first)")
+  path = pathlib.Path(resolve(spec) if spec else HERE / f"{default}.py")
+  if not path.is_file():
+    raise UserError(f"--config {spec}: no such file, and not a packaged config ({', '.join(names())})")
+  module_spec = importlib.util.spec_from_file_location(f"_diffssr_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise UserError(f"--config {spec}: {path} has no get_config()")
+  return module.get_config()
+
+
 def resolve_argv(argv: Sequence[str], flag: str = "config") -> list[str]:
   """argv with the value of `--config` (given as `--config X` or `--config=X`) passed through `resolve`;
   overrides such as `--config.train.lr=1` are other flags and kept."""
