@@ -244,3 +244,15 @@ def test_disk_full_during_a_checkpoint_save_ends_in_one_line(shards, tmp_path):
   (line,) = [l for l in out.stderr.splitlines() if l.startswith("error:")]
   assert f"{wd}/checkpoints/" in line and "File too large" in line
   assert _steps(wd / "checkpoints") == []
+
+
+def test_the_demo_config_is_valid_before_its_data_exist(tmp_path, monkeypatch):
+  """The README demo in a fresh clone: data/demo (its shards and held-out photos) is built by the run itself,
+  so the up-front check must not refuse eval.hr_dir under data.demo_dir (it did: the demo never started);
+  an eval folder elsewhere is still checked."""
+  from diffssr_jax.configs import demo
+  monkeypatch.chdir(tmp_path)
+  cfg = demo.get_config()
+  assert config_check.problems(cfg, device_count=1) == []
+  cfg.eval.hr_dir = str(tmp_path / "elsewhere")
+  assert [p.split("=")[0] for p in config_check.problems(cfg, device_count=1)] == ["eval.hr_dir"]

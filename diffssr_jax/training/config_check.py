@@ -126,6 +126,15 @@ class _Checker:
       self.bad(key, "does not exist")
 
 
+def _inside(path, folder) -> bool:
+  """Whether `path` (a config string) is `folder` or below it, compared as normalised local paths."""
+  if not isinstance(path, str) or not path or not isinstance(folder, str) or not folder:
+    return False
+  import os
+  path, folder = os.path.normpath(os.path.abspath(path)), os.path.normpath(os.path.abspath(folder))
+  return path == folder or path.startswith(folder + os.sep)
+
+
 def _unknown_keys(config) -> list[str]:
   from diffssr_jax.configs import base
   from diffssr_jax.training import workdir as workdir_lib
@@ -225,8 +234,10 @@ def problems(config, device_count: int = 1, process_count: int = 1) -> list[str]
                   ("data.read_threads", 1), ("data.read_buffer", 1)):
     k.int_(key, lo)
 
-  k.folder("eval.hr_dir")
-  k.folder("eval.lr_dir")
+  for key in ("eval.hr_dir", "eval.lr_dir"):
+    if demo and _inside(k.get(key), k.get("data.demo_dir")):
+      continue  # the demo builds its own held-out photos there before training (train._train_and_evaluate)
+    k.folder(key)
   k.int_("eval.max_images", 0)
   k.int_("eval.batch_size", 1)
   if k.int_("eval.crop_size", 1) and scale_ok and levels:
