@@ -38,8 +38,9 @@ def define_flags(fv: flags.FlagValues) -> None:
                       "(converted to a .ckpt).", **d)
   flags.DEFINE_string("output", None, "The workdir to create (must not exist or be empty) or the .ckpt file to "
                       "write (must not exist).", **d)
-  flags.DEFINE_string("config", None, "Config file for the settings the weights cannot show (modulation, loss, "
-                      "training); default diffssr_df2k_x4 (a packaged config's name or a file). .ckpt -> workdir only.", **d)
+  flags.DEFINE_string("config", None, "Config for the settings the weights cannot show (modulation, loss, "
+                      "training): a packaged config's name or a file; default diffssr_df2k_x4. .ckpt -> workdir "
+                      "only.", **d)
   flags.DEFINE_integer("step", None, "Workdir -> .ckpt: this checkpoint step (default: the newest verified).", **d)
   flags.DEFINE_bool("use_ema", False, "Workdir -> .ckpt: export the EMA weights (when the run kept them).", **d)
   shared_cli.mark_required(["input", "output"], fv)
