@@ -191,8 +191,9 @@ class _Window:
     """Their means (+ steps/s, lr) after checking the losses; None when no step ran since the last flush."""
     if not self.metrics:
       return None
-    check_finite([m["loss"] for m in self.metrics], self.start, loop.resumed)
-    means = {k: float(np.mean(jax.device_get([m[k] for m in self.metrics]))) for k in self.metrics[0]}
+    got = jax.device_get(self.metrics)  # one transfer of the window's metrics
+    check_finite([m["loss"] for m in got], self.start, loop.resumed)
+    means = {k: float(np.mean([m[k] for m in got])) for k in got[0]}
     means["steps_per_s"] = len(self.metrics) / max(time.time() - self.t0, 1e-9)
     means["lr"] = float(loop.lr_schedule(step - 1))
     self.metrics, self.start, self.t0 = [], step, time.time()
