@@ -9,7 +9,7 @@ from diffssr_jax import configs
 from diffssr_jax.diffusion.model import build_model
 
 CONFIGS = ["base", "demo", "diffssr_df2k_x4", "diffssr_paper_df2k_x4", "srdiff_df2k_x4", "rrdb_df2k_x4",
-           "diffssr_df2k_x2", "rrdb_df2k_x2", "distill_demo"]
+           "diffssr_df2k_x2", "rrdb_df2k_x2", "distill_demo", "sam_srdiff_df2k_x4"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)

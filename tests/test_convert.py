@@ -82,7 +82,7 @@ def test_config_from_shapes_x2_and_other_widths():
   assert sd["rrdb.upconv2.weight"].shape == (8, 8, 3, 3)  # the official RRDB's layer, present at x2 too
   assert official.config_from_state_dict(sd) == {
       "model.scale": 2, "model.unet_dim": 4, "model.unet_dim_mults": (1, 3, 2), "model.rrdb_num_feat": 8,
-      "model.rrdb_num_blocks": 5, "model.rrdb_growth": 6, "diffusion.timesteps": 10}
+      "model.rrdb_num_blocks": 5, "model.rrdb_growth": 6, "diffusion.timesteps": 10, "model.cond_sam": False}
   overrides, params = official.from_official(sd)
   built = official.apply_overrides(tiny_config(), overrides)
   convert.check_against(params, build_model(built).param_shapes())  # upconv2 dropped: fits our x2 RRDB

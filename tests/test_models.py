@@ -122,8 +122,9 @@ def test_converter_round_trip_and_errors(tmp_path):
   # The official RRDB pre-training saves a bare state dict (no "rrdb." prefix).
   bare = convert.torch_to_flax({k[len("rrdb."):]: v for k, v in sd.items()})
   assert set(bare) == {"rrdb"}
-  with pytest.raises(convert.ConversionError, match="sam_conv"):
-    convert.torch_to_flax({**sd, "denoise_fn.sam_conv.0.weight": np.zeros((1, 1, 1, 1))})
+  # Layers our U-Net has not got (the official mid-block attention) are named; sam_conv (cond_sam) converts.
+  with pytest.raises(convert.ConversionError, match="mid_attn"):
+    convert.torch_to_flax({**sd, "denoise_fn.mid_attn.fn.fn.to_qkv.weight": np.zeros((1, 1, 1, 1))})
   with pytest.raises(convert.ConversionError, match="missing"):
     convert.check_against(back, {"rrdb": jax.tree.map(np.asarray, RRDBNet(num_feat=4, num_blocks=3, growth=2).init(
         jax.random.key(0), jnp.zeros((1, 4, 4, 3))))})

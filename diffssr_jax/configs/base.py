@@ -25,6 +25,8 @@ def get_config():
   m.remat_rrdb = False                           # recompute RRDB blocks in the backward pass (trained RRDB only)
   m.rrdb_unroll = 1                              # RRDB trunk scan unroll (1: compile time flat in the blocks)
   m.remat_unet = False                           # recompute U-Net ResnetBlocks in the backward pass (less memory)
+  m.cond_sam = False                             # [O:sam_config.cond_sam] SPE map into the U-Net's condition
+                                                 # (Table 7's SAM+SRDiff: configs/sam_srdiff_df2k_x4.py)
 
   c.diffusion = d = ml_collections.ConfigDict()
   d.timesteps = 100                              # [O:timesteps] [P:4.1] T = 100

@@ -30,6 +30,12 @@ class SRDiffusion:
     return self.rrdb.scale
 
   @property
+  def needs_spe(self) -> bool:
+    """True for Table 7's SAM+SRDiff (`model.cond_sam`): the U-Net's condition takes each image's SPE map, so
+    training, sampling and evaluation must give it one (B, H, W, 1) at the HR size."""
+    return bool(self.unet.cond_sam)
+
+  @property
   def num_timesteps(self) -> int:
     return self.schedule.num_timesteps
 
@@ -39,7 +45,8 @@ class SRDiffusion:
     rrdb_vars = self.rrdb.init(k1, lr)
     _, feats = self.rrdb.apply(rrdb_vars, lr, decode=False)
     hr = jnp.zeros((1, 8 * self.scale, 8 * self.scale, 3), jnp.float32)
-    return {"unet": self.unet.init(k2, hr, jnp.zeros((1,), jnp.int32), feats), "rrdb": rrdb_vars}
+    spe = jnp.zeros(hr.shape[:3] + (1,), jnp.float32) if self.needs_spe else None
+    return {"unet": self.unet.init(k2, hr, jnp.zeros((1,), jnp.int32), feats, spe), "rrdb": rrdb_vars}
 
   def param_shapes(self) -> dict:
     """The params' ShapeDtypeStructs (traced, nothing computed): the checkpoint layout."""
@@ -66,9 +73,10 @@ class SRDiffusion:
     """(RRDB image or None, RRDB features)."""
     return self.rrdb.apply(rrdb_vars, lr, decode=decode)
 
-  def condition(self, unet_vars, feats):
-    """The U-Net's projected LR condition: time-independent, computed once per image when sampling."""
-    return self.unet.apply(unet_vars, feats, method=UNet.project_cond)
+  def condition(self, unet_vars, feats, spe=None):
+    """The U-Net's projected LR condition: time-independent, computed once per image when sampling. `spe`
+    (B, H, W, 1): the SPE map a `needs_spe` model takes (None otherwise)."""
+    return self.unet.apply(unet_vars, feats, spe, method=UNet.project_cond)
 
   def predict_noise(self, unet_vars, x_t, t, cond):
     return self.unet.apply(unet_vars, x_t, t, cond, method=UNet.denoise)

@@ -39,16 +39,17 @@ def step_noise(key, t, shape):
   return jax.random.normal(jax.random.fold_in(key, t), shape, jnp.float32)
 
 
-def prepare(model: SRDiffusion, params, lr):
-  """RRDB image, and the U-Net condition: once per image."""
+def prepare(model: SRDiffusion, params, lr, spe=None):
+  """RRDB image, and the U-Net condition: once per image. `spe` (B, H, W, 1): the SPE maps a SAM+SRDiff
+  model (`model.needs_spe`) takes into its condition; None for the others."""
   rrdb_out, feats = model.encode(params["rrdb"], lr, decode=True)
-  return rrdb_out, model.condition(params["unet"], feats)
+  return rrdb_out, model.condition(params["unet"], feats, spe)
 
 
-def _prepare_run(model: SRDiffusion, params, lr):
+def _prepare_run(model: SRDiffusion, params, lr, spe=None):
   """(RRDB image, condition, U-Net params in the compute dtype): the per-run work before the reverse loop.
   The U-Net weights are cast once here, not in every step of the loop."""
-  rrdb_out, cond = prepare(model, params, lr)
+  rrdb_out, cond = prepare(model, params, lr, spe)
   return rrdb_out, cond, model.cast_for_compute(params["unet"])
 
 
@@ -87,15 +88,17 @@ def _reverse(model, unet_vars, cond, x_T, ts, sampler, eta, key=None, noises=Non
   return x
 
 
-def sample(model: SRDiffusion, params, lr, lr_up, key, *, sampler="ddpm", steps=None, eta=conventions.DEFAULT_ETA):
+def sample(model: SRDiffusion, params, lr, lr_up, key, *, sampler="ddpm", steps=None, eta=conventions.DEFAULT_ETA,
+           spe=None):
   """Super-resolves a batch: (SR image in [-1, 1] space (not clipped, as the official res2img), RRDB image).
 
   `lr` (B, h, w, 3) and `lr_up` (B, h*s, w*s, 3) in [-1, 1]; HR sizes must be multiples of 8 (the
-  U-Net has three 2x downsamplings) -- `upscale` pads inputs for that. Not jitted: wrap with
+  U-Net has three 2x downsamplings) -- `upscale` pads inputs for that. `spe` (B, h*s, w*s, 1): the images'
+  SPE maps, part of the condition of a SAM+SRDiff model (None for others). Not jitted: wrap with
   `make_sampler` for one compiled function per sampling run.
   """
   ts = timesteps_for(model, sampler, steps)
-  rrdb_out, cond, unet_vars = _prepare_run(model, params, lr)
+  rrdb_out, cond, unet_vars = _prepare_run(model, params, lr, spe)
   k_init, k_steps = jax.random.split(key)
   x_T = jax.random.normal(k_init, lr_up.shape, jnp.float32)
   x = _reverse(model, unet_vars, cond, x_T, ts, sampler, eta, key=k_steps)
@@ -112,7 +115,7 @@ def sample_with_noises(model: SRDiffusion, params, lr, lr_up, noises):
 
 
 def make_sampler(model: SRDiffusion, *, sampler="ddpm", steps=None, eta=conventions.DEFAULT_ETA):
-  """One compiled function (params, lr, lr_up, key) -> (sr, rrdb_out) for a whole sampling run."""
+  """One compiled function (params, lr, lr_up, key[, spe=...]) -> (sr, rrdb_out) for a whole sampling run."""
   return jax.jit(functools.partial(sample, model, sampler=sampler, steps=steps, eta=eta))
 
 
@@ -126,7 +129,8 @@ def image_keys(seed: int, indices) -> jax.Array:
 @functools.lru_cache(maxsize=32)
 def make_image_sampler(model: SRDiffusion, *, mode: str = "diffusion", sampler: str = "ddpm", steps=None,
                        eta: float = conventions.DEFAULT_ETA, mesh=None):
-  """One compiled function (params, lr, lr_up, keys) -> (sr, rrdb) over a batch in which image i draws all
+  """One compiled function (params, lr, lr_up, keys) -> (sr, rrdb) -- (params, lr, lr_up, keys, spe) for a
+  SAM+SRDiff model (`model.needs_spe`: spe (B, H, W, 1) at the HR size) -- over a batch in which image i draws all
   its noise from keys[i], so its result does not depend on the other images of its batch, on the batch
   size or on how the batch is split over devices. mode "rrdb": the encoder's image for both outputs (no
   sampling; lr_up and keys unused).
@@ -140,14 +144,16 @@ def make_image_sampler(model: SRDiffusion, *, mode: str = "diffusion", sampler: 
       out, _ = model.encode(params["rrdb"], lr, decode=True)
       return out, out
   elif mode == "diffusion":
-    def one(params, lr, lr_up, key):
-      sr, rrdb = sample(model, params, lr[None], lr_up[None], key, sampler=sampler, steps=steps, eta=eta)
+    def one(params, lr, lr_up, key, spe=None):
+      spe = None if spe is None else spe[None]
+      sr, rrdb = sample(model, params, lr[None], lr_up[None], key, sampler=sampler, steps=steps, eta=eta, spe=spe)
       return sr[0], rrdb[0]
-    fn = jax.vmap(one, in_axes=(None, 0, 0, 0))
+    fn = jax.vmap(one, in_axes=(None, 0, 0, 0) + ((0,) if model.needs_spe else ()))
   else:
     raise ValueError(f"mode must be diffusion or rrdb, got {mode!r}")
   if mesh is None:
     return jax.jit(fn)
   from diffssr_jax import parallel
   rows, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
-  return jax.jit(fn, in_shardings=(rep, rows, rows, rows), out_shardings=(rows, rows))
+  data_args = 4 if mode == "diffusion" and model.needs_spe else 3
+  return jax.jit(fn, in_shardings=(rep,) + (rows,) * data_args, out_shardings=(rows, rows))

@@ -43,6 +43,7 @@ from diffssr_jax import cli as shared_cli
 from diffssr_jax import conventions, fileio, images, preemption, run_settings, storage
 from diffssr_jax.evaluation import maniqa, results
 from diffssr_jax.data.eval_sources import EvalSourceError, PairedFolders, open_eval_source
+from diffssr_jax.data.spe_masks import SpeMaskError, SpeMasks
 from diffssr_jax.evaluation.metrics import sr_metrics
 from diffssr_jax.evaluation.methods import Method, make_methods, table_tags
 
@@ -247,16 +248,32 @@ def evaluate_all(upscaler, datasets: Mapping[str, str], root, *, step_tag: str |
                  crop_border: int | None = None, batch_size: int = 4, seed: int = 0, scale: int | None = None,
                  lpips_fn=None, lpips_net: str | None = None, fid_fn=None, run_settings: Mapping | None = None,
                  extra_summary: Mapping | None = None, on_image: Callable[[str], None] | None = None,
-                 show_progress: bool = True, compare: bool = False, maniqa_fn=None) -> pathlib.Path:
+                 show_progress: bool = True, compare: bool = False, maniqa_fn=None,
+                 spe_masks: Mapping[str, str] | None = None) -> pathlib.Path:
   """Evaluates `methods` on every dataset ({name: HR folder}, LR by MATLAB bicubic unless `paired_lr` names
   an LR folder) into root/<dataset>/<tag>/, then writes the table (every method's results on disk for the
   step, not only this run's); returns the table's path. All sources are opened and checked (folders, headers,
   HR/LR sizes) before the first image is super-resolved.
-  `run_settings` join the settings a resumed run must match; `extra_summary` only goes into summary.json."""
+  `run_settings` join the settings a resumed run must match; `extra_summary` only goes into summary.json.
+  `spe_masks` ({dataset: mask export folder}): every dataset's masks, for a SAM+SRDiff model (`needs_spe`) only;
+  checked for every image before any sampling."""
   paired_lr = dict(paired_lr or {})
   unknown = set(paired_lr) - set(datasets)
   if unknown:
     raise ValueError(f"--paired_lr names datasets not in --datasets: {sorted(unknown)}")
+  spe_masks = dict(spe_masks or {})
+  needs_spe = upscaler is not None and upscaler.needs_spe and "diffusion" in methods
+  if spe_masks and not needs_spe:
+    raise SpeMaskError("--spe_masks is only for a SAM+SRDiff model (model.cond_sam) evaluated with --diffusion; "
+                       "this model takes no masks" if upscaler is None or not upscaler.needs_spe else
+                       "--spe_masks is only used by the diffusion row (--nodiffusion given)")
+  if set(spe_masks) - set(datasets):
+    raise ValueError(f"--spe_masks names datasets not in --datasets: {sorted(set(spe_masks) - set(datasets))}")
+  if needs_spe and set(datasets) - set(spe_masks):
+    missing = [d for d in datasets if d not in spe_masks]
+    raise SpeMaskError(f"--spe_masks: no masks for dataset {missing[0]} ({upscaler.source or 'the model'} is a "
+                       f"SAM+SRDiff model, model.cond_sam, and needs every test image's masks: "
+                       f"--spe_masks {missing[0]}=MASK_EXPORT_DIR)")
   scale = upscaler.scale if upscaler is not None else (scale or 4)
   divisor = upscaler.lr_up_divisor if upscaler is not None else conventions.OFFICIAL_LR_UP_DIVISOR
   sources = {}
@@ -266,14 +283,17 @@ def evaluate_all(upscaler, datasets: Mapping[str, str], root, *, step_tag: str |
     if name in paired_lr and not storage.native(paired_lr[name]).is_dir():
       raise FileNotFoundError(f"dataset {name}: LR folder {paired_lr[name]} is not a folder")
     sources[name] = open_eval_source(hr_dir, paired_lr.get(name), scale, divisor)
-    lr_shapes(sources[name])
+    shapes = lr_shapes(sources[name])
+    if needs_spe:
+      spe_masks[name] = SpeMasks(spe_masks[name])
+      spe_masks[name].check(sources[name].names, [(h * scale, w * scale) for h, w in shapes])
   crop = scale if crop_border is None else int(crop_border)
   root = storage.native(root)
   for name, source in sources.items():
     # Setting names must differ from metric names: the table reads metrics from the same summary.
     common = {"scale": scale, "crop_border": crop, "lr_source": "paired" if name in paired_lr else "bicubic",
               "lpips_net": lpips_net if lpips_fn is not None else None, **(run_settings or {})}
-    for method in make_methods(methods, upscaler, step_tag, seed, common):
+    for method in make_methods(methods, upscaler, step_tag, seed, common, spe_masks.get(name)):
       evaluate_dataset(source, root / name / method.tag, method, crop_border=crop, batch_size=batch_size,
                        lpips_fn=lpips_fn, fid_fn=fid_fn, extra_summary=extra_summary, on_image=on_image,
                        show_progress=show_progress, maniqa_fn=maniqa_fn)
@@ -291,6 +311,8 @@ def define_flags(fv: flags.FlagValues) -> None:
       "only --bicubic with --output).", "Checkpoint step to evaluate (default: the newest verified one).")
   flags.DEFINE_list("datasets", [], "Benchmarks as NAME=HR_FOLDER,... (LR made by MATLAB bicubic); required.", **d)
   flags.DEFINE_list("paired_lr", [], "Given LR folders as NAME=LR_FOLDER,... for datasets of --datasets.", **d)
+  flags.DEFINE_list("spe_masks", [], "A SAM+SRDiff model's (model.cond_sam) test masks: NAME=DIR,... per dataset of "
+                    "--datasets, DIR the mask export's --out for that set's HR images (run with --keep_masks).", **d)
   flags.DEFINE_integer("crop_border", None, "Pixels cropped per side for PSNR/SSIM (default: the scale; the "
                        "official evaluation used 0).", **d)
   flags.DEFINE_string("output", None, "Results root (default: WORKDIR/eval).", **d)
@@ -318,7 +340,7 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 # Errors the user can fix, printed as one line (exit status 1); the model loader's are `errors.UserError`s.
 USER_ERRORS = (EvalSourceError, images.ImageReadError, FileNotFoundError, NotADirectoryError, SettingsMismatchError,
-               results.CorruptResultsError, storage.StorageError, maniqa.MissingExtraError)
+               results.CorruptResultsError, storage.StorageError, maniqa.MissingExtraError, SpeMaskError)
 
 
 def _checkpoint_tag(step, checkpoint) -> str:
@@ -343,14 +365,17 @@ def run_from_flags(fv: flags.FlagValues) -> pathlib.Path:
   try:
     datasets = parse_named_paths(fv.datasets, "datasets")
     paired = parse_named_paths(fv.paired_lr, "paired_lr")
+    spe_masks = parse_named_paths(fv.spe_masks, "spe_masks")
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  unknown = set(paired) - set(datasets)
-  if unknown:
-    raise app.UsageError(f"--paired_lr names datasets not in --datasets: {sorted(unknown)}")
+  for flag, named in (("paired_lr", paired), ("spe_masks", spe_masks)):
+    unknown = set(named) - set(datasets)
+    if unknown:
+      raise app.UsageError(f"--{flag} names datasets not in --datasets: {sorted(unknown)}")
   # Every location is checked before any work: an unservable one is refused in one line (StorageError).
   storage.check_all({"--workdir": fv.workdir, "--checkpoint": fv.checkpoint, "--output": fv.output,
                      "--datasets": list(datasets.values()), "--paired_lr": list(paired.values()),
+                     "--spe_masks": list(spe_masks.values()),
                      "--lpips_backbone": fv.lpips_backbone, "--lpips_lin": fv.lpips_lin,
                      "--fid_inception": fv.fid_inception, "--maniqa": fv.maniqa})
   if fv["fid_protocol"].present and not fv.fid_inception:
@@ -378,7 +403,8 @@ def run_from_flags(fv: flags.FlagValues) -> pathlib.Path:
   return evaluate_all(upscaler, datasets, root, step_tag=step_tag, paired_lr=paired, methods=methods,
                       crop_border=fv.crop_border, batch_size=fv.batch_size, seed=fv.seed, scale=fv.scale,
                       lpips_fn=lpips_fn, lpips_net=fv.lpips_net, fid_fn=fid_fn, run_settings=settings,
-                      extra_summary=extra, show_progress=fv.progress, compare=fv.compare, maniqa_fn=maniqa_fn)
+                      extra_summary=extra, show_progress=fv.progress, compare=fv.compare, maniqa_fn=maniqa_fn,
+                      spe_masks=spe_masks)
 
 
 def main(argv, fv: flags.FlagValues) -> int:

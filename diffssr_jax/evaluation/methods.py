@@ -47,30 +47,38 @@ def bicubic_sr_fn(scale: int):
   return lambda items: np.stack([imresize(it.lr, scale) for it in items])
 
 
-def model_sr_fn(upscaler, seed: int):
-  """SR of a batch with an `inference.Upscaler` (diffusion or rrdb mode), noise keyed by image name."""
+def model_sr_fn(upscaler, seed: int, spe_masks=None):
+  """SR of a batch with an `inference.Upscaler` (diffusion or rrdb mode), noise keyed by image name. A
+  SAM+SRDiff model (`upscaler.needs_spe`) gets each image's SPE map from `spe_masks` (`data.spe_masks.SpeMasks`)."""
   from diffssr_jax.inference.upscaler import name_index
 
   def fn(items):
     lr = np.stack([it.lr for it in items])
     lr_up = np.stack([it.lr_up for it in items])
+    spe = np.stack([spe_masks.spe(it.name, it.hr.shape[:2]) for it in items]) if upscaler.needs_spe else None
     sr, _ = upscaler.super_resolve_batch(lr, seed=seed, indices=[name_index(it.name) for it in items],
-                                         lr_up=lr_up)
+                                         lr_up=lr_up, spe=spe)
     return signed_to_uint8(sr)
 
   return fn
 
 
 def model_label(upscaler) -> str:
-  """'SAM-DiffSR (ddpm, 100 steps)', 'SRDiff (...)' for an unmodulated model, or 'RRDB'."""
+  """'SAM-DiffSR (ddpm, 100 steps)', 'SRDiff (...)' for an unmodulated model, 'SAM+SRDiff (...)' for one given
+  the masks as an input (Table 7's baseline, `model.cond_sam`), or 'RRDB'."""
   if upscaler.mode == "rrdb":
     return "RRDB"
-  name = "SRDiff" if upscaler.model.modulation == "none" else "SAM-DiffSR"
+  if upscaler.model.needs_spe:
+    name = "SAM+SRDiff"
+  else:
+    name = "SRDiff" if upscaler.model.modulation == "none" else "SAM-DiffSR"
   return f"{name} ({upscaler.describe()})"
 
 
-def make_methods(kinds: Sequence[str], upscaler, step_tag: str | None, seed: int, common: Mapping) -> list[Method]:
-  """The requested methods in table order. `upscaler` (diffusion mode) may be None for bicubic alone."""
+def make_methods(kinds: Sequence[str], upscaler, step_tag: str | None, seed: int, common: Mapping,
+                 spe_masks=None) -> list[Method]:
+  """The requested methods in table order. `upscaler` (diffusion mode) may be None for bicubic alone.
+  `spe_masks` (`data.spe_masks.SpeMasks`): the dataset's masks, needed by a SAM+SRDiff model's diffusion row."""
   from diffssr_jax.inference.upscaler import Upscaler
   unknown = set(kinds) - set(METHODS)
   if unknown:
@@ -93,6 +101,10 @@ def make_methods(kinds: Sequence[str], upscaler, step_tag: str | None, seed: int
       settings = {"method": kind, **common, "step": step_tag, "sampler": upscaler.sampler,
                   "steps": upscaler.num_steps, "eta": upscaler.eta, "seed": seed,
                   "lr_up_divisor": upscaler.lr_up_divisor}
-      out.append(Method(kind, method_tag(kind, step_tag), model_label(upscaler), model_sr_fn(upscaler, seed),
-                        settings))
+      if upscaler.needs_spe:
+        if spe_masks is None:
+          raise ValueError("a SAM+SRDiff model (model.cond_sam) needs the test images' masks (--spe_masks)")
+        settings.update(spe_masks.describe())  # a resumed run must use the same masks
+      out.append(Method(kind, method_tag(kind, step_tag), model_label(upscaler),
+                        model_sr_fn(upscaler, seed, spe_masks), settings))
   return out

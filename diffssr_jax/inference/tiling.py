@@ -81,14 +81,16 @@ def _pad_to(lr: np.ndarray, tile: int) -> np.ndarray:
 
 def upscale_tiled(lr: np.ndarray, sr_fn: Callable[[np.ndarray], np.ndarray], scale: int, tile: int = 256,
                   overlap: int = 32, batch_size: int = 4, margin: int | None = None,
-                  progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+                  progress: Callable[[int, int], None] | None = None, hr_side: np.ndarray | None = None) -> np.ndarray:
   """Super-resolves an (H, W, 3) float LR image tile by tile; returns (H*scale, W*scale, 3) float32.
 
   `sr_fn` maps a float32 batch (N, tile, tile, 3) to (N, tile*scale, tile*scale, 3) (numpy or jax); every call
   gets exactly `batch_size` tiles (the last batch is filled with copies of its last tile, discarded), so a
   jit-compiled function compiles once. An image smaller than a tile is reflect-padded first. `margin`
   (LR pixels, default overlap // 4) is the band at each shared tile edge that gets zero weight.
-  `progress(done, total)` is called after each batch.
+  `progress(done, total)` is called after each batch. `hr_side` (H*scale, W*scale, k), e.g. a SAM+SRDiff
+  model's SPE map: cut with the same windows (in HR pixels, reflect-padded as the image) and given to
+  `sr_fn(batch, side_batch)` as its second argument.
   """
   lr = np.asarray(lr, np.float32)
   if lr.ndim != 3:
@@ -101,6 +103,12 @@ def upscale_tiled(lr: np.ndarray, sr_fn: Callable[[np.ndarray], np.ndarray], sca
   h, w, c = lr.shape
   padded = _pad_to(lr, tile)
   ph, pw = padded.shape[:2]
+  side = None
+  if hr_side is not None:
+    hr_side = np.asarray(hr_side, np.float32)
+    if hr_side.ndim != 3 or hr_side.shape[:2] != (h * scale, w * scale):
+      raise ValueError(f"hr_side has shape {hr_side.shape}, expected ({h * scale}, {w * scale}, k)")
+    side = _pad_to(hr_side, tile * scale)
   tiles = plan_tiles(ph, pw, tile, overlap)
   t_hr = tile * scale
   acc = np.zeros((ph * scale, pw * scale, c), np.float32)
@@ -112,7 +120,12 @@ def upscale_tiled(lr: np.ndarray, sr_fn: Callable[[np.ndarray], np.ndarray], sca
     batch = np.stack([padded[y:y + tile, x:x + tile] for y, x in chunk])
     if len(chunk) < batch_size:
       batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - len(chunk), axis=0)])
-    out = np.asarray(sr_fn(batch), dtype=np.float32)
+    if side is None:
+      out = np.asarray(sr_fn(batch), dtype=np.float32)
+    else:
+      side_batch = np.stack([side[y * scale:y * scale + t_hr, x * scale:x * scale + t_hr] for y, x in chunk])
+      side_batch = np.concatenate([side_batch, np.repeat(side_batch[-1:], len(batch) - len(chunk), axis=0)])
+      out = np.asarray(sr_fn(batch, side_batch), dtype=np.float32)
     if out.shape != (batch_size, t_hr, t_hr, c):
       raise ValueError(f"sr_fn returned {out.shape}, expected {(batch_size, t_hr, t_hr, c)}")
     for (y, x), hr_tile in zip(chunk, out):

@@ -18,6 +18,12 @@ PNG carries tEXt metadata: Software "diffssr-jax upscale", diffssr:checkpoint, d
 training step), diffssr:sampler, diffssr:seed and diffssr:source (the input's file name); the model's
 checkpoint and step are also printed when it loads.
 
+A SAM+SRDiff model (Table 7's baseline, `model.cond_sam`) needs each input's masks: --spe_masks DIR, the mask
+export's --out run on the input images themselves (`--scale 1 --keep_masks`, a small --min_tile for small
+images), each image's masks named as its output below --output (without .png). LR-size masks are brought to
+the HR grid (`data.spe_masks`); large images are tiled with E cut in the same windows. The model and the
+masks of every input are checked before the first image is super-resolved.
+
 One bad image never stops the rest: whatever goes wrong with one file (unreadable, too odd to process, a
 failed write) is reported by path, the others are still done, and the summary line is always printed. Exit
 status: 0 when everything was written or already there, 1 when some file failed or no image was found, 2 for
@@ -155,12 +161,14 @@ def _failure(src, e: Exception) -> str:
 
 def upscale_files(make_upscaler: Callable[[], object], jobs, *, overwrite: bool = False, fail_fast: bool = False,
                   seed: int = 0, tile: int | None = None, overlap: int = 32, batch_size: int = 4, margin: int | None = None,
-                  show_progress: bool = True, log: Callable[[str], None] | None = None) -> dict[str, list]:
+                  show_progress: bool = True, log: Callable[[str], None] | None = None,
+                  spe_of: Callable | None = None) -> dict[str, list]:
   """Runs the jobs; returns {"written": [dst...], "skipped": [dst...], "failed": [message...]} and, when
   Ctrl-C stopped it, "interrupted": True. The model is made by `make_upscaler()` only when some output is to
   be written. Existing outputs are skipped, or with `overwrite` replaced when an earlier upscale wrote them
   (any other existing file fails instead). An exception while doing one image is recorded as that image's
-  failure and the next image is done (unless `fail_fast`)."""
+  failure and the next image is done (unless `fail_fast`). `spe_of(dst, lr_hw, scale)`: the HR-size SPE map of
+  the job writing `dst`, for a SAM+SRDiff model."""
   log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
   done = {"written": [], "skipped": [], "failed": []}
   todo = []
@@ -187,8 +195,9 @@ def upscale_files(make_upscaler: Callable[[], object], jobs, *, overwrite: bool 
       try:
         image = images.load_image(src)
         tiles = lambda k, n: bar.set_postfix_str(f"{src.name} tile {k}/{n}")  # noqa: E731
+        spe = None if spe_of is None else spe_of(dst, image.rgb.shape[:2], upscaler.scale)
         out = upscaler.upscale_like_input(image, seed=seed, tile=tile, overlap=overlap, batch_size=batch_size,
-                                          margin=margin, progress=tiles)
+                                          margin=margin, progress=tiles, spe=spe)
         save_output(dst, out, output_text(upscaler, src, seed))
       except Exception as e:  # noqa: BLE001  (one bad image must not stop the others; reported by path)
         msg = _failure(src, e)
@@ -231,6 +240,8 @@ def define_flags(fv: flags.FlagValues) -> None:
                     "never replaced; without it existing outputs are skipped).", **d)
   flags.DEFINE_bool("fail_fast", False, "Stop at the first file that fails.", **d)
   flags.DEFINE_bool("progress", True, "Show a progress bar.", **d)
+  flags.DEFINE_string("spe_masks", None, "A SAM+SRDiff model's (model.cond_sam) input masks: the mask export's --out "
+                      "for these images (--scale 1 --keep_masks), named as the outputs (default: none).", **d)
 
 
 def main(argv, fv: flags.FlagValues) -> int:
@@ -248,7 +259,10 @@ def main(argv, fv: flags.FlagValues) -> int:
     raise app.UsageError(f"need --tile >= 1, 0 <= --overlap <= tile/2 and --batch_size >= 1 (got tile {fv.tile or 'default, >= 64'}, "
                          f"overlap {fv.overlap}, batch_size {fv.batch_size})")
   # Every location is checked before any work: an unservable one is refused in one line (StorageError).
-  storage.check_all({"--output": fv.output, "--workdir": fv.workdir, "--checkpoint": fv.checkpoint, "input": inputs})
+  storage.check_all({"--output": fv.output, "--workdir": fv.workdir, "--checkpoint": fv.checkpoint, "input": inputs,
+                     "--spe_masks": fv.spe_masks})
+  from diffssr_jax.data.spe_masks import SpeMaskError, SpeMasks
+  spe_masks = SpeMasks(fv.spe_masks) if fv.spe_masks else None
   try:
     jobs, errors = collect_jobs(inputs, fv.output)
   except JobError as e:
@@ -267,11 +281,26 @@ def main(argv, fv: flags.FlagValues) -> int:
     up = Upscaler.load(workdir=fv.workdir, checkpoint=fv.checkpoint, step=fv.step, sampler=fv.sampler,
                        steps=fv.steps, eta=fv.eta, use_ema=fv.use_ema, mode="rrdb" if fv.rrdb else "diffusion")
     print(f"model: {up.describe_source()}; {up.describe()}", file=sys.stderr)
+    # Before the first image: the model and the masks must go together, and every input must have its masks.
+    if up.needs_spe and spe_masks is None:
+      raise SpeMaskError(f"{up.source}: a SAM+SRDiff model (model.cond_sam) needs the inputs' masks: --spe_masks DIR")
+    if spe_masks is not None and not up.needs_spe:
+      raise SpeMaskError(f"--spe_masks: {up.source} takes no masks (only a SAM+SRDiff model, model.cond_sam, does"
+                         f"{'; --rrdb uses the encoder alone' if fv.rrdb else ''})")
+    if spe_masks is not None:
+      s = up.scale
+      spe_masks.check([names[dst] for _, dst in jobs],
+                      [(h * s, w * s) for h, w in (images.header_hw(src) for src, _ in jobs)], lr_scale=s)
     return up
 
+  output = storage.native(fv.output)
+  names = {dst: dst.relative_to(output).with_suffix("").as_posix() for _, dst in jobs}
+  spe_of = None
+  if spe_masks is not None:
+    spe_of = lambda dst, hw, s: spe_masks.spe(names[dst], (hw[0] * s, hw[1] * s), lr_scale=s)  # noqa: E731
   done = upscale_files(make_upscaler, jobs, overwrite=fv.overwrite, fail_fast=fv.fail_fast, seed=fv.seed,
                        tile=fv.tile, overlap=fv.overlap, batch_size=fv.batch_size, margin=fv.margin,
-                       show_progress=fv.progress)
+                       show_progress=fv.progress, spe_of=spe_of)
   failed = errors + done["failed"]
   if not done["written"] and not failed and not done.get("interrupted"):
     print(f"nothing to do: all {len(done['skipped'])} outputs exist (pass --overwrite to replace them)",

@@ -278,12 +278,20 @@ class Upscaler:
     """LR pixels added at the bottom and right of an h x w LR image before the networks see it."""
     return padded_lr_size(h, self.lr_multiple, self.min_lr) - h, padded_lr_size(w, self.lr_multiple, self.min_lr) - w
 
+  @property
+  def needs_spe(self) -> bool:
+    """True when every call must give the images' SPE maps (a SAM+SRDiff model sampling; see
+    `SRDiffusion.needs_spe`)."""
+    return self.mode == "diffusion" and self.model.needs_spe
+
   def super_resolve_batch(self, lr_batch, seed: int = 0, indices: Sequence[int] | None = None,
-                          lr_up: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                          lr_up: np.ndarray | None = None, spe: np.ndarray | None = None
+                          ) -> tuple[np.ndarray, np.ndarray]:
     """Super-resolves N equal-size LR images: (sr, rrdb), float32 (N, h*s, w*s, 3) in [-1, 1] space (SR is
     not clipped, as the official sampler's output). `lr_batch` is uint8/uint16 (N, h, w, 3) (or one (h, w, 3)
     image) or floats holding 8-bit values. Image i's noise comes from fold_in(key(seed), indices[i])
-    (default i). `lr_up` (N, h*s, w*s, 3) may be passed when already computed."""
+    (default i). `lr_up` (N, h*s, w*s, 3) may be passed when already computed. `spe` (N, h*s, w*s[, 1]): the
+    images' SPE maps, required by a SAM+SRDiff model (`needs_spe`) and refused otherwise."""
     lr_batch = np.asarray(lr_batch)
     if lr_batch.ndim == 3:
       lr_batch = lr_batch[None]
@@ -301,6 +309,14 @@ class Upscaler:
       lr_up = lr_up[None] if lr_up.ndim == 3 else lr_up
       if lr_up.shape != (n, h * s, w * s, 3):
         raise ValueError(f"lr_up has shape {lr_up.shape}, expected {(n, h * s, w * s, 3)}")
+    if self.needs_spe != (spe is not None):
+      raise ValueError("this model (model.cond_sam) needs the images' SPE maps (spe=...)" if self.needs_spe else
+                       "spe= is only for a SAM+SRDiff model (model.cond_sam) sampling; this one takes no SPE map")
+    if spe is not None:
+      spe = np.asarray(spe, np.float32)
+      spe = spe[..., None] if spe.ndim == 3 else spe
+      if spe.shape != (n, h * s, w * s, 1):
+        raise ValueError(f"spe has shape {spe.shape}, expected {(n, h * s, w * s, 1)}")
     indices = list(range(n) if indices is None else indices)
     if len(indices) != n:
       raise ValueError(f"{len(indices)} indices for {n} images")
@@ -309,12 +325,13 @@ class Upscaler:
     # HR space, rather than up-scaled from the padded LR.
     lr = pad_bottom_right(lr, ph, pw)
     lr_up = pad_bottom_right(lr_up, ph * s, pw * s)
+    extra = () if spe is None else (parallel.pad_to_multiple(pad_bottom_right(spe, ph * s, pw * s), self.mesh.size),)
     # The batch is split over the mesh's devices: filled up to a multiple of their number with copies of
     # the last image (and its key), which are dropped again.
     m = self.mesh.size
     lr, lr_up = parallel.pad_to_multiple(lr, m), parallel.pad_to_multiple(lr_up, m)
     keys = sampling.image_keys(seed, parallel.pad_to_multiple(np.asarray(indices, np.int64), m))
-    sr, rrdb = self._fn(self.params, lr, lr_up, keys)
+    sr, rrdb = self._fn(self.params, lr, lr_up, keys, *extra)
     return np.asarray(sr)[:n, :h * s, :w * s], np.asarray(rrdb)[:n, :h * s, :w * s]
 
   # ------------------------------------------------------------------ whole images
@@ -329,19 +346,26 @@ class Upscaler:
 
   def upscale_signed(self, rgb: np.ndarray, seed: int = 0, tile: int | None = None, overlap: int = 32,
                      batch_size: int = 4, margin: int | None = None,
-                     progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+                     progress: Callable[[int, int], None] | None = None, spe: np.ndarray | None = None
+                     ) -> np.ndarray:
     """One (H, W, 3) uint8/uint16 image -> float32 (H*s, W*s, 3) SR in [-1, 1] space. Images no larger than
     `tile` (LR pixels; None: `default_tile`) on both sides go through in one piece (key index 0); larger ones in
     overlapping tiles blended by `tiling.upscale_tiled`, `batch_size` tiles per call, tile k (in order) with key
-    index k + 1."""
+    index k + 1. `spe` (H*s, W*s): the image's SPE map for a SAM+SRDiff model, cut into the same tiles."""
     tile = self.default_tile(batch_size) if tile is None else tile
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[2] != 3:
       raise ValueError(f"expected an (H, W, 3) image, got shape {rgb.shape}")
     maxval = _maxval(rgb.dtype)
     h, w = rgb.shape[:2]
+    if spe is not None:
+      spe = np.asarray(spe, np.float32)
+      spe = spe[:, :, 0] if spe.ndim == 3 else spe
+      if spe.shape != (h * self.scale, w * self.scale):
+        raise ValueError(f"spe has shape {spe.shape}, expected the SR size {(h * self.scale, w * self.scale)}")
     if h <= tile and w <= tile:
-      out = self.super_resolve_batch(rgb[None], seed=seed, indices=[0])[0][0]
+      out = self.super_resolve_batch(rgb[None], seed=seed, indices=[0],
+                                     spe=None if spe is None else spe[None])[0][0]
       if progress is not None:
         progress(1, 1)
       return out
@@ -349,29 +373,32 @@ class Upscaler:
     # Tiles travel as float 8-bit values (exact for uint8; 16-bit keeps its precision as fractions).
     v8 = rgb.astype(np.float32) if maxval == 255.0 else (rgb.astype(np.float64) * (255.0 / maxval)).astype(np.float32)
 
-    def sr_fn(batch):
+    def sr_fn(batch, spe_batch=None):
       idx = [next(counter) for _ in range(len(batch))]
-      return self.super_resolve_batch(batch, seed=seed, indices=idx)[0]
+      return self.super_resolve_batch(batch, seed=seed, indices=idx, spe=spe_batch)[0]
 
     return upscale_tiled(v8, sr_fn, self.scale, tile=tile, overlap=overlap, batch_size=batch_size, margin=margin,
-                         progress=progress)
+                         progress=progress, hr_side=None if spe is None else spe[:, :, None])
 
   def upscale(self, image, seed: int = 0, tile: int | None = None, overlap: int = 32, batch_size: int = 4,
-              margin: int | None = None, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+              margin: int | None = None, progress: Callable[[int, int], None] | None = None,
+              spe: np.ndarray | None = None) -> np.ndarray:
     """An image (path, `images.LoadedImage`, or (H, W[, 3|4]) uint8/uint16 array; alpha ignored) -> its
-    (H*s, W*s, 3) SR in the input's dtype, by the official rounding."""
+    (H*s, W*s, 3) SR in the input's dtype, by the official rounding. `spe`: see `upscale_signed`."""
     if isinstance(image, (str, pathlib.PurePath)):  # epath paths are PurePaths too
       image = images.load_image(image)
     rgb = image.rgb if isinstance(image, images.LoadedImage) else _as_rgb(image)
-    sr = self.upscale_signed(rgb, seed, tile, overlap, batch_size, margin, progress)
+    sr = self.upscale_signed(rgb, seed, tile, overlap, batch_size, margin, progress, spe)
     return conventions.signed_to_pixels(sr, rgb.dtype)
 
   def upscale_like_input(self, image: images.LoadedImage, seed: int = 0, tile: int | None = None, overlap: int = 32,
                          batch_size: int = 4, margin: int | None = None,
-                         progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+                         progress: Callable[[int, int], None] | None = None,
+                         spe: np.ndarray | None = None) -> np.ndarray:
     """The SR of a loaded image in the input's layout and bit depth: greyscale (mean of the SR channels,
-    since the model always makes colour), RGB, or with the alpha channel up-scaled by MATLAB bicubic."""
-    sr = self.upscale_signed(image.rgb, seed, tile, overlap, batch_size, margin, progress)
+    since the model always makes colour), RGB, or with the alpha channel up-scaled by MATLAB bicubic. `spe`:
+    see `upscale_signed`."""
+    sr = self.upscale_signed(image.rgb, seed, tile, overlap, batch_size, margin, progress, spe)
     to_int = functools.partial(conventions.signed_to_pixels, dtype=image.rgb.dtype)
     if image.alpha is not None:
       return np.concatenate([to_int(sr), upscale_alpha(image.alpha, self.scale)[:, :, None]], axis=2)

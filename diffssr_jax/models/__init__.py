@@ -10,8 +10,10 @@ def build_rrdb(model_cfg, dtype) -> RRDBNet:
 
 
 def build_unet(model_cfg, dtype) -> UNet:
+  # `cond_sam` is read with .get: a config.json saved before the key existed describes a U-Net without it.
   return UNet(dim=model_cfg.unet_dim, dim_mults=tuple(model_cfg.unet_dim_mults), scale=model_cfg.scale,
-              dtype=dtype, remat=model_cfg.remat_unet)
+              dtype=dtype, remat=model_cfg.remat_unet,
+              cond_sam=bool(model_cfg.get("cond_sam", False)))
 
 
 __all__ = ["RRDBNet", "UNet", "build_rrdb", "build_unet"]

@@ -19,6 +19,7 @@ from diffssr_jax import storage
 # (torch key regex, our param path template, tensor kind); {p} is kernel|bias.
 _UNET_RULES = [
     (r"cond_proj\.(weight|bias)", "cond_proj/{p}", "convT"),
+    (r"sam_conv\.([012])\.(weight|bias)", "sam_conv_{0}/{p}", "conv"),   # cond_sam (Table 7's SAM+SRDiff)
     (r"mlp\.(0|2)\.(weight|bias)", "mlp_{0}/{p}", "dense"),
     (r"downs\.(\d+)\.([01])\.(.+)", "downs_{0}_res{1}/{res}", "res"),
     (r"downs\.(\d+)\.2\.conv\.1\.(weight|bias)", "downs_{0}_down/{p}", "conv"),
@@ -136,7 +137,7 @@ def torch_to_flax(state_dict: Mapping[str, Any], dtype=np.float32) -> dict:
   if unknown:
     raise ConversionError(
         f"{len(unknown)} state-dict keys have no counterpart in our model, e.g. {unknown[:5]} "
-        "(configurations with cond_sam, attention, weight norm or up_input are not supported)")
+        "(configurations with attention, weight norm or up_input are not supported)")
   _stack_blocks(blocks, rrdb, "" if bare_rrdb else "rrdb.")
   out = {}
   if unet:
@@ -162,6 +163,8 @@ def _torch_key(path: str) -> str:
     return f"{head}.{res[parts[1]]}.{which}"
   if head in ("mlp_0", "mlp_2"):
     return f"mlp.{head[-1]}.{which}"
+  if m := re.fullmatch(r"sam_conv_([012])", head):
+    return f"sam_conv.{m[1]}.{which}"
   if head == "final_block":
     return f"final_conv.0.block.1.{which}"
   if head == "final_conv":

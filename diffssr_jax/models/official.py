@@ -9,6 +9,7 @@ official layout (what `diffssr-convert` and `load_for_inference(checkpoint=...)`
   RRDB             `conv_first.weight` out channels (features), `RRDB_trunk.<n>` count (blocks),
                    `RRDB_trunk.0.RDB1.conv1.weight` out channels (growth)
   timesteps        the length of the `betas` buffer
+  cond_sam         whether `denoise_fn.sam_conv.0.weight` exists (Table 7's SAM+SRDiff, models/unet.py)
 The official RRDBNet always has `upconv1` and `upconv2` (and `upconv3` at x8), whatever `sr_scale` says,
 so an official x2 checkpoint carries an `upconv2` our x2 RRDB has not got: it only shapes the RRDB's own
 image, never the features the U-Net is conditioned on, so it is dropped on import (one warning) and
@@ -87,6 +88,8 @@ def config_from_state_dict(state_dict: Mapping) -> dict:
         raise ConversionError(f"denoise_fn.cond_proj.weight is for scale x{scale}, but the RRDB has {upconvs} "
                               f"upsampling convs ({p}upconv*)")
     out.update({"model.scale": scale, "model.unet_dim": dim, "model.unet_dim_mults": tuple(mults)})
+    # sam_config.cond_sam (Table 7's SAM+SRDiff): the SPE map joins the condition through sam_conv.0-2.
+    out["model.cond_sam"] = "denoise_fn.sam_conv.0.weight" in sd
   if "betas" in sd:
     out["diffusion.timesteps"] = int(_shape(sd, "betas")[0])
   return out

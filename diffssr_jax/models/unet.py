@@ -4,6 +4,15 @@ No normalisation and no attention (the paper network: groups = 0, use_attn = Fal
 is the concatenation of every third RRDB feature map, projected to the HR grid by a transposed conv
 and added after the first level. Stock Flax layers (`models.layers`): float32 params, compute in
 `dtype`, float32 output. Submodule names mirror the PyTorch keys for the converter.
+
+`cond_sam` (off by default) is the paper's Table 7 "SAM+SRDiff" baseline, the SAM masks given to the network
+as an input: the official `Unet` with `sam_config.cond_sam: true` (lose4578/SAM-DiffSR
+`models_sr/diffsr_modules.py`) concatenates the one-channel SPE map E at the HR size to the projected LR
+condition and maps the dim + 1 channels back to dim with three 1x1 convs (`sam_conv.0-2`, biases, no
+activation between them) before the condition is added after the first level. We follow that code rather
+than widening the first conv of x_t (the other reading of "masks concatenated to the U-Net input"): it is
+what the authors ran, its weights convert one to one, and E stays time-independent, so the sampler still
+computes the condition once per image.
 """
 from __future__ import annotations
 
@@ -54,12 +63,15 @@ class UNet(nn.Module):
   scale: int = 4
   dtype: Dtype = jnp.float32
   remat: bool = False
+  cond_sam: bool = False     # E (B, H, W, 1) joins the condition through `sam_conv_0-2` (see the module doc)
 
   def setup(self):
     dims = [3] + [self.dim * m for m in self.dim_mults]
     in_out = list(zip(dims[:-1], dims[1:]))
     res = nn.remat(ResnetBlock) if self.remat else ResnetBlock
     self.cond_proj = conv_transpose_torch(self.dim, self.scale, "cond_proj", self.dtype)
+    if self.cond_sam:
+      self.sam_convs = [nn.Conv(self.dim, (1, 1), dtype=self.dtype, name=f"sam_conv_{i}") for i in range(3)]
     self.mlp_0 = nn.Dense(self.dim * 4, dtype=self.dtype)
     self.mlp_2 = nn.Dense(self.dim, dtype=self.dtype)
     downs = []
@@ -83,9 +95,23 @@ class UNet(nn.Module):
     """HR height and width must be multiples of this: one 2x downsampling per level but the last."""
     return 2 ** (len(self.dim_mults) - 1)
 
-  def project_cond(self, feats):
-    """RRDB features ((N, B, h, w, C) array or list of N maps) -> condition map at the HR resolution."""
-    return self.cond_proj(jnp.concatenate(list(feats[2::3]), axis=-1).astype(self.dtype))
+  def project_cond(self, feats, spe=None):
+    """RRDB features ((N, B, h, w, C) array or list of N maps) -> condition map at the HR resolution; with
+    `cond_sam`, the SPE map `spe` (B, H, W, 1) at that resolution joins it (official `sam_conv`)."""
+    cond = self.cond_proj(jnp.concatenate(list(feats[2::3]), axis=-1).astype(self.dtype))
+    if not self.cond_sam:
+      if spe is not None:
+        raise ValueError("this U-Net takes no SPE map (model.cond_sam is off)")
+      return cond
+    if spe is None:
+      raise ValueError("a cond_sam U-Net needs the SPE map E (B, H, W, 1) of its images")
+    if spe.shape[:3] != cond.shape[:3] or spe.shape[3] != 1:
+      raise ValueError(f"the SPE map has shape {spe.shape}, expected {cond.shape[:3] + (1,)} (one channel at the "
+                       "HR size)")
+    h = jnp.concatenate([cond, spe.astype(self.dtype)], axis=-1)
+    for conv in self.sam_convs:
+      h = conv(h)
+    return h
 
   def time_embedding(self, t):
     """Sinusoidal embedding of t followed by the MLP (Linear, Mish, Linear)."""
@@ -108,5 +134,5 @@ class UNet(nn.Module):
       h = level["up"](level["res1"](level["res0"](h, t_emb), t_emb))
     return self.final_conv(mish(self.final_block(h))).astype(jnp.float32)
 
-  def __call__(self, x, t, feats):
-    return self.denoise(x, t, self.project_cond(feats))
+  def __call__(self, x, t, feats, spe=None):
+    return self.denoise(x, t, self.project_cond(feats, spe))

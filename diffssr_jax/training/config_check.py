@@ -169,6 +169,12 @@ def problems(config, device_count: int = 1, process_count: int = 1) -> list[str]
   k.choice("model.dtype", ("auto", "float32", "bfloat16"))
   k.bool_("model.remat_rrdb")
   k.bool_("model.remat_unet")
+  if k.bool_("model.cond_sam") and k.get("model.cond_sam"):
+    if k.get("task") == "distill":
+      k.bad("model.cond_sam", "a SAM+SRDiff teacher needs SPE maps when sampling; distillation does not support it")
+    if k.get("eval.hr_dir"):
+      k.bad("eval.hr_dir", "validation images have no SPE maps for a model.cond_sam model; leave it empty and "
+            "run diffssr-evaluate --spe_masks on the checkpoints")
 
   from diffssr_jax.diffusion import process
   t_ok = k.int_("diffusion.timesteps", 1)

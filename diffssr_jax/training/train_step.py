@@ -107,7 +107,8 @@ def loss_given_noise(model: SRDiffusion, params, frozen, batch, t, eps, *, loss_
   x0 = model.img2res(batch["hr"], batch["lr_up"])
   spe = batch.get("spe") if model.modulation != "none" else None
   x_t, target = process.forward_and_target(model.schedule, model.modulation, x0, t, eps, spe)
-  cond = model.condition(params["unet"], feats)
+  # SAM+SRDiff (Table 7): the patch's SPE map also enters the U-Net's condition, unscaled (official p_losses).
+  cond = model.condition(params["unet"], feats, batch["spe"] if model.needs_spe else None)
   pred = model.predict_noise(params["unet"], x_t, t, cond)
   err = pred - target
   if loss_type == "l1":
