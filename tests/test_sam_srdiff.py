@@ -186,7 +186,7 @@ def test_evaluation_with_masks_and_its_one_line_refusals(sam_up, tmp_path):
   from test_inference import tiny_model
   cfg, model, params = tiny_model()
   plain = Upscaler(model, params, config=cfg, sampler="ddim", steps=2, multiple=16)
-  with pytest.raises(SpeMaskError, match="only for a SAM\\+SRDiff model"):
+  with pytest.raises(SpeMaskError, match="only for the diffusion row of a SAM\\+SRDiff model"):
     evaluate.evaluate_all(plain, {"A": str(hr_dir)}, tmp_path / "o3", spe_masks={"A": masks}, **kw)
 
 

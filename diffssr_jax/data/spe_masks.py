@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -115,3 +116,23 @@ class SpeMasks:
 
   def describe(self) -> dict:
     return {"spe_masks": str(self.root), "spe_kind": self.kind}
+
+
+def check_flag(spe_masks: Mapping[str, str] | None, datasets, needs_spe: bool, model_source: str | None
+               ) -> dict[str, str]:
+  """The evaluation's --spe_masks ({dataset: masks folder}) when the masks and the model go together (a
+  SAM+SRDiff model's diffusion row needs masks for every dataset, any other run none), else a one-line
+  `SpeMaskError` naming the flag or the dataset. `needs_spe`: whether the run samples such a model."""
+  spe_masks = dict(spe_masks or {})
+  if spe_masks and not needs_spe:
+    raise SpeMaskError("--spe_masks is only for the diffusion row of a SAM+SRDiff model (model.cond_sam); this "
+                       "run samples none")
+  unknown = sorted(set(spe_masks) - set(datasets))
+  if unknown:
+    raise SpeMaskError(f"--spe_masks names datasets not in --datasets: {unknown}")
+  missing = [d for d in datasets if d not in spe_masks] if needs_spe else []
+  if missing:
+    raise SpeMaskError(f"--spe_masks: no masks for dataset {missing[0]} ({model_source or 'the model'} is a "
+                       f"SAM+SRDiff model, model.cond_sam, and needs every test image's masks: "
+                       f"--spe_masks {missing[0]}=MASK_EXPORT_DIR)")
+  return spe_masks

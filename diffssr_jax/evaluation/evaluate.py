@@ -22,7 +22,8 @@ checked), and the ones that fail are made again, with one warning saying how man
 the uninterrupted run would have produced. Images of equal size are batched together (one compiled
 sampler per size and batch). PSNR/SSIM are on the BT.601 Y channel with `--crop_border` pixels cropped per
 side (default: the scale, as BasicSR; the official evaluation used 0). The sampler defaults to the official
-DDPM, as in `upscale` (`conventions.DEFAULT_SAMPLER`).
+DDPM, as in `upscale` (`conventions.DEFAULT_SAMPLER`). A SAM+SRDiff model (Table 7, `model.cond_sam`) is given
+each image's SPE map from `--spe_masks NAME=DIR` (the mask export's --keep_masks output; `data.spe_masks`).
 
 Errors the user can fix (a missing folder, workdir or checkpoint, an unreadable image, results made with other
 settings) print one line and exit with status 1; a bad command line exits with 2.
@@ -43,6 +44,7 @@ from diffssr_jax import cli as shared_cli
 from diffssr_jax import conventions, fileio, images, preemption, run_settings, storage
 from diffssr_jax.evaluation import maniqa, results
 from diffssr_jax.data.eval_sources import EvalSourceError, PairedFolders, open_eval_source
+from diffssr_jax.data import spe_masks as spe_masks_lib
 from diffssr_jax.data.spe_masks import SpeMaskError, SpeMasks
 from diffssr_jax.evaluation.metrics import sr_metrics
 from diffssr_jax.evaluation.methods import Method, make_methods, table_tags
@@ -261,19 +263,8 @@ def evaluate_all(upscaler, datasets: Mapping[str, str], root, *, step_tag: str |
   unknown = set(paired_lr) - set(datasets)
   if unknown:
     raise ValueError(f"--paired_lr names datasets not in --datasets: {sorted(unknown)}")
-  spe_masks = dict(spe_masks or {})
   needs_spe = upscaler is not None and upscaler.needs_spe and "diffusion" in methods
-  if spe_masks and not needs_spe:
-    raise SpeMaskError("--spe_masks is only for a SAM+SRDiff model (model.cond_sam) evaluated with --diffusion; "
-                       "this model takes no masks" if upscaler is None or not upscaler.needs_spe else
-                       "--spe_masks is only used by the diffusion row (--nodiffusion given)")
-  if set(spe_masks) - set(datasets):
-    raise ValueError(f"--spe_masks names datasets not in --datasets: {sorted(set(spe_masks) - set(datasets))}")
-  if needs_spe and set(datasets) - set(spe_masks):
-    missing = [d for d in datasets if d not in spe_masks]
-    raise SpeMaskError(f"--spe_masks: no masks for dataset {missing[0]} ({upscaler.source or 'the model'} is a "
-                       f"SAM+SRDiff model, model.cond_sam, and needs every test image's masks: "
-                       f"--spe_masks {missing[0]}=MASK_EXPORT_DIR)")
+  spe_masks = spe_masks_lib.check_flag(spe_masks, datasets, needs_spe, upscaler.source if upscaler else None)
   scale = upscaler.scale if upscaler is not None else (scale or 4)
   divisor = upscaler.lr_up_divisor if upscaler is not None else conventions.OFFICIAL_LR_UP_DIVISOR
   sources = {}
