@@ -11,7 +11,7 @@ import pytest
 from diffssr_jax.diffusion.model import build_model
 from diffssr_jax.models import convert, official
 from diffssr_jax.parallel import make_mesh, shard_batch
-from diffssr_jax.training.train_step import create_train_state, loss_given_noise, make_optimizer, make_train_step
+from diffssr_jax.training.train_step import create_train_state, make_optimizer, make_train_step
 
 CONFIGS = pathlib.Path(__file__).parent / "configs"
 
@@ -51,30 +51,30 @@ def test_param_count_is_the_base_plus_the_three_sam_convs():
 def test_spe_reaches_the_unet_and_two_steps_train():
   cfg = tiny_sam_config()
   model = build_model(cfg)
-  params = model.init(jax.random.key(0))
-  batch = {k: jnp.asarray(v) for k, v in _batch().items()}
-  t = jnp.array([1, 3, 5, 9], jnp.int32)
-  eps = jax.random.normal(jax.random.key(1), batch["hr"].shape)
-  frozen = {"rrdb": params["rrdb"]}
-  loss_fn = jax.jit(lambda b: loss_given_noise(model, {"unet": params["unet"]}, frozen, b, t, eps)[0])
-  loss = lambda b: float(loss_fn(b))  # noqa: E731
-  l0 = loss(batch)
-  assert loss(batch) == l0                                       # deterministic
-  assert loss({**batch, "spe": batch["spe"] * 0.0}) != l0        # E changes the prediction: it reaches the U-Net
-  # Mode "none": E is not in the target, so only the condition can have moved the loss.
+  params_host = jax.device_get(model.init(jax.random.key(0)))  # the step donates its state: a fresh copy per run
   tx = make_optimizer(cfg.optim, total_steps=2)
   mesh = make_mesh(jax.devices()[:1])
-  sam0_init = np.asarray(params["unet"]["params"]["sam_conv_0"]["kernel"])  # the step donates the state
-  state = create_train_state(model, params, tx, seed=3)
   step = make_train_step(model, tx, mesh, loss_type=cfg.diffusion.loss)
-  losses = []
-  for _ in range(2):
-    state, metrics = step(state, shard_batch(_batch(), mesh))
-    losses.append(float(metrics["loss"]))
-  assert all(np.isfinite(losses)) and losses[0] != losses[1]
-  assert int(state.step) == 2
+
+  def run(batch, steps):
+    state = create_train_state(model, jax.tree.map(jnp.asarray, params_host), tx, seed=3)
+    losses = []
+    for _ in range(steps):
+      state, metrics = step(state, shard_batch(batch, mesh))
+      losses.append(float(metrics["loss"]))
+    return state, losses
+
+  batch = _batch()
+  state, losses = run(batch, 2)
+  assert all(np.isfinite(losses)) and losses[0] != losses[1] and int(state.step) == 2
   sam0 = np.asarray(state.params["unet"]["params"]["sam_conv_0"]["kernel"])
-  assert not np.array_equal(sam0, sam0_init)  # E's conv learns
+  assert not np.array_equal(sam0, params_host["unet"]["params"]["sam_conv_0"]["kernel"])  # E's conv learns
+  # The same first step (same t and noise) with another E: mode "none" keeps E out of x_t and the target, so
+  # only the U-Net's condition can move the loss.
+  _, other = run({**batch, "spe": batch["spe"] * 0.0}, 1)
+  assert other[0] != losses[0]
+  _, again = run(batch, 1)
+  assert again[0] == losses[0]
 
 
 def test_without_cond_sam_an_spe_map_is_refused_and_with_it_required():
