@@ -270,3 +270,24 @@ def test_upscale_cli_with_masks_and_its_one_line_refusals(tmp_path, capsys):
   plain = _make_workdir(tmp_path / "plain", tiny_model, 1)
   code, err = run("--spe_masks", str(masks), work=plain, out="out2")
   assert code == 1 and len(err) == 1 and "takes no masks" in err[0], err
+
+
+def test_test_time_spe_equals_the_exports_own_map(tmp_path):
+  """The masks the export keeps give, at test time, the SPE map the export wrote into the training records."""
+  from skimage import data as skdata
+  from diffssr_jax import images
+  from diffssr_jax.data import export, hr_sources, records, segmenters, tfrecord
+  from diffssr_jax.data.spe_masks import SpeMasks
+  images.save_png(tmp_path / "hr" / "sub" / "coffee.png", skdata.coffee()[:66, :64])  # trimmed to 64x64
+  cfg = export.ExportConfig(scale=4, tile_size=64, tile_step=64, min_tile=32, num_shards=1, keep_masks=True,
+                            spe_kind="sincos")
+  export.run_export(hr_sources.FolderSource(tmp_path / "hr"), tmp_path / "out", cfg,
+                    segmenter=segmenters.FelzenszwalbSegmenter(scale=20, min_size=20), progress=False)
+  (tile,) = [records.decode_tile(r) for r in tfrecord.iter_records(next((tmp_path / "out").glob("*.tfrecord")))]
+  masks = SpeMasks(tmp_path / "out")
+  assert masks.kind == "sincos"                               # from the export's manifest
+  masks.check(["sub/coffee"], [(64, 64)])
+  e = masks.spe("sub/coffee", (64, 64))
+  assert len(np.unique(e)) >= 3                                # a structured map, not a constant
+  # The export sums regions from a label map (bincount), we from the kept masks: equal up to summation order.
+  np.testing.assert_allclose(e, np.asarray(tile.spe, np.float32).reshape(64, 64), rtol=0, atol=1e-6)
