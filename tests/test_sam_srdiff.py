@@ -169,11 +169,11 @@ def test_evaluation_with_masks_and_its_one_line_refusals(sam_up, tmp_path):
   table = evaluate.evaluate_all(sam_up, {"A": str(hr_dir)}, tmp_path / "o1", spe_masks={"A": masks}, **kw)
   assert [ln.split("|")[1].strip() for ln in table.read_text().splitlines()[2:]] == [
       "SAM+SRDiff (ddim, 2 steps, eta 1)"]
-  s = results.read_summary_json(tmp_path / "o1" / "A" / "5" / "summary.json")
+  s = results.read_summary_json(tmp_path / "o1" / "A" / "5_sam_srdiff" / "summary.json")
   assert (s["spe_kind"], s["spe_masks"], s["num_images"]) == ("rope", masks, 2)
   evaluate.evaluate_all(sam_up, {"A": str(hr_dir)}, tmp_path / "o2", spe_masks={"A": other}, **kw)
-  sr1 = images.read_rgb8(tmp_path / "o1" / "A" / "5" / "img0.png")
-  sr2 = images.read_rgb8(tmp_path / "o2" / "A" / "5" / "img0.png")
+  sr1 = images.read_rgb8(tmp_path / "o1" / "A" / "5_sam_srdiff" / "img0.png")
+  sr2 = images.read_rgb8(tmp_path / "o2" / "A" / "5_sam_srdiff" / "img0.png")
   assert not np.array_equal(sr1, sr2)  # other masks, another SR: E reaches the sampler
   # Refusals, each before any image is made: the flag missing, an image without masks, masks for a plain model.
   with pytest.raises(SpeMaskError, match="--spe_masks: no masks for dataset A"):
@@ -291,3 +291,16 @@ def test_test_time_spe_equals_the_exports_own_map(tmp_path):
   assert len(np.unique(e)) >= 3                                # a structured map, not a constant
   # The export sums regions from a label map (bincount), we from the kept masks: equal up to summation order.
   np.testing.assert_allclose(e, np.asarray(tile.spe, np.float32).reshape(64, 64), rtol=0, atol=1e-6)
+
+
+def test_the_three_table7_models_get_their_own_folders_and_rows_in_one_table(tmp_path):
+  from types import SimpleNamespace as NS
+  from diffssr_jax.evaluation import evaluate, methods, results
+  models = {"SRDiff": NS(needs_spe=False, modulation="none"), "SAM+SRDiff": NS(needs_spe=True, modulation="none"),
+            "SAM-DiffSR": NS(needs_spe=False, modulation="reference")}
+  tags = {label: methods.method_tag("diffusion", "9", methods.model_variant(NS(model=m))) for label, m in models.items()}
+  assert tags == {"SRDiff": "9_srdiff", "SAM+SRDiff": "9_sam_srdiff", "SAM-DiffSR": "9"}
+  for label, tag in reversed(tags.items()):  # written in another order than the table's
+    results.write_summary_json(tmp_path / "A" / tag / "summary.json", {"label": label, "psnr_y": 20.0, "ssim_y": 0.5})
+  md = evaluate.write_table(tmp_path, "9", methods.table_tags("9"), ["A"])
+  assert [ln.split("|")[1].strip() for ln in md.read_text().splitlines()[2:]] == ["SRDiff", "SAM+SRDiff", "SAM-DiffSR"]

@@ -4,7 +4,8 @@ r"""Benchmark evaluation: super-resolve every image of benchmark folders, write 
       --datasets Set5=data/Set5/HR,Urban100=data/Urban100/HR --rrdb --bicubic
 
 For each dataset and method, under WORKDIR/eval/<dataset>/<tag>/ (or --output instead of WORKDIR/eval), tag
-`<step>` for the diffusion model, `<step>_rrdb` for its RRDB encoder alone and `bicubic` for MATLAB bicubic:
+`<step>` for the diffusion model (`<step>_srdiff` / `<step>_sam_srdiff` for Table 7's SRDiff / SAM+SRDiff),
+`<step>_rrdb` for its RRDB encoder alone and `bicubic` for MATLAB bicubic:
   metrics.csv    one row per image: image, psnr_y, ssim_y, psnr_rgb, lr_psnr, artifact[, lpips]
   maniqa.csv     per-image MANIQA (with --maniqa; pyiqa)
   summary.json   the means, FID when asked for, and the settings (sampler, steps, seed, crop_border, step, ...)

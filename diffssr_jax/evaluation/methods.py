@@ -1,8 +1,11 @@
 """The rows of an evaluation table: bicubic, the RRDB encoder alone, the diffusion model (`make_methods`).
 
 Each `Method` says how to super-resolve a batch of equal-size eval images, which results folder it writes
-(`method_tag`: `bicubic`, `<step>_rrdb`, `<step>`), the row's label, and the settings a resumed evaluation
-must match (checked by `evaluate.check_settings`).
+(`method_tag`: `bicubic`, `<step>_rrdb`, `<step>` for SAM-DiffSR, `<step>_srdiff` / `<step>_sam_srdiff` for Table
+7's SRDiff and SAM+SRDiff), the row's label, and the settings a resumed evaluation must match (checked by
+`evaluate.check_settings`). The variants' own folders let the three models of Table 7, evaluated into one
+`--output`, give one table with a row each (in one folder the later model would take the earlier one's images
+for its own).
 """
 from __future__ import annotations
 
@@ -16,20 +19,33 @@ from diffssr_jax.data.eval_sources import EvalImage
 from diffssr_jax.data.imresize import imresize
 
 METHODS = ("bicubic", "rrdb", "diffusion")  # also the order of the table's rows
+# Suffixes of the diffusion row's folder per model variant, in Table 7's row order (SRDiff, SAM+SRDiff, ours).
+VARIANTS = ("_srdiff", "_sam_srdiff", "")
 
 
-def method_tag(kind: str, step_tag: str | None) -> str:
-  """The results folder of a method: `bicubic`, `<step>_rrdb` or `<step>`."""
+def method_tag(kind: str, step_tag: str | None, variant: str = "") -> str:
+  """The results folder of a method: `bicubic`, `<step>_rrdb` or `<step><variant>` (`model_variant`)."""
   if kind == "bicubic":
     return "bicubic"
   if step_tag is None:
     raise ValueError(f"the {kind} method needs a checkpoint step tag")
-  return f"{step_tag}_rrdb" if kind == "rrdb" else str(step_tag)
+  return f"{step_tag}_rrdb" if kind == "rrdb" else f"{step_tag}{variant}"
+
+
+def model_variant(upscaler) -> str:
+  """The diffusion folder's suffix (VARIANTS) for a model: SAM+SRDiff (`model.cond_sam`), SRDiff (no
+  modulation) or SAM-DiffSR (none)."""
+  if upscaler.model.needs_spe:
+    return "_sam_srdiff"
+  return "_srdiff" if upscaler.model.modulation == "none" else ""
 
 
 def table_tags(step_tag: str | None) -> list[str]:
-  """The results folders a step's table reads, in row order: every method, whether or not this run made it."""
-  return [method_tag(k, step_tag) for k in METHODS if step_tag is not None or k == "bicubic"]
+  """The results folders a step's table reads, in row order: every method and variant, whether or not this run
+  made it."""
+  if step_tag is None:
+    return ["bicubic"]
+  return ["bicubic", method_tag("rrdb", step_tag)] + [method_tag("diffusion", step_tag, v) for v in VARIANTS]
 
 
 @dataclasses.dataclass
@@ -105,6 +121,6 @@ def make_methods(kinds: Sequence[str], upscaler, step_tag: str | None, seed: int
         if spe_masks is None:
           raise ValueError("a SAM+SRDiff model (model.cond_sam) needs the test images' masks (--spe_masks)")
         settings.update(spe_masks.describe())  # a resumed run must use the same masks
-      out.append(Method(kind, method_tag(kind, step_tag), model_label(upscaler),
+      out.append(Method(kind, method_tag(kind, step_tag, model_variant(upscaler)), model_label(upscaler),
                         model_sr_fn(upscaler, seed, spe_masks), settings))
   return out
