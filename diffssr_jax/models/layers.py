@@ -4,7 +4,8 @@ Params are float32 with Flax's default initialisation (see `initializers`); comp
 given (bfloat16 on accelerators). PyTorch's `ReflectionPad2d(1) + Conv2d(k=3)` is
 `nn.Conv(padding="REFLECT")` (flax reflects (1, 1) for a 3x3 kernel at any stride) and
 `ConvTranspose2d(2s, s, s/2)` is `SubpixelConvTranspose` (same params as
-`nn.ConvTranspose(padding=k-1-p, transpose_kernel=True)`, computed as one 2x2 conv + depth-to-space).
+`nn.ConvTranspose(padding=k-1-p, transpose_kernel=True)`, computed as one 2x2 conv + a depth-to-space
+without a transpose, `interleave_phases`).
 `mish` is `jax.nn.mish` under `jax.checkpoint`: its backward pass keeps only its input (see there why).
 """
 from __future__ import annotations
@@ -55,17 +56,44 @@ def subpixel_kernel(kernel: jax.Array, stride: int) -> jax.Array:
   return k.transpose(0, 2, 5, 1, 3, 4).reshape(2, 2, cin, stride * stride * out)
 
 
+def interleave_phases(y: jax.Array, stride: int) -> jax.Array:
+  """The sub-pixel conv's output (b, h+1, w+1, s*s*f) (window k, row offset i, column offset j, channel) as the
+  transposed conv's (b, s h, s w, f): depth-to-space and the crop of s/2 pixels per side, without a transpose.
+
+  Window k (k = m + 1 of `subpixel_taps`) at offset i holds full-size row R = s k + i; the crop keeps R in
+  [s/2, s/2 + s h), so output row s q + i' is window q + (i' >= s/2) at offset (i' + s/2) % s (the same for
+  columns). Columns: the channels (j, f) are contiguous, so a reshape interleaves them (free) and a slice
+  crops. Rows: each offset's rows are put in place by `lax.pad` with interior padding s - 1 and summed.
+  Why not `reshape(b, h+1, w+1, s, s, f).transpose(0, 1, 3, 2, 4, 5)`: the same data movement, but XLA keeps
+  that a transpose (fused into the consumer forward; a standalone transpose fusion over each output gradient
+  backward: 281 MiB of transposes per bf16 train step at b16 x 160^2, H200 target). In this form XLA makes
+  the same fusions with no transpose in them (the backward's pads become strided slices, one loop fusion
+  per layer writing the conv's output gradient); the bytes the step writes are unchanged (measured).
+  """
+  s, (b, hp, wp, c) = stride, y.shape
+  h, w, f = hp - 1, wp - 1, c // (stride * stride)
+  zero = jnp.zeros((), y.dtype)
+  out = None
+  for i in range(s):
+    src, k = (i + s // 2) % s, int(i >= s // 2)
+    rows = y[:, k:k + h, :, src * s * f:(src + 1) * s * f].reshape(b, h, wp * s, f)[:, :, s // 2: s // 2 + w * s]
+    rows = jax.lax.pad(rows, zero, ((0, 0, 0), (i, s - 1 - i, s - 1), (0, 0, 0), (0, 0, 0)))
+    out = rows if out is None else out + rows  # disjoint rows: each output element is one phase's value
+  return out
+
+
 class SubpixelConvTranspose(nn.Module):
   """PyTorch's ConvTranspose2d(in, features, kernel=2s, stride=s, padding=s/2) (output = s x input), with
   `nn.ConvTranspose(transpose_kernel=True)`'s params (kernel (2s, 2s, features, in) = the torch weight
   transposed (2, 3, 1, 0), bias (features,)), computed in its sub-pixel form: one stride-1 2x2 conv of the
-  zero-padded input to s*s*features channels, then depth-to-space and a crop of s/2 pixels per side.
+  zero-padded input to s*s*features channels, then depth-to-space and a crop of s/2 pixels per side
+  (`interleave_phases`: no transpose).
 
   Why not `nn.ConvTranspose` itself: its lhs-dilated conv has a weight gradient that XLA lowers (on GPU
   and TPU) to a forward conv whose window is the whole dilated activation (40x40 to 80x80 windows with
   rhs_dilation s, fed by reversed and transposed copies of the activations): a slow path of cuDNN and XLA.
   Here forward, input gradient and weight gradient are all plain stride-1 convs with the same FLOPs
-  (4 taps per output, as the transposed conv), and the depth-to-space keeps the channels minor.
+  (4 taps per output, as the transposed conv), and the depth-to-space is no transpose.
   """
   features: int
   stride: int
@@ -82,7 +110,6 @@ class SubpixelConvTranspose(nn.Module):
     kernel = self.param("kernel", self.kernel_init, (2 * s, 2 * s, f, x.shape[-1]), self.param_dtype)
     bias = self.param("bias", self.bias_init, (f,), self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    b, h, w, _ = x.shape
     # The input is zero-padded explicitly, behind an optimisation barrier, and the conv is VALID. With the
     # padding inside the conv, the weight gradient's "kernel" (the output gradient, h+1 wide) is larger than
     # its input (h wide), XLA swaps the two operands (a window reversal) and its GPU conv rewriter can no
@@ -91,10 +118,7 @@ class SubpixelConvTranspose(nn.Module):
     x = jax.lax.optimization_barrier(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))))
     y = jax.lax.conv_general_dilated(x, subpixel_kernel(kernel, s), (1, 1), "VALID",
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    # Window m (m = -1 .. h-1) holds outputs s m + s/2 + j: depth-to-space, then drop s/2 rows/cols per side.
-    y = y.reshape(b, h + 1, w + 1, s, s, f).transpose(0, 1, 3, 2, 4, 5).reshape(b, (h + 1) * s, (w + 1) * s, f)
-    y = y[:, s // 2: s // 2 + h * s, s // 2: s // 2 + w * s]
-    return y + bias
+    return interleave_phases(y, s) + bias
 
 
 def conv_transpose_torch(features: int, stride: int, name: str | None, dtype) -> SubpixelConvTranspose:
