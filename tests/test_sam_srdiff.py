@@ -1,5 +1,6 @@
 """Table 7's SAM+SRDiff baseline (`model.cond_sam`): the SPE map joins the U-Net's condition (official
-`sam_config.cond_sam`), in training, conversion, sampling and evaluation."""
+`sam_config.cond_sam`) in training and sampling; the converter's sam_conv keys; the test-time masks (the
+export's own map, evaluate and upscale with --spe_masks, tiles, one-line refusals); the three Table 7 rows."""
 import importlib.util
 import pathlib
 
