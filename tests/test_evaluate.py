@@ -3,6 +3,7 @@ settings guard, the Markdown table, clear errors, and the CLI from a training wo
 import csv
 import math
 
+import jax
 import numpy as np
 import pytest
 
@@ -129,6 +130,23 @@ def test_interrupted_evaluation_resumes(up, folders, tmp_path):
   # Other settings on the same folder are refused rather than mixed in.
   with pytest.raises(evaluate.SettingsMismatchError, match="seed"):
     evaluate.evaluate_all(up, {"A": folders["A"]}, tmp_path, **{**kw, "seed": 2})
+
+
+def test_another_models_results_are_not_resumed(up, folders, tmp_path):
+  """Two models at the same step evaluated into one --output: the second must not take the first's images as
+  its own (before weights_sha256 was recorded, their settings were equal and it resumed them silently)."""
+  kw = dict(step_tag=STEP, batch_size=2, seed=1, show_progress=False)
+  evaluate.evaluate_all(up, {"B": folders["B"]}, tmp_path, **kw)
+  other = Upscaler(up.model, jax.tree.map(lambda p: p * 1.01, up.params), config=up.config, sampler="ddim",
+                   steps=2, multiple=16)
+  made = []
+  with pytest.raises(evaluate.SettingsMismatchError, match="weights_sha256"):
+    evaluate.evaluate_all(other, {"B": folders["B"]}, tmp_path, on_image=made.append, **kw)
+  assert made == []
+  # The same weights again (a fresh Upscaler of them) resume as before.
+  same = Upscaler(up.model, up.params, config=up.config, sampler="ddim", steps=2, multiple=16)
+  evaluate.evaluate_all(same, {"B": folders["B"]}, tmp_path, on_image=made.append, **kw)
+  assert made == []
 
 
 def test_damaged_outputs_are_verified_and_made_again(folders, tmp_path):

@@ -10,7 +10,8 @@ For each dataset and method, under WORKDIR/eval/<dataset>/<tag>/ (or --output in
   maniqa.csv     per-image MANIQA (with --maniqa; pyiqa)
   summary.json   the means, FID when asked for, and the settings (sampler, steps, seed, crop_border, step, ...)
   <name>.png     the SR images, named as the inputs (subfolders kept)
-  run.json       the settings the results were made with; a resumed run must use the same ones
+  run.json       the settings the results were made with (and the weights' SHA-256); a resumed run must use
+                 the same ones
 and WORKDIR/eval/table_<step>.md (and .csv), a table laid out like the paper's Table 2 over every dataset with
 results for that step, one row per method found on disk (bicubic, the step's RRDB and diffusion results),
 whichever of them this run made: re-running without --rrdb --bicubic keeps their rows.

@@ -8,6 +8,7 @@ an edited config.json cannot silently sample with another schedule. Orbax is imp
 """
 from __future__ import annotations
 
+import hashlib
 import pathlib
 
 import jax
@@ -24,6 +25,19 @@ def _params_from_state_tree(tree: dict, use_ema: bool) -> dict:
   # A distilled student's frozen teacher U-Net (training/distill.py) is training state, not the model.
   frozen = {k: v for k, v in (tree.get("frozen") or {}).items() if k != "teacher"}
   return {**frozen, **params}
+
+
+def params_sha256(params) -> str:
+  """The SHA-256 of a params tree: every leaf's path, dtype, shape and bytes, in key order. The identity of
+  the weights a result was made with: evaluate records it in each results folder's run.json, so results of
+  two models (two workdirs evaluated into one --output) never share a folder or resume each other's images.
+  (A checkpoint's manifest digests its files, not the weights that were chosen from it, e.g. EMA or raw.)"""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    arr = np.asarray(jax.device_get(leaf))
+    digest.update(f"{jax.tree_util.keystr(path)}|{arr.dtype}|{arr.shape}|".encode())
+    digest.update(np.ascontiguousarray(arr).tobytes())
+  return digest.hexdigest()
 
 
 def load_workdir_params(workdir, step: int | None = None, use_ema: bool = True, which: str = "checkpoints"):
