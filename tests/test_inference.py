@@ -322,20 +322,20 @@ def test_load_official_checkpoint(tiny, tmp_path):
 def test_default_tile_follows_the_device_memory(tiny):
   """The default tile: 256 where the device reports no memory (the CPU), else the largest multiple of 64 whose
   batch of tiles fits the measured sampler memory in 80% of the device's bytes_limit, within [64, 1024]."""
-  from diffssr_jax.inference import upscaler as upscaler_mod
-  tile_for = upscaler_mod.tile_for_memory
-  assert tile_for(None, 4, 4) == upscaler_mod.DEFAULT_TILE == 256
+  from diffssr_jax.inference import tiling
+  tile_for = tiling.tile_for_memory
+  assert tile_for(None, 4, 4) == tiling.DEFAULT_TILE == 256
   # A 16 GB TPU v5e, 24 and 40 GB GPUs (jax's default pool: 75%); 4 tiles per call, x4.
   assert [tile_for(int(b), 4, 4) for b in (16e9, 0.75 * 24e9, 0.75 * 40e9)] == [576, 576, 768]
   assert [tile_for(int(b), 4, 4, "float32") for b in (16e9, 0.75 * 24e9, 0.75 * 40e9)] == [384, 448, 576]
-  assert tile_for(int(141e9), 4, 4) == upscaler_mod.MAX_TILE and tile_for(10**8, 4, 4) == upscaler_mod.MIN_TILE
+  assert tile_for(int(141e9), 4, 4) == tiling.MAX_TILE and tile_for(10**8, 4, 4) == tiling.MIN_TILE
   for limit in (4e9, 16e9, 40e9):
     for batch in (1, 4):
       for dtype in ("bfloat16", "float32"):
         t = tile_for(int(limit), batch, 4, dtype)
-        need = lambda tile: (upscaler_mod.SAMPLING_FIXED_BYTES  # noqa: E731
-                             + batch * upscaler_mod.SAMPLING_BYTES_PER_HR_PIXEL[dtype] * (4 * tile) ** 2)
-        assert t % 64 == 0 and need(t) <= 0.8 * limit < need(t + 64) or t == upscaler_mod.MAX_TILE
+        need = lambda tile: (tiling.SAMPLING_FIXED_BYTES  # noqa: E731
+                             + batch * tiling.SAMPLING_BYTES_PER_HR_PIXEL[dtype] * (4 * tile) ** 2)
+        assert t % 64 == 0 and need(t) <= 0.8 * limit < need(t + 64) or t == tiling.MAX_TILE
   # The Upscaler asks its devices: the CPU reports nothing (256); a device with a limit gets the rule's tile.
   cfg, model, params, up = tiny
   assert up.default_tile() == 256

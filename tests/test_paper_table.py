@@ -18,7 +18,7 @@ def test_columns_in_the_papers_order_and_csv_round_trip(tmp_path):
   _summary(tmp_path, "Urban100", "10", "Ours", psnr_y=25.6, ssim_y=0.77, artifact=1e-3, fid=4.4, maniqa=0.61,
            lpips=0.12)
   _summary(tmp_path, "Extra", "10", "Ours", psnr_y=30.0, ssim_y=0.9, artifact=5e-4)
-  md = evaluate.write_table(tmp_path, "10", evaluate.table_tags("10"), ["Urban100"])
+  md = paper_table.write_table(tmp_path, "10", evaluate.table_tags("10"), ["Urban100"])
   head = md.read_text().splitlines()[0]
   cols = [c.strip() for c in head.split("|")[2:-1]]
   assert cols == ["Urban100 PSNR-Y↑", "Urban100 SSIM-Y↑", "Urban100 MANIQA↑", "Urban100 FID↓", "Urban100 Artifact↓",
@@ -37,7 +37,7 @@ def test_columns_in_the_papers_order_and_csv_round_trip(tmp_path):
 def test_compare_adds_the_cited_rows_for_the_evaluated_datasets(tmp_path):
   _summary(tmp_path, "Urban100", "10", "Ours", psnr_y=25.0, ssim_y=0.75, artifact=1e-3, fid=5.0)
   _summary(tmp_path, "DIV2K", "10", "Ours", psnr_y=29.0, ssim_y=0.80, artifact=1e-3)
-  md = evaluate.write_table(tmp_path, "10", ["10"], ["Urban100", "DIV2K"], compare=True).read_text()
+  md = paper_table.write_table(tmp_path, "10", ["10"], ["Urban100", "DIV2K"], compare=True).read_text()
   name = next(iter(paper_table.PUBLISHED))
   assert f"| {name} |" in md and paper_table.COMPARE_NOTE in md
   # The README's values (lose4578/SAM-DiffSR a18eaf6), for the two datasets we measured only.

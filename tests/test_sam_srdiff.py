@@ -296,12 +296,12 @@ def test_test_time_spe_equals_the_exports_own_map(tmp_path):
 
 def test_the_three_table7_models_get_their_own_folders_and_rows_in_one_table(tmp_path):
   from types import SimpleNamespace as NS
-  from diffssr_jax.evaluation import evaluate, methods, results
+  from diffssr_jax.evaluation import evaluate, methods, paper_table, results
   models = {"SRDiff": NS(needs_spe=False, modulation="none"), "SAM+SRDiff": NS(needs_spe=True, modulation="none"),
             "SAM-DiffSR": NS(needs_spe=False, modulation="reference")}
   tags = {label: methods.method_tag("diffusion", "9", methods.model_variant(NS(model=m))) for label, m in models.items()}
   assert tags == {"SRDiff": "9_srdiff", "SAM+SRDiff": "9_sam_srdiff", "SAM-DiffSR": "9"}
   for label, tag in reversed(tags.items()):  # written in another order than the table's
     results.write_summary_json(tmp_path / "A" / tag / "summary.json", {"label": label, "psnr_y": 20.0, "ssim_y": 0.5})
-  md = evaluate.write_table(tmp_path, "9", methods.table_tags("9"), ["A"])
+  md = paper_table.write_table(tmp_path, "9", methods.table_tags("9"), ["A"])
   assert [ln.split("|")[1].strip() for ln in md.read_text().splitlines()[2:]] == ["SRDiff", "SAM+SRDiff", "SAM-DiffSR"]

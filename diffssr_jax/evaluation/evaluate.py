@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from diffssr_jax import cli as shared_cli
 from diffssr_jax import conventions, fileio, images, preemption, run_settings, storage
-from diffssr_jax.evaluation import maniqa, results
+from diffssr_jax.evaluation import maniqa, paper_table, results
 from diffssr_jax.data.eval_sources import EvalSourceError, PairedFolders, open_eval_source
 from diffssr_jax.data import spe_masks as spe_masks_lib
 from diffssr_jax.data.spe_masks import SpeMaskError, SpeMasks
@@ -220,32 +220,6 @@ def dataset_fid(source, out_dir: pathlib.Path, fid_fn) -> float:
 
 
 # ---------------------------------------------------------------- the table
-def collect_results(root, tags: Sequence[str], datasets_first: Sequence[str] = ()) -> tuple[dict, list[str]]:
-  """{label: {dataset: summary}} from root/<dataset>/<tag>/summary.json for the given tags (rows in tag
-  order), and the dataset order: `datasets_first`, then the others found, sorted."""
-  root = storage.native(root)
-  found = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-  order = list(datasets_first) + [d for d in found if d not in datasets_first]
-  table: dict[str, dict] = {}
-  for tag in tags:
-    for d in order:
-      path = root / d / tag / "summary.json"
-      if path.is_file():
-        s = results.read_summary_json(path)
-        table.setdefault(s.get("label", tag), {})[d] = s
-  datasets = [d for d in order if any(d in v for v in table.values())]
-  return table, datasets
-
-
-def write_table(root, table_name: str, tags: Sequence[str], datasets_first: Sequence[str] = (),
-                compare: bool = False) -> pathlib.Path:
-  """Writes root/table_<table_name>.md and .csv over every dataset with results for `tags` (see
-  evaluation.paper_table; `compare` adds the published rows); returns the Markdown file's path."""
-  from diffssr_jax.evaluation import paper_table
-  table, datasets = collect_results(root, tags, datasets_first)
-  return paper_table.write_tables(root, table_name, table, datasets, compare=compare)
-
-
 # ---------------------------------------------------------------- everything
 def evaluate_all(upscaler, datasets: Mapping[str, str], root, *, step_tag: str | None = None,
                  paired_lr: Mapping[str, str] | None = None, methods: Sequence[str] = ("diffusion",),
@@ -290,8 +264,8 @@ def evaluate_all(upscaler, datasets: Mapping[str, str], root, *, step_tag: str |
       evaluate_dataset(source, root / name / method.tag, method, crop_border=crop, batch_size=batch_size,
                        lpips_fn=lpips_fn, fid_fn=fid_fn, extra_summary=extra_summary, on_image=on_image,
                        show_progress=show_progress, maniqa_fn=maniqa_fn)
-  return write_table(root, step_tag if step_tag is not None else "bicubic", table_tags(step_tag), list(datasets),
-                     compare=compare)
+  return paper_table.write_table(root, step_tag if step_tag is not None else "bicubic", table_tags(step_tag),
+                                 list(datasets), compare=compare)
 
 
 # ---------------------------------------------------------------- CLI

@@ -15,6 +15,8 @@ the SR and HR folders). Table 2 of the paper (arXiv 2402.17133: SRDiff and the o
 Artifact) could not be retrieved from a citable copy here, so its rows are not included rather than retyped
 from memory. The published rows join our rows by dataset name: name the benchmarks as the README does
 (Set5, Set14, Urban100, BSDS100, Manga109, General100, DIV2K).
+
+`write_table` gathers the rows from an evaluation's folders (root/<dataset>/<method tag>/summary.json).
 """
 from __future__ import annotations
 
@@ -110,3 +112,28 @@ def read_csv(path) -> dict[str, dict[str, dict[str, float]]]:
         d, k = col.rsplit("/", 1)
         per.setdefault(d, {})[k] = float(cell)
   return out
+
+
+def collect_results(root, tags: Sequence[str], datasets_first: Sequence[str] = ()) -> tuple[dict, list[str]]:
+  """{label: {dataset: summary}} from root/<dataset>/<tag>/summary.json for the given tags (rows in tag
+  order), and the dataset order: `datasets_first`, then the others found, sorted."""
+  root = storage.native(root)
+  found = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+  order = list(datasets_first) + [d for d in found if d not in datasets_first]
+  table: dict[str, dict] = {}
+  for tag in tags:
+    for d in order:
+      path = root / d / tag / "summary.json"
+      if path.is_file():
+        s = results.read_summary_json(path)
+        table.setdefault(s.get("label", tag), {})[d] = s
+  datasets = [d for d in order if any(d in v for v in table.values())]
+  return table, datasets
+
+
+def write_table(root, table_name: str, tags: Sequence[str], datasets_first: Sequence[str] = (),
+                compare: bool = False) -> pathlib.Path:
+  """Writes root/table_<table_name>.md and .csv over every dataset with results for `tags` (see
+  evaluation.paper_table; `compare` adds the published rows); returns the Markdown file's path."""
+  table, datasets = collect_results(root, tags, datasets_first)
+  return write_tables(root, table_name, table, datasets, compare=compare)

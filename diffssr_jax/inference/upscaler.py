@@ -38,50 +38,11 @@ from diffssr_jax.errors import UserError
 from diffssr_jax.diffusion import sampling
 from diffssr_jax.data.imresize import imresize
 from diffssr_jax.diffusion.model import SRDiffusion
-from diffssr_jax.inference.tiling import upscale_tiled
+from diffssr_jax.inference.tiling import DEFAULT_TILE, device_bytes_limit, tile_for_memory, upscale_tiled
 
 log = logging.getLogger(__name__)
 
 MODES = ("diffusion", "rrdb")
-
-# The default tile (LR pixels) where the device reports no memory size (the CPU: host memory is not the limit
-# that matters there, time is).
-DEFAULT_TILE = 256
-# The sampler's memory (`diffssr-benchmark compile --program sample`, H200 target, paper network, memory
-# analysis): affine in the HR pixels of a call, peak = fixed + per pixel x HR pixels x tiles (README, "Memory
-# guidance"). Fixed: the params and the RRDB's per-call buffers. Measured at 256² and 1356x2040, one image:
-#   bfloat16  165.4 MB and 1692.6 MB  ->  564 B per HR pixel + 128.5 MB
-#   float32   214.4 MB and 3177.4 MB  -> 1094 B per HR pixel + 142.7 MB
-SAMPLING_BYTES_PER_HR_PIXEL = {"bfloat16": 564, "float32": 1094}
-SAMPLING_FIXED_BYTES = 143 * 10**6
-# Share of the device's limit a call may plan for: the rest is headroom for the allocator's fragmentation, the
-# next batch's transfers and the executables themselves.
-TILE_MEMORY_FRACTION = 0.8
-TILE_STEP, MIN_TILE, MAX_TILE = 64, 64, 1024
-
-
-def tile_for_memory(bytes_limit: int | None, batch_size: int, scale: int, dtype="bfloat16") -> int:
-  """The default tile (LR pixels a side) for a device with `bytes_limit` bytes (None: unknown -> DEFAULT_TILE):
-  the largest multiple of TILE_STEP whose `batch_size` tiles fit in TILE_MEMORY_FRACTION of it by the measured
-  sampler memory of `dtype`, within [MIN_TILE, MAX_TILE]. Larger tiles mean fewer overlapping pixels computed
-  twice; past MAX_TILE (a 4096² HR tile) there is little left to gain and a compile per odd image size."""
-  if not bytes_limit:
-    return DEFAULT_TILE
-  per_pixel = SAMPLING_BYTES_PER_HR_PIXEL.get(np.dtype(dtype).name, SAMPLING_BYTES_PER_HR_PIXEL["float32"])
-  budget = TILE_MEMORY_FRACTION * bytes_limit - SAMPLING_FIXED_BYTES
-  side_hr = math.sqrt(max(budget, 0) / (batch_size * per_pixel))
-  tile = int(side_hr / scale) // TILE_STEP * TILE_STEP
-  return min(max(tile, MIN_TILE), MAX_TILE)
-
-
-def device_bytes_limit(device) -> int | None:
-  """The memory XLA may allocate on `device` (memory_stats()['bytes_limit']), or None when not reported (CPU)."""
-  try:
-    stats = device.memory_stats()
-  except Exception:  # noqa: BLE001 - backends without memory statistics raise or return None
-    return None
-  return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
-
 
 class ModelLoadError(UserError, ValueError):
   """A workdir or checkpoint could not be loaded; the message names it and says why."""
