@@ -108,22 +108,38 @@ def test_train_step_weight_gradients_are_backward_filter_convs(train):
   assert train["transposes_activations_minor_1mib"] == 0
 
 
+def _depth_to_space_by_transpose(y, s):
+  """The form `layers.interleave_phases` replaced: reshape + transpose, then the crop."""
+  b, hp, wp, c = y.shape
+  h, w, f = hp - 1, wp - 1, c // (s * s)
+  y = y.reshape(b, hp, wp, s, s, f).transpose(0, 1, 3, 2, 4, 5).reshape(b, hp * s, wp * s, f)
+  return y[:, s // 2: s // 2 + h * s, s // 2: s // 2 + w * s]
+
+
 @pytest.mark.parametrize("stride", [2, 4])
-def test_transposed_conv_has_no_transpose(stride):
+def test_transposed_conv_has_no_transpose(stride, monkeypatch):
   """Guards the sub-pixel transposed conv's depth-to-space (`layers.interleave_phases`): as a reshape +
   `transpose(0, 1, 3, 2, 4, 5)` XLA kept it a transpose (fused into the consumer forward, a transpose fusion
   over the output gradient backward: 281 MiB of the bf16 train step's transposes at b16 x 160^2); with the
   phases placed by interior padding, forward and gradients of the layer (the up convs' stride 2, cond_proj's
-  4) compiled for the target have no transpose of >= 1 MiB at all (sizes where the old form had 2-4 MiB)."""
-  from diffssr_jax.models.layers import conv_transpose_torch
-  layer = conv_transpose_torch(64, stride, None, jnp.bfloat16)
+  4) compiled for the target have no transpose of >= 1 MiB at all, and write exactly the bytes the
+  transpose form writes (the same data movement)."""
+  from diffssr_jax.models import layers
+  layer = layers.conv_transpose_torch(64, stride, None, jnp.bfloat16)
   x, = _target_args((4, 64 // stride, 64 // stride, 64))
   params = jax.eval_shape(layer.init, jax.random.key(0), x)
   params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=x.sharding), params)
-  loss = lambda p, x: jnp.sum(jnp.sin(layer.apply(p, x).astype(jnp.float32)))  # noqa: E731
-  facts = hlo.facts(jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile().as_text())
+
+  def compiled_facts():
+    loss = lambda p, x: jnp.sum(jnp.sin(layer.apply(p, x).astype(jnp.float32)))  # noqa: E731
+    return hlo.facts(jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile().as_text())
+
+  facts = compiled_facts()
   assert facts["convs"] == {"backward_filter:bf16": 1, "backward_input:bf16": 1, "forward:bf16": 1}, facts["convs"]
   assert facts["transposes_1mib"] == 0, facts
+  monkeypatch.setattr(layers, "interleave_phases", _depth_to_space_by_transpose)
+  old = compiled_facts()
+  assert old["transposes_1mib"] >= 1 and old["written_mib"] == facts["written_mib"] > 0, (old, facts)
 
 
 def _windows(result):
@@ -205,3 +221,35 @@ def test_missing_compiler_is_one_install_line(monkeypatch):
     with pytest.raises(targets.TargetUnavailable) as e:
       targets.check_installed(targets.get(name))
     assert "\n" not in str(e.value) and "pip install" in str(e.value) and package in str(e.value)
+
+
+def test_auto_state_layouts_remove_the_weight_layout_transposes():
+  """`compile --state_layouts auto` (`with_auto_state_layouts`): a train step of one bf16 conv with its f32
+  weight as donated state. In the default (row-major HWIO) layout the compiled step transposes the weight to
+  cuDNN's OHWI filter layout (the forward cast) and the update back; with the state's layout left to XLA it
+  takes the weight in its own layout (reported relaid out), with no transpose and the state still aliased."""
+  from diffssr_jax import parallel
+  mesh = compile_cmd.target_mesh(targets.get(TARGET))
+  rep = parallel.replicated(mesh)
+
+  def step(state, x):
+    def loss(w):
+      y = jax.lax.conv_general_dilated(x, w.astype(jnp.bfloat16), (1, 1), "SAME",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      return jnp.mean(jnp.square(y.astype(jnp.float32)))
+    return {"w": state["w"] - 0.1 * jax.grad(loss)(state["w"])}, jnp.zeros(())
+
+  default = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(jax.P(), jax.P(parallel.DATA_AXIS)), out_specs=(jax.P(), jax.P())),
+                    donate_argnums=(0,))
+  state = {"w": jax.ShapeDtypeStruct((3, 3, 128, 128), jnp.float32, sharding=rep)}
+  x = jax.ShapeDtypeStruct((2, 16, 16, 128), jnp.bfloat16, sharding=parallel.batch_sharding(mesh))
+  results = {}
+  for name, fn in (("default", default), ("auto", compile_cmd.with_auto_state_layouts(default, mesh))):
+    compiled = fn.lower(state, x).compile()
+    results[name] = (hlo.facts(compiled.as_text(), min_bytes=1), compile_cmd.relaid_out_state(compiled),
+                     compile_cmd.memory(compiled))
+  (f_def, r_def, _), (f_auto, r_auto, m_auto) = results["default"], results["auto"]
+  assert f_def["transposes_1mib"] >= 2 and r_def["state_relaid_out"] == 0, (f_def, r_def)
+  assert f_auto["transposes_1mib"] == 0 and r_auto["state_relaid_out"] == 1, (f_auto, r_auto)
+  assert m_auto["aliases"] == 3 * 3 * 128 * 128 * 4
+  assert f_auto["written_mib"] < f_def["written_mib"]  # the transposed copies of the weight are gone

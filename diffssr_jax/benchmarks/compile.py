@@ -33,6 +33,9 @@ One JSON line per program; keys:
                                    analysis counts a loop body once, so for it the RRDB trunk is lowered
                                    unrolled, the sampler adds steps - 1 reverse steps lowered alone, and a
                                    train step with gradient accumulation is lowered as one pass over the batch.
+  state_layouts                    train: default (the state row-major, as the training loop places it) or auto
+                                   (--state_layouts auto: its layouts chosen by XLA, see with_auto_state_layouts).
+  state_relaid_out, _mib           train: the state arrays the step takes in a layout other than row-major.
   convs, convs_total, dilated_convs, dilated_conv_windows, transposes_1mib, transposes_mib, loops,
   host_transfers                   HLO facts of the optimised program, see `diffssr_jax.benchmarks.hlo`.
 """
@@ -94,6 +97,36 @@ def train_program(model, config, mesh, batch_size: int, patch_size: int, grad_ac
            "lr_up": jax.ShapeDtypeStruct((b, p, p, 3), f32, sharding=rows),
            "spe": jax.ShapeDtypeStruct((b, p, p, 1), f32, sharding=rows)}
   return step, (_abstract(state, parallel.replicated(mesh)), batch), {"grad_accum_steps": accum}
+
+
+def with_auto_state_layouts(step, mesh):
+  """The jitted train step with the train state's device layouts left to XLA (`Layout.AUTO`, in and out, the
+  state still donated). Why: XLA's GPU layout assignment gives the bf16 NHWC convs OHWI filters, so with the
+  state in jax's default (row-major HWIO) layout every step transposes the weights for the forward casts, the
+  optimizer update (the weight gradients come out OHWI) and the frozen RRDB's stacked kernels; with AUTO the
+  compiler stores them in the layout it uses. Called with arrays, such a step needs the state placed in
+  `compiled.input_formats` first (jax raises for a default-layout array); the training loop does not do
+  that, so this is a measurement of what it would save (`compile --state_layouts auto`)."""
+  import jax
+  from jax.experimental.layout import Format, Layout
+  from diffssr_jax import parallel
+  auto = Format(Layout.AUTO, parallel.replicated(mesh))
+  # `step.__wrapped__`: the shard_mapped step function that make_train_step jits (jax.jit keeps it there).
+  return jax.jit(step.__wrapped__, in_shardings=(auto, parallel.batch_sharding(mesh)),
+                 out_shardings=(auto, parallel.replicated(mesh)), donate_argnums=(0,))
+
+
+def relaid_out_state(compiled) -> dict:
+  """How many train-state arrays the compiled step takes in a layout other than row-major, and their bytes."""
+  import jax
+  import numpy as np
+  n = nbytes = 0
+  for fmt, aval in zip(jax.tree.leaves(compiled.input_formats[0][0]), jax.tree.leaves(compiled.in_avals[0][0])):
+    layout = getattr(fmt, "layout", None)
+    if layout is not None and tuple(layout.major_to_minor) != tuple(range(len(aval.shape))):
+      n += 1
+      nbytes += int(np.prod(aval.shape)) * aval.dtype.itemsize
+  return {"state_relaid_out": n, "state_relaid_out_mib": round(nbytes / 2**20, 2)}
 
 
 def sampler_program(model, mesh, size: tuple[int, int], batch_size: int = 1, sampler: str = "ddpm",
@@ -225,7 +258,10 @@ def run(args) -> list[dict]:
     load = os.getloadavg()[0]
     if name == "train":
       fn, fargs, info = train_program(model, config, mesh, args.batch_size, args.patch_size, args.grad_accum_steps)
-      info = {"batch_size": args.batch_size, "patch_size": args.patch_size, **info}
+      layouts = getattr(args, "state_layouts", "default")
+      if layouts == "auto":
+        fn = with_auto_state_layouts(fn, mesh)
+      info = {"batch_size": args.batch_size, "patch_size": args.patch_size, "state_layouts": layouts, **info}
       flops = flops_of(name, batch_size=args.batch_size, patch_size=args.patch_size)
     else:
       fn, fargs, info = sampler_program(model, mesh, args.size, args.sample_batch_size, args.sampler, args.steps,
@@ -234,7 +270,9 @@ def run(args) -> list[dict]:
               **info}
       flops = flops_of(name, size=args.size, batch_size=args.sample_batch_size, sampler=args.sampler,
                        steps=args.steps, eta=args.eta)
-    result, _ = compile_one(fn, fargs, model, flops)
+    result, compiled = compile_one(fn, fargs, model, flops)
+    if name == "train":
+      result.update(relaid_out_state(compiled))
     result = {"program": name, **common, **info, **result,
               "load_avg_1m": round(max(load, os.getloadavg()[0]), 2)}
     print(json.dumps(result), flush=True)

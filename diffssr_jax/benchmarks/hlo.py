@@ -23,10 +23,19 @@ What decides an accelerator program's speed and memory, checkable without the ac
                    true transposes, which need tiled transpose kernels. The others keep the minor dimension and
                    permute contiguous rows of it (a depth-to-space with the channels minor): XLA emits them as
                    plain loop fusions whose reads stay coalesced.
+                   The weights' (GPU, 253 MiB per bf16 train step at any batch) are layout changes: XLA's GPU
+                   layout pass gives the NHWC convs OHWI filters, jax passes the train state row-major (HWIO), so
+                   the forward casts, the optimizer's update fusions (in the OHWI gradient's order) and the
+                   frozen RRDB's stacked kernels go through transposes. No conv dimension_numbers change that;
+                   the state's own layout does (`compile --state_layouts auto`: 8 MiB left; README).
   loops            every `while` with XLA's `known_trip_count` (None when XLA could not tell) and, for its
                    body (with everything it calls), its number of convs, the `convert`s of loop-invariant values (parameters the loop
                    passes through unchanged, e.g. weights: a cast that belongs before the loop) and the
                    converts of >= 1 MiB arrays.
+  written_mib      the bytes of every buffer the program writes, counted once per appearance (a loop body's once):
+                   the results of its top-level instructions (not inside fusions; conv scratch left out), except
+                   those that write nothing (parameters, tuples, bitcasts, constants, loops and calls, whose
+                   bodies are counted). Two forms of the same program that move the same data write the same.
   host_transfers   send/recv with is_host_transfer, infeed/outfeed, custom calls to host callbacks or host
                    offloading, and buffers in host memory (memory space S(5)).
 
@@ -293,6 +302,32 @@ def _elements(inst: Instruction) -> int:
   return n
 
 
+_WRITES_NOTHING = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "conditional", "call",
+                   "after-all", "opt-barrier"}
+
+
+def written_bytes(comps) -> int:
+  """The `written_mib` fact in bytes (see the module docstring)."""
+  fused = {callee for comp in comps.values() for inst in comp.values() if inst.opcode == "fusion"
+           for callee in _called(inst)}
+  total = 0
+  for cname, comp in comps.items():
+    if cname in fused:
+      continue
+    for inst in comp.values():
+      if inst.opcode in _WRITES_NOTHING:
+        continue
+      if _conv_kind(inst) is not None and inst.shape.startswith("("):
+        t, dims, _ = inst.arrays[0]  # a cuDNN conv's (result, scratch): the result
+        n = 1
+        for d in dims:
+          n *= d
+        total += int(n * BYTES_PER_ELEMENT[t])
+      else:
+        total += inst.bytes
+  return total
+
+
 def facts(text: str, min_bytes: int = MIB, weight_sizes=frozenset()) -> dict:
   """The facts listed in the module docstring, as a JSON-able dict."""
   comps, entry = parse_module(text)
@@ -351,6 +386,7 @@ def facts(text: str, min_bytes: int = MIB, weight_sizes=frozenset()) -> dict:
       "transposes_minor_mib": round(sum(b for b, _, m in transposes if m) / MIB, 2),
       "transposes_activations_minor_1mib": sum(m and not w for _, w, m in transposes),
       "transposes_activations_minor_mib": round(sum(b for b, w, m in transposes if m and not w) / MIB, 2),
+      "written_mib": round(written_bytes(comps) / MIB, 1),
       "loops": loops,
       "host_transfers": dict(host),
   }

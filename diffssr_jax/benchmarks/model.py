@@ -376,6 +376,9 @@ def define_compile_flags(fv):
   flags.DEFINE_integer("batch_size", 16, "train: global batch.", **d)
   flags.DEFINE_integer("patch_size", 160, "train: HR patch size.", **d)
   flags.DEFINE_integer("grad_accum_steps", 0, "train: micro-batches per step (0: the config's).", **d)
+  flags.DEFINE_enum("state_layouts", "default", ["default", "auto"], "train: the train state's device layouts "
+                    "(default: row-major, as the training loop places it; auto: chosen by XLA, jax's Layout.AUTO).",
+                    **d)
   _define_size(fv, "sample: HR output size, SIZE or HxW.")
   flags.DEFINE_integer("sample_batch_size", 1, "sample: images (tiles) per sampling run.", **d)
   _define_sampler(fv, "sample: ")
