@@ -376,6 +376,15 @@ def test_safe_changes_need_the_flag_and_keep_the_old_config(tmp_path, states, sh
     (changed[section] if section else changed)[name] = value
     with pytest.raises(workdir_lib.ConfigMismatchError, match="changes the model"):
       workdir_lib.check_config(changed, wd, allow_config_change=True)
+  # A config.json from before a key existed (here model.cond_sam, added with Table 7's baseline): at the new
+  # key's default the run resumes as it is; set otherwise, it is a difference to confirm.
+  saved = json.loads((wd / "config.json").read_text())
+  del saved["model"]["cond_sam"]
+  (wd / "config.json").write_text(json.dumps(saved))
+  assert workdir_lib.check_config(longer, wd) == {}
+  longer.model.cond_sam = True
+  with pytest.raises(workdir_lib.ConfigMismatchError, match="model.cond_sam: '<absent>' in config.json, True now"):
+    workdir_lib.check_config(longer, wd)
 
 
 def test_failed_restore_of_an_unverified_step_prints_no_tracebacks(tmp_path, states, monkeypatch, caplog):

@@ -27,9 +27,10 @@ Settings are compared with WORKDIR/config.json (flattened to dotted keys) and fa
 
 Without the flag any difference is refused; with it only safe ones may differ, and config.json then
 records the new config (the old one is kept as config.<time>.json, see `save_config`).
-A key present in only one of the two (a setting added to or removed from the code since the run started)
-counts as a safe difference: refused without the flag, so it is seen, but never locking a workdir out of
-newer code.
+A key added to configs/base.py since the run started, at its default, is no difference (`added_since`: a new
+key's default keeps the old behaviour). Any other key present in only one of the two (added with another
+value, or removed from the code) counts as a safe difference: refused without the flag, so it is seen, but
+never locking a workdir out of newer code.
 A workdir without any checkpoint has nothing to protect: its config.json is replaced (and kept).
 
 The comparison is `diffssr_jax.run_settings` (the rule evaluate and the export follow too); this module adds
@@ -77,6 +78,17 @@ def is_safe(key: str, before, after) -> bool:
   return key in SAFE_KEYS or key.startswith(SAFE_PREFIXES)
 
 
+def added_since(key: str, before, after) -> bool:
+  """Whether `key` is a setting added to configs/base.py after the run's config.json was written, at its
+  default: a new key's default keeps the behaviour from before it existed (e.g. `model.cond_sam` = False), so
+  that is the setting the run's checkpoints were made with, and resuming them needs no --allow_config_change."""
+  if before != _MISSING:
+    return False
+  from diffssr_jax.configs import base
+  defaults = flatten(json.loads(base.get_config().to_json()))
+  return key in defaults and defaults[key] == after
+
+
 def has_checkpoints(workdir) -> bool:
   """Whether anything in the workdir looks like a checkpoint step (finished, damaged or in progress),
   including the RRDB pre-training stage's (WORKDIR/rrdb/)."""
@@ -112,7 +124,8 @@ def check_config(config, workdir, allow_config_change: bool = False) -> dict:
           f"{workdir} holds checkpoints but no config.json, so there is no telling which model they belong "
           "to; put the run's config.json back or train in a new --workdir")
     return {}
-  diff = run_settings.differences(saved, json.loads(config.to_json()))
+  diff = {k: v for k, v in run_settings.differences(saved, json.loads(config.to_json())).items()
+          if not added_since(k, *v)}
   if not diff or not protected:
     return {}
   identity = {k: v for k, v in diff.items() if not is_safe(k, *v)}
