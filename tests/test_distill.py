@@ -142,6 +142,16 @@ def test_bad_teachers_are_refused_in_one_line_before_any_work(tmp_path, shards):
   with pytest.raises(distill.TeacherError, match="model.unet_dim=8 there, 16 here"):
     train.train_and_evaluate(cfg, out)
   assert not out.exists()
+  # A teacher trained before a model key existed (its config.json lacks model.cond_sam) is the same model
+  # as a student at that key's default, and another one when the student sets it.
+  saved = json.loads((tmp_path / "teacher" / "config.json").read_text())
+  del saved["model"]["cond_sam"]
+  (tmp_path / "teacher" / "config.json").write_text(json.dumps(saved))
+  cfg = _student_config(tmp_path / "teacher", shards)
+  distill.check_teacher(cfg)
+  cfg.model.cond_sam = True
+  with pytest.raises(distill.TeacherError, match="model.cond_sam='<absent>' there, True here"):
+    distill.check_teacher(cfg)
 
 
 @pytest.mark.slow

@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from diffssr_jax import storage
+from diffssr_jax import run_settings, storage
 from diffssr_jax.diffusion import process, sampling, student
 from diffssr_jax.diffusion.model import build_model
 from diffssr_jax.training import train_step
@@ -128,7 +128,10 @@ def check_teacher(config) -> None:
     raise TeacherError(f"distill.teacher_step {d.teacher_step}: not saved in {where} (saved steps: {steps})")
   theirs = _shared(workdir_lib.flatten(saved))
   ours = _shared(workdir_lib.flatten(json.loads(config.to_json())))
-  diff = {k: (theirs.get(k), ours.get(k)) for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)}
+  absent = run_settings.ABSENT
+  diff = {k: (theirs.get(k, absent), ours.get(k, absent)) for k in sorted(set(theirs) | set(ours))
+          if theirs.get(k, absent) != ours.get(k, absent)
+          and not workdir_lib.added_since(k, theirs.get(k, absent), ours.get(k, absent))}  # a newer key at its default
   if diff:
     detail = ", ".join(f"{k}={a!r} there, {b!r} here" for k, (a, b) in diff.items())
     raise TeacherError(f"distill.teacher_workdir {where}: the student has its teacher's model and schedule, "
