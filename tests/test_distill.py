@@ -112,7 +112,7 @@ def _student_config(teacher, shards):
   import tiny_train
   c = tiny_train.get_config()
   c.task = "distill"
-  c.distill = distill.section(teacher_workdir=str(teacher), skip=3)
+  c.distill.teacher_workdir, c.distill.skip = str(teacher), 3
   c.data.train_files = str(shards / "shards")
   c.rrdb_pretrain.num_steps = 0
   c.train.num_steps = 2
@@ -125,7 +125,7 @@ def test_bad_teachers_are_refused_in_one_line_before_any_work(tmp_path, shards):
   from diffssr_jax.training import config_check, train
   cfg = base.get_config()
   cfg.task = "distill"
-  assert any(p.startswith("distill: task distill needs a distill section") for p in config_check.problems(cfg))
+  assert any(p.startswith("distill.teacher_workdir='': is required for task distill") for p in config_check.problems(cfg))
   cfg.task, cfg.eval.sampler = "diffusion", "student"
   assert any(p.startswith("eval.sampler='student': student samples a distilled") for p in config_check.problems(cfg))
   _teacher_workdir(tmp_path / "untrained", step=None)

@@ -86,6 +86,13 @@ def get_config():
   r.lr = 2e-4
   r.schedule = "constant"
 
+  c.distill = ds = ml_collections.ConfigDict()   # task "distill" only: a few-step student (training/distill.py)
+  ds.teacher_workdir = ""                        # a trained diffusion workdir (required for task distill)
+  ds.teacher_step = 0                            # its checkpoint step; 0: the newest verified one
+  ds.teacher_use_ema = True                      # the teacher's EMA weights when its checkpoint has them
+  ds.skip = 10                                   # teacher DDIM step length in timesteps (CD's discretisation)
+  ds.loss = "l2"                                 # the consistency loss d(): l2 (CD's) or l1
+
   c.train = t = ml_collections.ConfigDict()
   t.batch_size = 64                              # [O:batch_size] global, split over processes and devices
   t.num_steps = 400_000                          # [O:max_updates]

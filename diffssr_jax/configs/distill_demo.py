@@ -10,13 +10,12 @@ diffusion sections are the demo's and must stay so (the student has its teacher'
 a teacher of another model is refused in one line).
 """
 from diffssr_jax.configs import demo
-from diffssr_jax.training import distill
 
 
 def get_config():
   c = demo.get_config()
   c.task = "distill"
-  c.distill = distill.section(teacher_workdir="runs/demo", skip=10, loss="l2")
+  c.distill.teacher_workdir = "runs/demo"        # skip 10, loss l2: configs/base.py's distill defaults
   c.rrdb_pretrain.num_steps = 0                  # the RRDB is the teacher's
   c.optim.lr = 2e-4                              # fine-tuning the teacher's weights
   c.optim.ema_decay = 0.99

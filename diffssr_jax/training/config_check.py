@@ -138,8 +138,7 @@ def _inside(path, folder) -> bool:
 def _unknown_keys(config) -> list[str]:
   from diffssr_jax.configs import base
   from diffssr_jax.training import workdir as workdir_lib
-  from diffssr_jax.training import distill
-  known = set(workdir_lib.flatten(base.get_config().to_dict())) | set(workdir_lib.flatten({"distill": distill.DEFAULTS}))
+  known = set(workdir_lib.flatten(base.get_config().to_dict()))
   given = set(workdir_lib.flatten(config.to_dict()))
   return sorted(given - known)
 

@@ -54,14 +54,6 @@ from diffssr_jax.training import train_step
 
 log = logging.getLogger(__name__)
 
-# The config's `distill` section (diffssr_jax/configs/distill_demo.py); keys known to config_check.
-DEFAULTS = {
-    "teacher_workdir": "",     # a trained diffusion workdir (required)
-    "teacher_step": 0,         # its checkpoint step; 0: the newest verified one
-    "teacher_use_ema": True,   # the teacher's EMA weights when its checkpoint has them
-    "skip": 10,                # teacher DDIM step length in timesteps (the CD discretisation: T / skip points)
-    "loss": "l2",              # d(): l2 (CD's) or l1
-}
 # Settings the student must share with its teacher (the networks, schedule and inputs it reproduces).
 SHARED_PREFIXES = ("model.", "diffusion.")
 SHARED_KEYS = ("data.lr_up_divisor",)
@@ -71,26 +63,14 @@ class TeacherError(ValueError):
   """The teacher workdir is missing, untrained or of another model."""
 
 
-def section(**overrides) -> ml_collections.ConfigDict:
-  """A `distill` config section: DEFAULTS with `overrides`."""
-  unknown = set(overrides) - set(DEFAULTS)
-  if unknown:
-    raise KeyError(f"unknown distill keys {sorted(unknown)}")
-  return ml_collections.ConfigDict({**DEFAULTS, **overrides})
-
-
 def problems(checker) -> None:
-  """config_check's checks of the distill section (task distill only)."""
-  if "distill" not in checker.c:
-    checker.problems.append("distill: task distill needs a distill section (distill.section(teacher_workdir=...), "
-                            "see diffssr_jax/configs/distill_demo.py)")
-  else:
-    if checker.string("distill.teacher_workdir") and not checker.get("distill.teacher_workdir"):
-      checker.bad("distill.teacher_workdir", "is required for task distill (a trained diffusion workdir)")
-    checker.int_("distill.teacher_step", 0)
-    checker.bool_("distill.teacher_use_ema")
-    checker.int_("distill.skip", 1)
-    checker.choice("distill.loss", ("l1", "l2"))
+  """config_check's checks of the distill section (task distill only; its defaults: configs/base.py)."""
+  if checker.string("distill.teacher_workdir") and not checker.get("distill.teacher_workdir"):
+    checker.bad("distill.teacher_workdir", "is required for task distill (a trained diffusion workdir)")
+  checker.int_("distill.teacher_step", 0)
+  checker.bool_("distill.teacher_use_ema")
+  checker.int_("distill.skip", 1)
+  checker.choice("distill.loss", ("l1", "l2"))
   if checker.has("eval.sampler") and checker.get("eval.sampler") != "student":
     checker.bad("eval.sampler", "must be student for task distill (the student's output is v, not eps)")
 
