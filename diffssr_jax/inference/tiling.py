@@ -29,6 +29,7 @@ DEFAULT_TILE = 256
 # guidance"). Fixed: the params and the RRDB's per-call buffers. Measured at 256² and 1356x2040, one image:
 #   bfloat16  165.4 MB and 1692.6 MB  ->  564 B per HR pixel + 128.5 MB
 #   float32   214.4 MB and 3177.4 MB  -> 1094 B per HR pixel + 142.7 MB
+# (the sampler pads 1356x2040 to 1360x2040: the slope is per computed HR pixel, (peak2 - peak1) / 2,708,864).
 SAMPLING_BYTES_PER_HR_PIXEL = {"bfloat16": 564, "float32": 1094}
 SAMPLING_FIXED_BYTES = 143 * 10**6
 # Share of the device's limit a call may plan for: the rest is headroom for the allocator's fragmentation, the
