@@ -25,6 +25,14 @@ The loss for example (x0, LR), t ~ U{0..T-1}, eps ~ N(0, I) (one line per pure f
     goal = clip(f_sg(y, t - k))  if t - k >= 0  else  teacher's x0 estimate
     loss = d(f_theta(x_t, t), sg(goal)),   d = L2 (or L1)
 
+What a converged student reproduces: the fixed point of this target is the teacher's deterministic (eta 0)
+ODE, not its ancestral DDPM sampler: f(x_t, t) becomes the end of the teacher's DDIM chain t, t - k, ..., so
+a perfect 1-step student is the teacher's eta-0 DDIM run and a K-step one re-noises between such ODE maps.
+The student is therefore bounded by the teacher's eta-0 sampler; measure that first (tools/measure_student.py,
+its DDIM eta 0 row). On the briefly trained demo teacher that sampler is ~4.7 dB below DDPM-100 at 10, 25 and
+100 steps alike (so a smaller `skip` cannot help), and the student moves towards it as distillation goes on
+(README, "A 1-4 step student").
+
 Structure modulation: the student distils the teacher's reverse process, which SAM-DiffSR's SPE-modulated
 noise target shaped (that training is how the teacher learnt to put structure into its eps), and which
 itself needs no SPE map (eq. 15). So the distillation inputs are the states the sampler meets, drawn without
