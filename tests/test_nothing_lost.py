@@ -18,6 +18,7 @@ import pytest
 
 from diffssr_jax import images, parallel, preemption
 from diffssr_jax.inference import loading
+from diffssr_jax.models import official
 from diffssr_jax.training import config_check, lock, train, train_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -29,13 +30,7 @@ def _config(shards, **overrides):
   cfg = tiny_train.get_config()
   cfg.data.train_files = str(shards / "shards")
   cfg.compilation_cache = ""
-  for key, value in overrides.items():
-    node = cfg
-    *path, leaf = key.split(".")
-    for part in path:
-      node = node[part]
-    node[leaf] = value
-  return cfg
+  return official.apply_overrides(cfg, overrides)
 
 
 def _sigterm_at(monkeypatch, maker: str, at_step: int):

@@ -95,7 +95,6 @@ def make_methods(kinds: Sequence[str], upscaler, step_tag: str | None, seed: int
                  spe_masks=None) -> list[Method]:
   """The requested methods in table order. `upscaler` (diffusion mode) may be None for bicubic alone.
   `spe_masks` (`data.spe_masks.SpeMasks`): the dataset's masks, needed by a SAM+SRDiff model's diffusion row."""
-  from diffssr_jax.inference import loading
   from diffssr_jax.inference.upscaler import Upscaler
   unknown = set(kinds) - set(METHODS)
   if unknown:
@@ -113,11 +112,11 @@ def make_methods(kinds: Sequence[str], upscaler, step_tag: str | None, seed: int
       up = Upscaler(upscaler.model, upscaler.params, config=upscaler.config, mode="rrdb",
                     lr_up_divisor=upscaler.lr_up_divisor)
       settings = {"method": kind, **common, "step": step_tag,
-                  "weights_sha256": loading.params_sha256(upscaler.params["rrdb"])}
+                  "weights_sha256": upscaler.weights_sha256("rrdb")}
       out.append(Method(kind, method_tag(kind, step_tag), model_label(up), model_sr_fn(up, seed), settings))
     else:
       settings = {"method": kind, **common, "step": step_tag,
-                  "weights_sha256": loading.params_sha256(upscaler.params), "sampler": upscaler.sampler,
+                  "weights_sha256": upscaler.weights_sha256(), "sampler": upscaler.sampler,
                   "steps": upscaler.num_steps, "eta": upscaler.eta, "seed": seed,
                   "lr_up_divisor": upscaler.lr_up_divisor}
       if upscaler.needs_spe:

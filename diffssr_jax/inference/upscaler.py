@@ -148,6 +148,7 @@ class Upscaler:
       lr_up_divisor = config.data.lr_up_divisor if config is not None else conventions.OFFICIAL_LR_UP_DIVISOR
     self.lr_up_divisor = float(lr_up_divisor)
     self.step, self.source = step, source
+    self._digests = {}
     hr_mult = (multiple or hr_multiple(model)) if mode == "diffusion" else 1
     self.lr_multiple = lr_multiple(hr_mult, self.scale)
     # The U-Net's lowest level must be at least 2x2 (its reflection-padded convs need two pixels).
@@ -238,6 +239,14 @@ class Upscaler:
   def lr_padding(self, h: int, w: int) -> tuple[int, int]:
     """LR pixels added at the bottom and right of an h x w LR image before the networks see it."""
     return padded_lr_size(h, self.lr_multiple, self.min_lr) - h, padded_lr_size(w, self.lr_multiple, self.min_lr) - w
+
+  def weights_sha256(self, part: str | None = None) -> str:
+    """`loading.params_sha256` of the weights (of `params[part]` when given), computed once per Upscaler:
+    evaluate records it in every results folder it writes."""
+    if part not in self._digests:
+      from diffssr_jax.inference import loading
+      self._digests[part] = loading.params_sha256(self.params if part is None else self.params[part])
+    return self._digests[part]
 
   @property
   def needs_spe(self) -> bool:

@@ -168,13 +168,7 @@ def loss_given_noise(model, params, frozen, batch, t, eps, *, skip: int, loss_ty
   y, teacher_x0, t_prev = teacher_solver_step(model, jax.lax.stop_gradient(frozen["teacher"]), feats, x_t, t, skip)
   cond = model.condition(params["unet"], feats)
   goal = consistency_target(model, params["unet"], cond, y, t_prev, teacher_x0)
-  err = student.consistency_fn(model, params["unet"], cond, x_t, t) - goal
-  if loss_type == "l2":
-    loss = jnp.mean(jnp.square(err))
-  elif loss_type == "l1":
-    loss = jnp.mean(jnp.abs(err))
-  else:
-    raise ValueError(f"unknown distill.loss {loss_type!r} (expected l1 or l2)")
+  loss = train_step.mean_error(student.consistency_fn(model, params["unet"], cond, x_t, t) - goal, loss_type)
   return loss, {"loss": loss}
 
 

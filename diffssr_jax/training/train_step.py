@@ -93,6 +93,15 @@ def per_example_noise(key, example_ids, shape, num_timesteps):
   return jax.vmap(one)(example_ids)
 
 
+def mean_error(err, loss_type: str):
+  """mean |err| ("l1", the official loss) or mean err^2 ("l2", paper eq. 5; consistency distillation's d)."""
+  if loss_type == "l1":
+    return jnp.mean(jnp.abs(err))
+  if loss_type == "l2":
+    return jnp.mean(jnp.square(err))
+  raise ValueError(f"unknown loss {loss_type!r} (expected l1 or l2)")
+
+
 def loss_given_noise(model: SRDiffusion, params, frozen, batch, t, eps, *, loss_type="l1", aux_l1_weight=0.0):
   """Noise-prediction loss for a batch with given timesteps and noise: L1 (official) or L2 (paper
   eq. 5) between the U-Net output and the (modulated) target, plus an L1 loss on the RRDB image when
@@ -110,13 +119,7 @@ def loss_given_noise(model: SRDiffusion, params, frozen, batch, t, eps, *, loss_
   # SAM+SRDiff (Table 7): the patch's SPE map also enters the U-Net's condition, unscaled (official p_losses).
   cond = model.condition(params["unet"], feats, batch["spe"] if model.needs_spe else None)
   pred = model.predict_noise(params["unet"], x_t, t, cond)
-  err = pred - target
-  if loss_type == "l1":
-    loss = jnp.mean(jnp.abs(err))
-  elif loss_type == "l2":
-    loss = jnp.mean(jnp.square(err))
-  else:
-    raise ValueError(f"unknown loss {loss_type!r} (expected l1 or l2)")
+  loss = mean_error(pred - target, loss_type)
   metrics = {"loss_noise": loss}
   if need_image:
     aux = jnp.mean(jnp.abs(rrdb_out - batch["hr"]))
