@@ -22,6 +22,7 @@ if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
 from diffssr_jax.benchmarks import compile as compile_cmd  # noqa: E402
 from diffssr_jax.benchmarks import hlo, targets  # noqa: E402
 from diffssr_jax.benchmarks import model as benchmark  # noqa: E402
+from diffssr_jax.training import train_step  # noqa: E402
 
 TARGET = "h200"
 RRDB_BLOCKS = 17       # diffssr_jax/configs/base.py model.rrdb_num_blocks
@@ -223,11 +224,23 @@ def test_missing_compiler_is_one_install_line(monkeypatch):
     assert "\n" not in str(e.value) and "pip install" in str(e.value) and package in str(e.value)
 
 
+def test_train_step_as_the_loop_runs_it_keeps_the_weights_in_their_own_layouts(train):
+  """Issue 17's transposes target (<= 50 MiB of transposes >= 1 MiB per bf16 train step) for the step the
+  training loop runs (config train.state_layouts "auto"). With the state row-major, as the loop placed it
+  before, the paper network's step transposed 253 MiB of weights at any batch: casts to cuDNN's OHWI
+  filters, the optimizer update back and the frozen RRDB's stacked kernels. Left: the sub-pixel kernels'
+  gathers (8 MiB)."""
+  assert train["state_layouts"] == "auto"
+  assert train["state_relaid_out"] > 100, train["state_relaid_out"]  # the conv kernels and their Adam moments
+  assert train["transposes_mib"] <= 50, (train["transposes_mib"], train["transposes_1mib"])
+
+
 def test_auto_state_layouts_remove_the_weight_layout_transposes():
-  """`compile --state_layouts auto` (`with_auto_state_layouts`): a train step of one bf16 conv with its f32
-  weight as donated state. In the default (row-major HWIO) layout the compiled step transposes the weight to
-  cuDNN's OHWI filter layout (the forward cast) and the update back; with the state's layout left to XLA it
-  takes the weight in its own layout (reported relaid out), with no transpose and the state still aliased."""
+  """`train.state_layouts = "auto"` (`train_step.LaidOutStep`, what the training loop runs): a train step of one
+  bf16 conv with its f32 weight as donated state. In the default (row-major HWIO) layout the compiled step
+  transposes the weight to cuDNN's OHWI filter layout (the forward cast) and the update back (the 253 MiB of
+  weight transposes per paper train step); with the state's layout left to XLA it takes the weight in its own
+  layout (reported relaid out), with no transpose and the state still aliased."""
   from diffssr_jax import parallel
   mesh = compile_cmd.target_mesh(targets.get(TARGET))
   rep = parallel.replicated(mesh)
@@ -239,12 +252,12 @@ def test_auto_state_layouts_remove_the_weight_layout_transposes():
       return jnp.mean(jnp.square(y.astype(jnp.float32)))
     return {"w": state["w"] - 0.1 * jax.grad(loss)(state["w"])}, jnp.zeros(())
 
-  default = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(jax.P(), jax.P(parallel.DATA_AXIS)), out_specs=(jax.P(), jax.P())),
-                    donate_argnums=(0,))
+  sharded = jax.shard_map(step, mesh=mesh, in_specs=(jax.P(), jax.P(parallel.DATA_AXIS)), out_specs=(jax.P(), jax.P()))
+  default = jax.jit(sharded, donate_argnums=(0,))
   state = {"w": jax.ShapeDtypeStruct((3, 3, 128, 128), jnp.float32, sharding=rep)}
   x = jax.ShapeDtypeStruct((2, 16, 16, 128), jnp.bfloat16, sharding=parallel.batch_sharding(mesh))
   results = {}
-  for name, fn in (("default", default), ("auto", compile_cmd.with_auto_state_layouts(default, mesh))):
+  for name, fn in (("default", default), ("auto", train_step.LaidOutStep(sharded, mesh))):
     compiled = fn.lower(state, x).compile()
     results[name] = (hlo.facts(compiled.as_text(), min_bytes=1), compile_cmd.relaid_out_state(compiled),
                      compile_cmd.memory(compiled))

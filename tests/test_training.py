@@ -269,3 +269,67 @@ def test_validation_panel_is_labelled_lr_bicubic_rrdb_sr_hr():
   small = validate.panel(EvalImage("a/b", hr, lr, None), {k: outs[k] for k in ("bicubic", "rrdb")})
   assert small.shape == (strip + 32, 4 * 24 + 3 * 4, 3)
   assert not np.array_equal(panel[:strip, 2 * 28:2 * 28 + 24], panel[:strip, 3 * 28:3 * 28 + 24])
+
+
+def test_train_state_in_other_layouts_trains_saves_and_restores_as_row_major(tmp_path, shards):
+  """`train.state_layouts = "auto"` (`train_step.LaidOutStep`): on a GPU XLA keeps the conv kernels and Adam's
+  moments OHWI, so the train state lives in non-row-major layouts from the first step on. The CPU keeps
+  row-major, so here every state array of 2+ dimensions is forced to its reversed layout (the hook the class
+  has for this) and the loop must give what the row-major step gives, bit for bit: the same losses, params,
+  EMA and samples, checkpoints that restore into a row-major state, and a restored state moved back into
+  the step's layouts when training resumes."""
+  from helpers import tiny_config
+  from jax.experimental.layout import Layout
+  from diffssr_jax.data import pipeline
+  from diffssr_jax.diffusion import sampling
+  cfg = tiny_config()
+  cfg.train.checkpoint_every = 2
+  cfg.train.log_every = 1
+  cfg.train.keep_checkpoints = 5
+  model, _, _ = _tiny_state(cfg)
+  tx = train_step.make_optimizer(cfg.optim, 10)
+  fresh = lambda: train_step.create_train_state(model, model.init(jax.random.key(0)), tx, seed=0, use_ema=True)  # noqa: E731
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  reverse = lambda a: Layout(tuple(range(a.ndim))[::-1]) if a.ndim >= 2 else Layout(tuple(range(a.ndim)))  # noqa: E731
+  dc = pipeline.default_data_config()
+  dc.update({"train_files": str(shards / "shards"), "patch_size": 16, "num_workers": 0})
+
+  def run(layouts, workdir, state, start=0, steps=4):
+    step = train_step.make_train_step(model, tx, mesh, ema_decay=0.9, state_layouts=layouts)
+    if layouts == "auto":
+      step.layout = reverse
+    ck = checkpointing.Checkpointer(workdir, keep=5, use_async=False)
+    it = pipeline.make_train_iterator(dc, scale=4, seed=0, batch_size=2, start_step=start)
+    state, history = loop.run_loop(loop.Loop(workdir, cfg.train, steps, step, train_step.learning_rate_schedule(
+        cfg.optim, steps), mesh, checkpointer=ck), parallel.replicate(state, mesh), it, start)
+    ck.close()
+    return state, [m["loss"] for _, m in history]
+
+  row_major, losses = run("default", tmp_path / "a", fresh())
+  laid_out, losses_laid_out = run("auto", tmp_path / "b", fresh())
+  kernel = max(jax.tree.leaves(laid_out.params), key=lambda a: a.ndim)
+  assert kernel.ndim == 4 and kernel.format.layout.major_to_minor == (3, 2, 1, 0)  # the state really moved
+  for tree in (laid_out.params, laid_out.ema_params, laid_out.opt_state):  # EMA and Adam's moments too
+    for a in jax.tree.leaves(tree):
+      assert a.format.layout.major_to_minor == reverse(a).major_to_minor, a.shape
+  assert losses_laid_out == losses and len(losses) == 4
+  for a, b in zip(jax.tree.leaves(row_major), jax.tree.leaves(laid_out)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  lr = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (1, 4, 4, 3)), jnp.float32)
+  lr_up = jnp.repeat(jnp.repeat(lr, 4, 1), 4, 2)
+  sample = lambda st: sampling.sample(model, st.model_params(use_ema=True), lr, lr_up, jax.random.key(1),  # noqa: E731
+                                      sampler="ddim", steps=3)[0]
+  np.testing.assert_array_equal(np.asarray(sample(laid_out)), np.asarray(sample(row_major)))
+  for step in (2, 4):  # the laid-out run's checkpoints hold the row-major run's values
+    a, _ = loading.load_workdir_params(tmp_path / "a", step=step, use_ema=False)
+    b, _ = loading.load_workdir_params(tmp_path / "b", step=step, use_ema=False)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_array_equal(x, y)
+  # Resume the laid-out run from its step-2 checkpoint (restored row-major) to step 4: the same state.
+  ck = checkpointing.Checkpointer(tmp_path / "b", use_async=False)
+  restored = checkpointing.restore_step(ck.last, 2, parallel.replicate(fresh(), mesh))
+  ck.close()
+  assert int(restored.tree.step) == 2 and restored.verified
+  resumed, _ = run("auto", tmp_path / "c", restored.tree, start=2)
+  for a, b in zip(jax.tree.leaves(row_major), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -33,8 +33,9 @@ One JSON line per program; keys:
                                    analysis counts a loop body once, so for it the RRDB trunk is lowered
                                    unrolled, the sampler adds steps - 1 reverse steps lowered alone, and a
                                    train step with gradient accumulation is lowered as one pass over the batch.
-  state_layouts                    train: default (the state row-major, as the training loop places it) or auto
-                                   (--state_layouts auto: its layouts chosen by XLA, see with_auto_state_layouts).
+  state_layouts                    train: auto (the state in layouts XLA chooses, `train_step.LaidOutStep`) or
+                                   default (row-major); --state_layouts, else the config's train.state_layouts,
+                                   which is what the training loop runs.
   state_relaid_out, _mib           train: the state arrays the step takes in a layout other than row-major.
   convs, convs_total, dilated_convs, dilated_conv_windows, transposes_1mib, transposes_mib, loops,
   host_transfers                   HLO facts of the optimised program, see `diffssr_jax.benchmarks.hlo`.
@@ -70,8 +71,10 @@ def _abstract(tree, sharding):
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
 
 
-def train_program(model, config, mesh, batch_size: int, patch_size: int, grad_accum_steps: int = 0):
-  """(jitted train step, abstract (state, batch)) for a global batch on `mesh`."""
+def train_program(model, config, mesh, batch_size: int, patch_size: int, grad_accum_steps: int = 0,
+                  state_layouts: str | None = None):
+  """(train step, abstract (state, batch)) for a global batch on `mesh`: the training loop's step, with the
+  state in `state_layouts` (None: the config's train.state_layouts, as the loop runs it)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -89,7 +92,8 @@ def train_program(model, config, mesh, batch_size: int, patch_size: int, grad_ac
       model, params, tx, seed=config.seed, train_rrdb=config.optim.train_rrdb, use_ema=config.optim.ema_decay > 0),
       model.param_shapes())
   step = make_train_step(model, tx, mesh, loss_type=config.diffusion.loss, aux_l1_weight=config.optim.aux_l1_weight,
-                         ema_decay=config.optim.ema_decay, grad_accum_steps=accum)
+                         ema_decay=config.optim.ema_decay, grad_accum_steps=accum,
+                         state_layouts=state_layouts or config.train.state_layouts)
   rows = parallel.batch_sharding(mesh)
   f32 = jnp.float32
   batch = {"hr": jax.ShapeDtypeStruct((b, p, p, 3), f32, sharding=rows),
@@ -97,23 +101,6 @@ def train_program(model, config, mesh, batch_size: int, patch_size: int, grad_ac
            "lr_up": jax.ShapeDtypeStruct((b, p, p, 3), f32, sharding=rows),
            "spe": jax.ShapeDtypeStruct((b, p, p, 1), f32, sharding=rows)}
   return step, (_abstract(state, parallel.replicated(mesh)), batch), {"grad_accum_steps": accum}
-
-
-def with_auto_state_layouts(step, mesh):
-  """The jitted train step with the train state's device layouts left to XLA (`Layout.AUTO`, in and out, the
-  state still donated). Why: XLA's GPU layout assignment gives the bf16 NHWC convs OHWI filters, so with the
-  state in jax's default (row-major HWIO) layout every step transposes the weights for the forward casts, the
-  optimizer update (the weight gradients come out OHWI) and the frozen RRDB's stacked kernels; with AUTO the
-  compiler stores them in the layout it uses. Called with arrays, such a step needs the state placed in
-  `compiled.input_formats` first (jax raises for a default-layout array); the training loop does not do
-  that, so this is a measurement of what it would save (`compile --state_layouts auto`)."""
-  import jax
-  from jax.experimental.layout import Format, Layout
-  from diffssr_jax import parallel
-  auto = Format(Layout.AUTO, parallel.replicated(mesh))
-  # `step.__wrapped__`: the shard_mapped step function that make_train_step jits (jax.jit keeps it there).
-  return jax.jit(step.__wrapped__, in_shardings=(auto, parallel.batch_sharding(mesh)),
-                 out_shardings=(auto, parallel.replicated(mesh)), donate_argnums=(0,))
 
 
 def relaid_out_state(compiled) -> dict:
@@ -257,10 +244,9 @@ def run(args) -> list[dict]:
   for name in programs:
     load = os.getloadavg()[0]
     if name == "train":
-      fn, fargs, info = train_program(model, config, mesh, args.batch_size, args.patch_size, args.grad_accum_steps)
-      layouts = getattr(args, "state_layouts", "default")
-      if layouts == "auto":
-        fn = with_auto_state_layouts(fn, mesh)
+      layouts = getattr(args, "state_layouts", None) or config.train.state_layouts
+      fn, fargs, info = train_program(model, config, mesh, args.batch_size, args.patch_size, args.grad_accum_steps,
+                                      layouts)
       info = {"batch_size": args.batch_size, "patch_size": args.patch_size, "state_layouts": layouts, **info}
       flops = flops_of(name, batch_size=args.batch_size, patch_size=args.patch_size)
     else:

@@ -178,7 +178,7 @@ def bench_train(args) -> dict:
   import jax
   import numpy as np
   from diffssr_jax.parallel import make_mesh, shard_batch
-  from diffssr_jax.training.train_step import create_train_state, make_optimizer, make_train_step
+  from diffssr_jax.training.train_step import create_train_state, make_optimizer, make_train_step, place_state
 
   config, model, params, init_s = _setup(args)
   s, b, p = model.scale, args.batch_size, args.patch_size
@@ -193,7 +193,8 @@ def bench_train(args) -> dict:
   state = create_train_state(model, params, tx, seed=config.seed, train_rrdb=config.optim.train_rrdb,
                              use_ema=config.optim.ema_decay > 0)
   step = make_train_step(model, tx, mesh, loss_type=config.diffusion.loss, aux_l1_weight=config.optim.aux_l1_weight,
-                         ema_decay=config.optim.ema_decay, grad_accum_steps=accum)
+                         ema_decay=config.optim.ema_decay, grad_accum_steps=accum,
+                         state_layouts=config.train.state_layouts)
   rng = np.random.default_rng(0)
   lr = rng.uniform(-1, 1, (b, p // s, p // s, 3)).astype(np.float32)
   batch = shard_batch({
@@ -203,6 +204,7 @@ def bench_train(args) -> dict:
       "spe": rng.uniform(-0.3, 0.7, (b, p, p, 1)).astype(np.float32),
   }, mesh)
   compiled, compile_s, xla, hits = _compile(step, state, batch)
+  state = place_state(state, compiled)  # into the layouts the step was compiled for (config train.state_layouts)
   if xla is not None:
     xla *= mesh.size  # the cost analysis describes one device's program (shard_map: local batch)
 
@@ -376,9 +378,9 @@ def define_compile_flags(fv):
   flags.DEFINE_integer("batch_size", 16, "train: global batch.", **d)
   flags.DEFINE_integer("patch_size", 160, "train: HR patch size.", **d)
   flags.DEFINE_integer("grad_accum_steps", 0, "train: micro-batches per step (0: the config's).", **d)
-  flags.DEFINE_enum("state_layouts", "default", ["default", "auto"], "train: the train state's device layouts "
-                    "(default: row-major, as the training loop places it; auto: chosen by XLA, jax's Layout.AUTO).",
-                    **d)
+  flags.DEFINE_enum("state_layouts", None, ["default", "auto"], "train: the train state's device layouts (auto: "
+                    "chosen by XLA, jax's Layout.AUTO; default: row-major; unset: the config's train.state_layouts, "
+                    "as the training loop runs it).", **d)
   _define_size(fv, "sample: HR output size, SIZE or HxW.")
   flags.DEFINE_integer("sample_batch_size", 1, "sample: images (tiles) per sampling run.", **d)
   _define_sampler(fv, "sample: ")

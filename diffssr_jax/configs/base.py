@@ -100,6 +100,8 @@ def get_config():
   t.eval_every = 4_000                           # [O:val_check_interval]
   t.checkpoint_every = 4_000
   t.keep_checkpoints = 3
+  t.state_layouts = "auto"                       # the train state's device layouts: auto (XLA's: no weight transposes
+                                                 # per step on GPU) or default (row-major); train_step.LaidOutStep
   t.profile_at = 0                               # > 0: a JAX profiler trace from this step, into WORKDIR/profile
   t.profile_steps = 5                            # steps in that trace
   t.rrdb_checkpoint = ""                         # [O:rrdb_ckpt] our RRDB workdir or an official .ckpt

@@ -286,6 +286,7 @@ def problems(config, device_count: int = 1, process_count: int = 1) -> list[str]
               "train.profile_steps"):
     k.int_(key, 1)
   k.int_("train.profile_at", 0)
+  k.choice("train.state_layouts", ("auto", "default"))
   k.path("train.rrdb_checkpoint")
   if (k.get("task") == "diffusion" and not pretrain and not k.get("train.rrdb_checkpoint")
       and k.get("optim.train_rrdb") is False):

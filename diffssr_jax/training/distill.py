@@ -179,10 +179,11 @@ def distill_loss(model, params, frozen, batch, key, example_ids, **kw):
 
 
 def make_distill_step(model, tx, mesh, *, skip: int, loss_type: str = "l2", ema_decay: float = 0.0,
-                      grad_accum_steps: int = 1):
+                      grad_accum_steps: int = 1, state_layouts: str = "auto"):
   """The distillation train step: `train_step.make_step` (jit(shard_map)) on `distill_loss`."""
   loss_fn = functools.partial(distill_loss, model, skip=skip, loss_type=loss_type)
-  return train_step.make_step(loss_fn, tx, mesh, ema_decay=ema_decay, grad_accum_steps=grad_accum_steps)
+  return train_step.make_step(loss_fn, tx, mesh, ema_decay=ema_decay, grad_accum_steps=grad_accum_steps,
+                              state_layouts=state_layouts)
 
 
 def init_state(config, teacher_params: dict, tx) -> train_step.TrainState:
@@ -202,7 +203,8 @@ def distill_task(config, teacher_params: dict, mesh):
   tx = train_step.make_optimizer(config.optim, total)
   state = init_state(config, teacher_params, tx)
   step_fn = make_distill_step(model, tx, mesh, skip=config.distill.skip, loss_type=config.distill.loss,
-                              ema_decay=config.optim.ema_decay, grad_accum_steps=config.optim.grad_accum_steps)
+                              ema_decay=config.optim.ema_decay, grad_accum_steps=config.optim.grad_accum_steps,
+                              state_layouts=config.train.state_layouts)
   fn = sampling.make_image_sampler(model, sampler="student", steps=config.eval.steps or 1, mesh=mesh)
   key = jax.random.key(config.seed + 1)
   # Validation samples with {"unet": student, "rrdb"}: the frozen teacher is left out of the sampler's params.

@@ -164,7 +164,8 @@ def rrdb_task(config, mesh) -> Task:
   tx = train_step.make_optimizer(config.optim, total)
   state = train_step.init_train_state({"rrdb": params}, {}, tx, seed=config.seed, use_ema=config.optim.ema_decay > 0)
   step_fn = train_step.make_rrdb_train_step(rrdb, tx, mesh, ema_decay=config.optim.ema_decay,
-                                            grad_accum_steps=config.optim.grad_accum_steps)
+                                            grad_accum_steps=config.optim.grad_accum_steps,
+                                            state_layouts=config.train.state_layouts)
 
   fn = sampling.make_image_sampler(model, mode="rrdb", mesh=mesh)  # (rrdb image, rrdb image)
   key = jax.random.key(config.seed + 1)
@@ -186,7 +187,8 @@ def diffusion_task(config, rrdb_params, mesh) -> Task:
                                         use_ema=config.optim.ema_decay > 0)
   step_fn = train_step.make_train_step(model, tx, mesh, loss_type=config.diffusion.loss,
                                        aux_l1_weight=config.optim.aux_l1_weight, ema_decay=config.optim.ema_decay,
-                                       grad_accum_steps=config.optim.grad_accum_steps)
+                                       grad_accum_steps=config.optim.grad_accum_steps,
+                                       state_layouts=config.train.state_layouts)
   fn = sampling.make_image_sampler(model, sampler=config.eval.sampler, steps=config.eval.steps or None,
                                    eta=config.eval.eta, mesh=mesh)
   key = jax.random.key(config.seed + 1)

@@ -10,6 +10,7 @@ fold_in(fold_in(key, s), i), so results do not depend on how the batch is split 
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any
 
 import flax
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
+from diffssr_jax import parallel
 from diffssr_jax.diffusion import process
 from diffssr_jax.parallel import DATA_AXIS
 from diffssr_jax.diffusion.model import SRDiffusion
@@ -144,9 +146,12 @@ def rrdb_l1_loss(rrdb, params, frozen, batch, key, example_ids):
 
 
 def make_step(loss_fn, tx: optax.GradientTransformation, mesh: Mesh, *, ema_decay: float = 0.0,
-              grad_accum_steps: int = 1):
+              grad_accum_steps: int = 1, state_layouts: str = "auto"):
   """jit(shard_map(step)) : (state, batch) -> (state, metrics) for any
   loss_fn(params, frozen, batch, key, example_ids) -> (loss, metrics); state buffers donated.
+
+  `state_layouts` (config train.state_layouts): "auto" compiles the step with the train state in the
+  device layouts XLA picks (`LaidOutStep`), "default" keeps jax's row-major layouts (a plain `jax.jit`).
 
   `batch` holds global arrays (B, ...) sharded over the mesh's data axis (B divisible by its size).
   With `grad_accum_steps` k > 1 each device's share is split into k micro-batches run one after the
@@ -199,16 +204,85 @@ def make_step(loss_fn, tx: optax.GradientTransformation, mesh: Mesh, *, ema_deca
     return new_state, metrics
 
   sharded = jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P()))
+  if state_layouts == "auto":
+    return LaidOutStep(sharded, mesh)
+  if state_layouts != "default":
+    raise ValueError(f"unknown state_layouts {state_layouts!r} (expected auto or default)")
   return jax.jit(sharded, donate_argnums=(0,))
 
 
+def _abstract(tree):
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)
+
+
+def place_state(state, compiled):
+  """`state` in the layouts the compiled step takes it in (a no-op where they are already those)."""
+  return jax.device_put(state, compiled.input_formats[0][0])
+
+
+class LaidOutStep:
+  """The train step compiled ahead of time with the train state in the device layouts XLA chooses
+  (jax's `Layout.AUTO`, in and out: the state stays donated, each output aliasing its input).
+
+  Why: on a GPU, XLA's layout assignment gives the NHWC convolutions OHWI filters, while jax's default
+  layout of a Flax kernel (HWIO) is row-major; with the state in that layout every step transposes the
+  weights for their bf16 casts, the optimizer's update (the weight gradients come out OHWI) and the
+  frozen RRDB's stacked kernels (253 MiB per step for the paper network at any batch; 8 MiB with this, README
+  "The weight layouts"). Stock `nn.Conv` has no layout field and a conv's dimension numbers are logical, so
+  the state's own layout is the one place to fix it. On the CPU XLA keeps row-major layouts.
+
+  Called like the jitted step. The first call compiles for the state and batch it is given and moves the
+  state into the chosen layouts (a copy on the device); the state it returns is already in them, so later
+  calls pass straight through. Any other state (a restored one) is moved again. Arrays in these layouts
+  are ordinary jax arrays: checkpoints, EMA and validation read them as they read any other (jax relays
+  them out where a program or the host wants another layout). `layout(aval)` (tests) gives a concrete
+  `Layout` per state array instead of `Layout.AUTO`.
+  """
+
+  def __init__(self, fn, mesh: Mesh, layout=None):
+    self.fn, self.mesh, self.layout = fn, mesh, layout
+    self.compiled = None
+    self._last = None  # weak reference to the last state returned: already in the compiled layouts
+
+  def _jit(self, state_formats):
+    return jax.jit(self.fn, in_shardings=(state_formats, parallel.batch_sharding(self.mesh)),
+                   out_shardings=(state_formats, parallel.replicated(self.mesh)), donate_argnums=(0,))
+
+  def lower(self, state, batch):
+    """Lowers for (arrays or ShapeDtypeStructs of) the state and batch."""
+    from jax.experimental.layout import Format, Layout
+    rep = parallel.replicated(self.mesh)
+    formats = jax.tree.map(lambda a: Format(Layout.AUTO if self.layout is None else self.layout(a), rep), state)
+    return self._jit(formats).lower(_abstract(state), _abstract(batch))
+
+  def compile(self, state, batch):
+    compiled = self.lower(state, batch).compile()
+    ins, outs = compiled.input_formats[0][0], compiled.output_formats[0]
+    if [f.layout for f in jax.tree.leaves(ins)] != [f.layout for f in jax.tree.leaves(outs)]:
+      # Donation makes XLA alias each output to its input, so they agree; were they not to, pin the outputs to
+      # the inputs' layouts, so that each step's state is the next one's without a copy.
+      compiled = self._jit(ins).lower(_abstract(state), _abstract(batch)).compile()
+    return compiled
+
+  def __call__(self, state, batch):
+    if self.compiled is None:
+      self.compiled = self.compile(state, batch)
+    if self._last is None or self._last() is not state:
+      state = place_state(state, self.compiled)
+    state, metrics = self.compiled(state, batch)
+    self._last = weakref.ref(state)
+    return state, metrics
+
+
 def make_train_step(model: SRDiffusion, tx: optax.GradientTransformation, mesh: Mesh, *, loss_type="l1",
-                    aux_l1_weight=0.0, ema_decay=0.0, grad_accum_steps=1):
+                    aux_l1_weight=0.0, ema_decay=0.0, grad_accum_steps=1, state_layouts="auto"):
   """The diffusion train step (see `make_step`)."""
   loss_fn = functools.partial(diffusion_loss, model, loss_type=loss_type, aux_l1_weight=aux_l1_weight)
-  return make_step(loss_fn, tx, mesh, ema_decay=ema_decay, grad_accum_steps=grad_accum_steps)
+  return make_step(loss_fn, tx, mesh, ema_decay=ema_decay, grad_accum_steps=grad_accum_steps,
+                   state_layouts=state_layouts)
 
 
-def make_rrdb_train_step(rrdb, tx: optax.GradientTransformation, mesh: Mesh, *, ema_decay=0.0, grad_accum_steps=1):
+def make_rrdb_train_step(rrdb, tx: optax.GradientTransformation, mesh: Mesh, *, ema_decay=0.0, grad_accum_steps=1,
+                         state_layouts="auto"):
   return make_step(functools.partial(rrdb_l1_loss, rrdb), tx, mesh, ema_decay=ema_decay,
-                   grad_accum_steps=grad_accum_steps)
+                   grad_accum_steps=grad_accum_steps, state_layouts=state_layouts)
