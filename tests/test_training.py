@@ -294,10 +294,13 @@ def test_train_state_in_other_layouts_trains_saves_and_restores_as_row_major(tmp
   dc = pipeline.default_data_config()
   dc.update({"train_files": str(shards / "shards"), "patch_size": 16, "num_workers": 0})
 
-  def run(layouts, workdir, state, start=0, steps=4):
+  def make(layouts):
     step = train_step.make_train_step(model, tx, mesh, ema_decay=0.9, state_layouts=layouts)
     if layouts == "auto":
       step.layout = reverse
+    return step
+
+  def run(step, workdir, state, start=0, steps=4):
     ck = checkpointing.Checkpointer(workdir, keep=5, use_async=False)
     it = pipeline.make_train_iterator(dc, scale=4, seed=0, batch_size=2, start_step=start)
     state, history = loop.run_loop(loop.Loop(workdir, cfg.train, steps, step, train_step.learning_rate_schedule(
@@ -305,8 +308,9 @@ def test_train_state_in_other_layouts_trains_saves_and_restores_as_row_major(tmp
     ck.close()
     return state, [m["loss"] for _, m in history]
 
-  row_major, losses = run("default", tmp_path / "a", fresh())
-  laid_out, losses_laid_out = run("auto", tmp_path / "b", fresh())
+  row_major, losses = run(make("default"), tmp_path / "a", fresh())
+  laid_out_step = make("auto")
+  laid_out, losses_laid_out = run(laid_out_step, tmp_path / "b", fresh())
   kernel = max(jax.tree.leaves(laid_out.params), key=lambda a: a.ndim)
   assert kernel.ndim == 4 and kernel.format.layout.major_to_minor == (3, 2, 1, 0)  # the state really moved
   for tree in (laid_out.params, laid_out.ema_params, laid_out.opt_state):  # EMA and Adam's moments too
@@ -325,11 +329,12 @@ def test_train_state_in_other_layouts_trains_saves_and_restores_as_row_major(tmp
     b, _ = loading.load_workdir_params(tmp_path / "b", step=step, use_ema=False)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
       np.testing.assert_array_equal(x, y)
-  # Resume the laid-out run from its step-2 checkpoint (restored row-major) to step 4: the same state.
+  # Resume the laid-out run from its step-2 checkpoint (restored row-major) to step 4 with the same compiled
+  # step, which moves the restored state into its layouts (it refuses row-major arrays): the same state.
   ck = checkpointing.Checkpointer(tmp_path / "b", use_async=False)
   restored = checkpointing.restore_step(ck.last, 2, parallel.replicate(fresh(), mesh))
   ck.close()
   assert int(restored.tree.step) == 2 and restored.verified
-  resumed, _ = run("auto", tmp_path / "c", restored.tree, start=2)
+  resumed, _ = run(laid_out_step, tmp_path / "c", restored.tree, start=2)
   for a, b in zip(jax.tree.leaves(row_major), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

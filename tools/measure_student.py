@@ -7,6 +7,7 @@ ROOT/student and ROOT/data/demo/val:
 
   python tools/measure_student.py ROOT
   python tools/measure_student.py ROOT --only student          # the student rows only (the teacher's do not change)
+  python tools/measure_student.py ROOT --only teacher --teacher_step 900   # a teacher checkpoint during its training
   python tools/measure_student.py ROOT --lpips_backbone alexnet-owt-7be5be79.pth --lpips_lin alex.pth
 """
 import argparse, json, time
@@ -33,6 +34,7 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("root", nargs="?", default="runs")
   ap.add_argument("--only", choices=("teacher", "student"), help="measure one model's rows only")
+  ap.add_argument("--teacher_step", type=int, help="the teacher's checkpoint step (default: its newest)")
   ap.add_argument("--lpips_backbone", help="torchvision AlexNet/VGG16 weights (.pth) for LPIPS")
   ap.add_argument("--lpips_lin", help="LPIPS v0.1 linear-layer weights (.pth)")
   ap.add_argument("--lpips_net", choices=("alex", "vgg"), default="alex")
@@ -50,7 +52,8 @@ def main():
          for n, l in lrs.items()]
   rows = {None: TEACHER + STUDENT, "teacher": TEACHER, "student": STUDENT}[a.only]
   for who, sampler, steps, eta, ema in rows:
-    up = Upscaler.load(workdir=root / who, sampler=sampler, steps=steps, eta=eta, use_ema=ema)
+    up = Upscaler.load(workdir=root / who, step=a.teacher_step if who == "teacher" else None, sampler=sampler,
+                       steps=steps, eta=eta, use_ema=ema)
     up.upscale(lrs["chelsea"], seed=0)  # compile
     p, s, lp, t0 = [], [], [], time.time()
     srs = {}
