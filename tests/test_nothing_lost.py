@@ -241,6 +241,42 @@ def test_disk_full_during_a_checkpoint_save_ends_in_one_line(shards, tmp_path):
   assert _steps(wd / "checkpoints") == []
 
 
+def test_a_failed_save_stops_the_input_threads_before_the_error_leaves_training(shards, tmp_path, monkeypatch):
+  """CI saw the disk-full run above print its one line and then abort (exit -6, "FATAL: exception not
+  rethrown"): the prefetch thread (placing a batch on the devices, in jax's C++) and grain's read threads were
+  still running when the interpreter exited, and it ends such threads inside C++ frames. The error must leave
+  training only once both are stopped: the old code set a flag and never joined or closed either."""
+  import errno
+  from diffssr_jax.training import checkpointing, loop
+  made, iterators = [], []
+
+  class Recorded(loop.Prefetcher):
+    def __init__(self, *a, **k):
+      super().__init__(*a, **k)
+      made.append(self)
+
+  real_iterator = train.data_iterator
+
+  def recorded_iterator(*a, **k):
+    it, start = real_iterator(*a, **k)
+    iterators.append(it)
+    return it, start
+
+  def full_disk(self, step, *a, **k):
+    raise OSError(errno.EFBIG, "File too large", str(tmp_path / "wd" / "checkpoints" / str(step)))
+
+  monkeypatch.setattr(loop, "Prefetcher", Recorded)
+  monkeypatch.setattr(train, "data_iterator", recorded_iterator)
+  monkeypatch.setattr(checkpointing.Checkpointer, "save", full_disk)
+  cfg = _config(shards, **{"task": "rrdb", "train.num_steps": 6})
+  with pytest.raises(OSError, match="File too large"):
+    train.train_and_evaluate(cfg, tmp_path / "wd")
+  (prefetcher,), (it,) = made, iterators
+  assert not prefetcher.thread.is_alive()
+  with pytest.raises(ValueError):  # grain: a closed iterator refuses the next batch
+    next(it)
+
+
 def test_the_demo_config_is_valid_before_its_data_exist(tmp_path, monkeypatch):
   """The README demo in a fresh clone: data/demo (its shards and held-out photos) is built by the run itself,
   so the up-front check must not refuse eval.hr_dir under data.demo_dir (it did: the demo never started);

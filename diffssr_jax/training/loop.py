@@ -78,8 +78,16 @@ class Prefetcher:
       raise item
     return item
 
-  def close(self):
+  def close(self, timeout_s: float = 60.0):
+    """Stops the thread and waits for it (a batch being read or placed is finished first). A daemon thread
+    left running when the process exits is ended by the interpreter inside jax's or OpenCV's C++ code,
+    which aborts the process (exit -6, "FATAL: exception not rethrown") after a clean error line."""
     self._stop.set()
+    self.thread.join(timeout_s)
+    if self.thread.is_alive():
+      log.warning("the input thread did not stop within %.0f s (a read still blocked)", timeout_s)
+    while not self.q.empty():  # the device buffers of batches read ahead
+      self.q.get_nowait()
 
 
 # ----------------------------------------------------------------------------- logs

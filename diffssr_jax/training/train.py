@@ -144,6 +144,7 @@ def fit(config, workdir, task: Task, mesh, stop_after=None):
 
   step = int(jax.device_get(state.step))
   total = config.train.num_steps
+  data_iter = None
   try:
     if step < total:
       data_iter, data_start = data_iterator(config, per_process, step, restored.data_state if restored else None)
@@ -151,6 +152,8 @@ def fit(config, workdir, task: Task, mesh, stop_after=None):
                   resumed=restored, evaluate_fn=evaluate, name=task.name, stop_after=stop_after)
       state, _ = run_loop(loop, state, data_iter, data_start)
   finally:
+    if data_iter is not None:  # grain's read threads (and workers) end here, not in the interpreter's exit
+      data_iter.close()
     ckpt.close()
   return state, dict(last_summary)
 
