@@ -8,6 +8,7 @@ ROOT/student and ROOT/data/demo/val:
   python tools/measure_student.py ROOT
   python tools/measure_student.py ROOT --only student          # the student rows only (the teacher's do not change)
   python tools/measure_student.py ROOT --only teacher --teacher_step 900   # a teacher checkpoint during its training
+  python tools/measure_student.py ROOT --only student --student_step 1500 --ema_only   # a student checkpoint
   python tools/measure_student.py ROOT --lpips_backbone alexnet-owt-7be5be79.pth --lpips_lin alex.pth
 """
 import argparse, json, time
@@ -35,6 +36,8 @@ def main():
   ap.add_argument("root", nargs="?", default="runs")
   ap.add_argument("--only", choices=("teacher", "student"), help="measure one model's rows only")
   ap.add_argument("--teacher_step", type=int, help="the teacher's checkpoint step (default: its newest)")
+  ap.add_argument("--student_step", type=int, help="the student's checkpoint step (default: its newest)")
+  ap.add_argument("--ema_only", action="store_true", help="the student's EMA rows only (what the CLIs load)")
   ap.add_argument("--lpips_backbone", help="torchvision AlexNet/VGG16 weights (.pth) for LPIPS")
   ap.add_argument("--lpips_lin", help="LPIPS v0.1 linear-layer weights (.pth)")
   ap.add_argument("--lpips_net", choices=("alex", "vgg"), default="alex")
@@ -51,9 +54,10 @@ def main():
   bic = [metrics.psnr_y(np.clip(np.round(imresize(l.astype(np.float64), 4)), 0, 255).astype(np.uint8), hrs[n], 4)
          for n, l in lrs.items()]
   rows = {None: TEACHER + STUDENT, "teacher": TEACHER, "student": STUDENT}[a.only]
+  rows = [r for r in rows if r[4] or not a.ema_only]
   for who, sampler, steps, eta, ema in rows:
-    up = Upscaler.load(workdir=root / who, step=a.teacher_step if who == "teacher" else None, sampler=sampler,
-                       steps=steps, eta=eta, use_ema=ema)
+    up = Upscaler.load(workdir=root / who, step=a.teacher_step if who == "teacher" else a.student_step,
+                       sampler=sampler, steps=steps, eta=eta, use_ema=ema)
     up.upscale(lrs["chelsea"], seed=0)  # compile
     p, s, lp, t0 = [], [], [], time.time()
     srs = {}
