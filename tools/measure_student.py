@@ -15,6 +15,7 @@ import argparse, json, time
 
 import numpy as np
 
+from diffssr_jax import cli  # noqa: F401  first: JAX_PLATFORMS=cpu without an accelerator, as the commands do
 from diffssr_jax import images, storage
 from diffssr_jax.data.imresize import imresize
 from diffssr_jax.evaluation import metrics
