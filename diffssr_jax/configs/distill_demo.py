@@ -19,7 +19,7 @@ def get_config():
   c.rrdb_pretrain.num_steps = 0                  # the RRDB is the teacher's
   c.optim.lr = 2e-4                              # fine-tuning the teacher's weights
   c.optim.ema_decay = 0.99
-  c.train.num_steps = 600                        # longer moves towards the teacher's eta-0 ODE (README)
+  c.train.num_steps = 600                        # meets the targets; 3000 steps: +0.06 to +0.56 dB (README)
   c.train.eval_every = 300
   c.train.checkpoint_every = 100
   c.eval.sampler = "student"
