@@ -80,8 +80,9 @@ class Prefetcher:
 
   def close(self, timeout_s: float = 60.0):
     """Stops the thread and waits for it (a batch being read or placed is finished first). A daemon thread
-    left running when the process exits is ended by the interpreter inside jax's or OpenCV's C++ code,
-    which aborts the process (exit -6, "FATAL: exception not rethrown") after a clean error line."""
+    left running when the process exits can be ended by the interpreter inside native code (jax's transfer to
+    the devices), which aborts the process (exit -6, "FATAL: exception not rethrown") after a clean error line.
+    The iterator it reads is closed by its owner (`train.fit`)."""
     self._stop.set()
     self.thread.join(timeout_s)
     if self.thread.is_alive():
