@@ -2,13 +2,14 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax.linen as nn
 import pytest
 import torch
 
 import reference_data as rd
 from diffssr_jax.models import convert
 from diffssr_jax.models import RRDBNet, UNet
-from diffssr_jax.models.layers import conv_transpose_torch, mish, reflect_conv3x3
+from diffssr_jax.models.layers import ReflectPadConv, conv_transpose_torch, mish, reflect_conv3x3
 from diffssr_jax.models.unet import sinusoidal_embedding
 from helpers import nchw_to_nhwc, reference_state_dict
 
@@ -98,6 +99,69 @@ def test_reflect_conv_strided_matches_torch():
   params = {"params": {"kernel": jnp.asarray(np.transpose(w, (2, 3, 1, 0))), "bias": jnp.zeros(4)}}
   out = reflect_conv3x3(4, None, jnp.float32, strides=2).apply(params, jnp.asarray(nchw_to_nhwc(x)))
   np.testing.assert_allclose(np.asarray(out), nchw_to_nhwc(ref), atol=1e-5)
+
+
+def _eqns(jaxpr):
+  """Every equation of a jaxpr, those of the jaxprs it calls included."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for v in eqn.params.values():
+      for sub in v if isinstance(v, (tuple, list)) else (v,):
+        if hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+          yield from _eqns(sub.jaxpr)
+        elif hasattr(sub, "eqns"):
+          yield from _eqns(sub)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_reflect_conv_keeps_its_padded_input_as_one_array_for_both_convs(stride):
+  """Guards a TPU compile-time defect: with `nn.Conv(padding="REFLECT")` the reflection pad (slices,
+  reversals, concatenations) had nothing between it and its two consumers, so libtpu fused it into the
+  forward conv and into the weight gradient's conv, whose compile then took up to 36 s each (the v5e train
+  step: 205 s on 2 cores, 90 s with the barrier). `ReflectPadConv` puts an optimisation barrier between the pad and the convs: both
+  the forward conv and the weight-gradient conv must read the barrier's output. On the old layer there is no
+  barrier and this fails. Values, gradients and params stay those of flax's REFLECT conv, bit for bit."""
+  rng = np.random.default_rng(stride)
+  x = jnp.asarray(rng.normal(size=(2, 9, 10, 3)), jnp.float32)
+  ours = reflect_conv3x3(4, None, jnp.float32, strides=stride)
+  flax_reflect = nn.Conv(4, (3, 3), strides=stride, padding="REFLECT")
+  params = flax_reflect.init(jax.random.key(0), x)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(jnp.shape, params)
+
+  def loss(conv):
+    return lambda p, x: jnp.sum(jnp.sin(conv.apply(p, x)))
+  for a, b in zip(jax.tree.leaves(jax.value_and_grad(loss(ours), argnums=(0, 1))(params, x)),
+                  jax.tree.leaves(jax.value_and_grad(loss(flax_reflect), argnums=(0, 1))(params, x))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+  jaxpr = jax.make_jaxpr(jax.grad(loss(ours)))(params, x).jaxpr
+  barriers = [e for e in _eqns(jaxpr) if e.primitive.name == "optimization_barrier"]
+  assert len(barriers) == 1, "the padded input is not behind one optimisation barrier"
+  padded = barriers[0].outvars[0]
+  assert padded.aval.shape == (2, 11, 12, 3)
+  convs = [e for e in _eqns(jaxpr) if e.primitive.name == "conv_general_dilated"]
+  readers = [e for e in convs if any(v is padded for v in e.invars)]
+  kernel_shape = params["params"]["kernel"].shape
+  assert [e.outvars[0].aval.shape == kernel_shape for e in readers].count(True) == 1, "weight gradient"
+  assert [e.outvars[0].aval.shape[-1] == 4 and e.outvars[0].aval.shape != kernel_shape
+          for e in readers].count(True) == 1, "forward conv"
+  with pytest.raises(ValueError, match="3x3 kernel"):
+    ReflectPadConv(4, (5, 5)).init(jax.random.key(0), x)
+
+
+def test_every_reflect_conv_of_the_unet_is_behind_a_barrier():
+  """The U-Net's 3x3 convs all use `ReflectPadConv` (see the test above): 2 per ResnetBlock, the three
+  downsampling convs and the final block, plus the four sub-pixel transposed convs' zero pads."""
+  unet = UNet(dim=8, dim_mults=(1, 2), scale=2)
+  feats = jnp.zeros((18, 1, 4, 4, 64))
+  x, t = jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,), jnp.int32)
+  params = jax.eval_shape(unet.init, jax.random.key(0), x, t, feats)
+  jaxpr = jax.make_jaxpr(unet.apply)(params, x, t, feats).jaxpr
+  barriers = [e for e in _eqns(jaxpr) if e.primitive.name == "optimization_barrier"]
+  n_resnet_blocks = 2 * 2 + 2 + 2 * 1          # downs (2 levels x 2), mid (2), ups (1 level x 2)
+  n_reflect = 2 * n_resnet_blocks + 1 + 1      # + one downsampling conv + the final block
+  n_subpixel = 1 + 1                           # the up path's transposed conv + cond_proj
+  assert len(barriers) == n_reflect + n_subpixel
 
 
 def test_time_embedding_layout():
